@@ -1,0 +1,270 @@
+"""``liverseg``: segment, train, evaluate and manage datasets from the command line.
+
+Exit codes: 0 every case worked, 1 some case failed (the others were still done), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from LiverSegExtension import __version__
+from LiverSegExtension.errors import LiverSegError
+
+SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "seconds", "error"]
+log = logging.getLogger("liverseg")
+
+
+class UsageError(LiverSegError):
+    """Wrong options or environment (exit 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="liverseg", description="Liver segmentation in abdominal CT.")
+    p.add_argument("--version", action="version", version=f"liverseg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment the liver in CT volumes or DICOM folders")
+    s.add_argument("inputs", nargs="+", metavar="CT", help="volume files (.nii[.gz], .nrrd, .mha, .mhd) or DICOM folders")
+    s.add_argument("--output-dir", "-o", required=True, type=Path)
+    s.add_argument("--format", choices=["nii.gz", "nrrd", "seg.nrrd"], default="nii.gz")
+    _common(s)
+    s.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+
+    t = sub.add_parser("train", help="train or fine-tune a model on MSD-layout datasets")
+    t.add_argument("--data", required=True, action="append", type=Path, help="dataset folder (repeat to mix datasets)")
+    t.add_argument("--output", required=True, type=Path, help="model folder to write (resumes if it holds a checkpoint)")
+    t.add_argument("--init", type=Path, help="model folder to fine-tune from")
+    t.add_argument("--val", default="", help="comma-separated validation case names (not trained on)")
+    t.add_argument("--iterations", type=int, default=2000, help="fine-stage iterations (coarse stage: half)")
+    t.add_argument("--max-minutes", type=float, help="wall-clock budget for the whole run")
+    t.add_argument("--val-every", type=int, default=250)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--name", default="liverseg")
+    t.add_argument("--model-version", help="semantic version for the new model (default: parent's minor + 1)")
+    _common(t, model=False)
+
+    e = sub.add_parser("evaluate", help="Dice, HD95, surface distance and volume error per case")
+    e.add_argument("--pred", type=Path, help="folder of predicted masks")
+    e.add_argument("--ref", type=Path, help="folder of reference masks (same file names)")
+    e.add_argument("--data", type=Path, help="MSD dataset to segment and score (with --model)")
+    e.add_argument("--cases", default="", help="with --data: comma-separated case names (default: all)")
+    e.add_argument("--output", type=Path, help="CSV file to write; a Markdown table goes beside it (.md)")
+    _common(e)
+
+    d = sub.add_parser("dataset", help="build and check MSD-layout training datasets")
+    dsub = d.add_subparsers(dest="dataset_command", required=True)
+    da = dsub.add_parser("add", help="add a CT and its liver mask as a new case")
+    da.add_argument("--dataset", required=True, type=Path)
+    da.add_argument("--image", required=True, type=Path)
+    da.add_argument("--label", required=True, type=Path)
+    da.add_argument("--annotator", default="")
+    da.add_argument("--debug", action="store_true")
+    dc = dsub.add_parser("check", help="check that every case is readable, on one grid and binary")
+    dc.add_argument("dataset", type=Path)
+    dc.add_argument("--debug", action="store_true")
+    return p
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", type=Path, help="model folder (default: the bundled model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    try:
+        if args.command == "segment":
+            return cmd_segment(args)
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+        return cmd_dataset(args)
+    except KeyboardInterrupt:
+        print("liverseg: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as exc:
+        _error(exc, args.debug)
+        return 2
+    except LiverSegError as exc:
+        _error(exc, args.debug)
+        return 1
+
+
+def _error(exc: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(exc)
+    print(f"liverseg: error: {exc}", file=sys.stderr)
+
+
+def _segmenter(args: argparse.Namespace):  # noqa: ANN202 - avoids importing torch for --help
+    from LiverSegExtension.inference import LiverSegmenter
+
+    try:
+        return LiverSegmenter(args.model, device=args.device)
+    except LiverSegError as exc:
+        raise UsageError(str(exc)) from None
+
+
+class _Progress:
+    """A per-case progress bar on a terminal; silent otherwise or with --quiet."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc=label, unit="%", leave=True, file=sys.stderr,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        if self.bar is not None:
+            self.bar.n = int(round(fraction * 100))
+            self.bar.set_postfix_str(stage)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_summary(path: Path, rows: list[dict]) -> None:
+    """Rewrite summary.csv atomically after each case, so an interrupted run still has one."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def output_path(out_dir: Path, stem: str, fmt: str, taken: set[Path]) -> Path:
+    path = out_dir / f"{stem}_liver.{fmt}"
+    n = 2
+    while path in taken:
+        path = out_dir / f"{stem}_{n}_liver.{fmt}"
+        n += 1
+    taken.add(path)
+    return path
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from LiverSegExtension.io import expand_inputs, read_case, write_mask
+
+    segmenter = _segmenter(args)
+    out_dir: Path = args.output_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    show = not args.quiet and sys.stderr.isatty()
+    if not args.quiet:
+        print(f"liverseg: model {segmenter.model.name} on {segmenter.device}", file=sys.stderr)
+    rows: list[dict] = []
+    taken: set[Path] = set()
+    for case in expand_inputs(args.inputs):
+        target = output_path(out_dir, case.stem, args.format, taken)
+        row = {"input": case.label, "output": str(target), "status": "ok", "liver_ml": "", "seconds": "", "error": ""}
+        start = time.perf_counter()
+        bar = _Progress(case.stem, show)
+        try:
+            if target.exists() and not args.overwrite:
+                raise LiverSegError(f"{target}: already exists (use --overwrite to replace it)")
+            image = read_case(case)
+            result = segmenter.segment_image(image, progress=bar, source=case.label)
+            write_mask(result.mask, image, target, overwrite=args.overwrite)
+            row["liver_ml"] = f"{result.liver_ml:.1f}"
+            if result.liver_ml == 0:
+                row["status"], row["error"] = "empty", "no liver found"
+        except LiverSegError as exc:
+            row.update(status="failed", output="", error=str(exc))
+            _error(exc, args.debug)
+        except Exception as exc:  # an unexpected failure of one case must not stop the others
+            row.update(status="failed", output="", error=f"{case.label}: unexpected error: {exc}")
+            _error(LiverSegError(row["error"]), False)
+            if args.debug:
+                traceback.print_exc()
+        finally:
+            bar.close()
+        row["seconds"] = f"{time.perf_counter() - start:.2f}"
+        rows.append(row)
+        write_summary(out_dir / "summary.csv", rows)
+        if not args.quiet and not show:
+            print(f"{row['status']:6s} {case.label} {row['liver_ml']} mL {row['seconds']} s", file=sys.stderr)
+    failed = sum(r["status"] == "failed" for r in rows)
+    if not args.quiet:
+        done = len(rows) - failed
+        print(f"liverseg: {done} of {len(rows)} case(s) done; summary in {out_dir / 'summary.csv'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from LiverSegExtension.training import TrainConfig, train
+
+    if args.iterations < 1:
+        raise UsageError("--iterations must be at least 1")
+    bar_state: dict = {}
+
+    def progress(stage: str, it: int, total: int, loss: float) -> None:
+        if args.quiet:
+            return
+        if it % 10 == 0 or it == total:
+            elapsed = time.perf_counter() - bar_state.setdefault("t0", time.perf_counter())
+            print(f"[{stage}] {it}/{total} loss {loss:.4f} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+
+    cfg = TrainConfig(
+        data=args.data, output=args.output, init=args.init,
+        val_cases=[v for v in args.val.split(",") if v], iterations=args.iterations,
+        max_minutes=args.max_minutes, device=args.device, seed=args.seed, val_every=args.val_every,
+        name=args.name, version=args.model_version,
+    )
+    train(cfg, progress=progress)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from LiverSegExtension.evaluation import evaluate_dataset, evaluate_folders, write_report
+
+    if args.data:
+        rows = evaluate_dataset(args.data, args.model, [c for c in args.cases.split(",") if c], args.device)
+    elif args.pred and args.ref:
+        rows = evaluate_folders(args.pred, args.ref)
+    else:
+        raise UsageError("give --pred and --ref folders, or --data (and optionally --model)")
+    print(write_report(rows, args.output))
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from LiverSegExtension.dataset import add_case, check_dataset
+
+    if args.dataset_command == "add":
+        name = add_case(args.dataset, args.image, args.label, provenance={"annotator": args.annotator or None})
+        print(f"added {name} to {args.dataset}")
+        return 0
+    problems = check_dataset(args.dataset)
+    for p in problems:
+        print(p)
+    print(f"{args.dataset}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def _fmt(v: float) -> str:
+    return "" if isinstance(v, float) and math.isnan(v) else f"{v:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Reading Medical Segmentation Decathlon datasets and putting cases on the model's grids."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.geometry import Grid, physical_corners, resample_to_grid
+
+
+@dataclass
+class Case:
+    name: str
+    image: Path
+    label: Path
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def load_msd(folder: str | Path) -> list[Case]:
+    """The training cases of an MSD dataset (``dataset.json`` with imagesTr/ and labelsTr/)."""
+    folder = Path(folder)
+    meta = folder / "dataset.json"
+    if not meta.is_file():
+        raise LiverSegError(f"{folder}: not a Medical Segmentation Decathlon dataset (no dataset.json)")
+    try:
+        entries = json.loads(meta.read_text()).get("training", [])
+    except json.JSONDecodeError as exc:
+        raise LiverSegError(f"{meta}: invalid JSON ({exc})") from None
+    cases = []
+    for entry in entries:
+        image, label = folder / entry["image"], folder / entry["label"]
+        if not image.is_file() or not label.is_file():
+            raise LiverSegError(f"{meta}: case {entry['image']} lists a missing image or label file")
+        cases.append(Case(case_name(image), image, label))
+    if not cases:
+        raise LiverSegError(f"{meta}: the dataset lists no training cases")
+    return cases
+
+
+def grid_for(image: sitk.Image, spacing: list[float]) -> Grid:
+    corners = physical_corners(image)
+    return Grid.covering(corners.min(axis=0), corners.max(axis=0), spacing)
+
+
+def to_grid(image: sitk.Image, label: sitk.Image | None, spacing: list[float]) -> tuple[np.ndarray, np.ndarray | None]:
+    """A case resampled onto the axis-aligned grid of ``spacing`` covering it: HU float32 and uint8 label.
+
+    The label is resampled linearly and thresholded at 0.5, which keeps its shape better than nearest.
+    """
+    grid = grid_for(image, spacing)
+    hu = sitk.GetArrayFromImage(resample_to_grid(image, grid, pixel_type=sitk.sitkFloat32))
+    if label is None:
+        return hu, None
+    label_f = sitk.Cast(label > 0, sitk.sitkFloat32)
+    lab = sitk.GetArrayFromImage(resample_to_grid(label_f, grid, default=0.0)) >= 0.5
+    return hu, lab.astype(np.uint8)

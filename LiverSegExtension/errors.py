@@ -1,0 +1,12 @@
+"""One exception type for everything a user can get wrong, so every door can show a short message."""
+
+
+class LiverSegError(Exception):
+    """A user-facing error: the message names the file or setting and the reason, no traceback needed."""
+
+
+class CancelledError(LiverSegError):
+    """Raised when the caller's cancel callback asks the run to stop."""
+
+    def __init__(self, message: str = "cancelled by the user") -> None:
+        super().__init__(message)

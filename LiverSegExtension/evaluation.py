@@ -1,0 +1,115 @@
+"""Scoring predicted masks against references, per case, as CSV and a Markdown table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from LiverSegExtension.data import case_name, load_msd
+from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.io import is_volume_file, read_image
+from LiverSegExtension.metrics import case_metrics
+
+COLUMNS = ["case", "dice", "hd95_mm", "msd_mm", "pred_ml", "ref_ml", "volume_error_pct", "note", "error"]
+
+
+def score(pred: sitk.Image, ref: sitk.Image, name: str) -> dict[str, Any]:
+    """Metrics of one case; the two masks must share a grid (compared in physical space)."""
+    same = (pred.GetSize() == ref.GetSize()
+            and np.allclose(pred.GetSpacing(), ref.GetSpacing(), atol=1e-4)
+            and np.allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-3)
+            and np.allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-4))
+    if not same:
+        raise LiverSegError(f"{name}: prediction and reference are not on the same grid")
+    p = sitk.GetArrayFromImage(pred) > 0
+    r = sitk.GetArrayFromImage(ref) > 0
+    row: dict[str, Any] = {"case": name, **case_metrics(p, r, ref.GetSpacing()[::-1]), "note": "", "error": ""}
+    if not p.any() or not r.any():
+        row["note"] = "empty prediction" if not p.any() else "empty reference"
+        if not p.any() and not r.any():
+            row["note"] = "both empty"
+    return row
+
+
+def _strip(name: str) -> str:
+    return name[: -len("_liver")] if name.endswith("_liver") else name
+
+
+def evaluate_folders(pred_dir: Path, ref_dir: Path) -> list[dict[str, Any]]:
+    """Pair files by case name (a ``_liver`` suffix on predictions is ignored)."""
+    for d in (pred_dir, ref_dir):
+        if not d.is_dir():
+            raise LiverSegError(f"{d}: no such folder")
+    preds = {_strip(case_name(p)): p for p in sorted(pred_dir.iterdir()) if is_volume_file(p)}
+    rows = []
+    for ref in sorted(ref_dir.iterdir()):
+        if not is_volume_file(ref):
+            continue
+        name = case_name(ref)
+        if name not in preds:
+            rows.append({"case": name, "error": "no prediction"})
+            continue
+        try:
+            rows.append(score(read_image(preds[name]), read_image(ref), name))
+        except LiverSegError as exc:
+            rows.append({"case": name, "error": str(exc)})
+    if not rows:
+        raise LiverSegError(f"{ref_dir}: no reference masks found")
+    return rows
+
+
+def evaluate_dataset(data: Path, model: Path | None, cases: list[str], device: str = "auto") -> list[dict[str, Any]]:
+    """Segment the dataset's cases with ``model`` and score them."""
+    from LiverSegExtension.inference import LiverSegmenter
+
+    segmenter = LiverSegmenter(model, device=device)
+    all_cases = load_msd(data)
+    chosen = [c for c in all_cases if not cases or c.name in cases]
+    rows = []
+    for c in chosen:
+        try:
+            image = read_image(c.image)
+            result = segmenter.segment_image(image, source=str(c.image))
+            pred = sitk.GetImageFromArray(result.mask)
+            pred.CopyInformation(image)
+            row = score(pred, read_image(c.label), c.name)
+            row["seconds"] = result.seconds
+            rows.append(row)
+        except LiverSegError as exc:
+            rows.append({"case": c.name, "error": str(exc)})
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.3f}"
+    return "" if v is None else str(v)
+
+
+def write_report(rows: list[dict[str, Any]], csv_path: Path | None) -> str:
+    """Write the CSV (when a path is given) and a Markdown table beside it; return the Markdown."""
+    cols = COLUMNS + (["seconds"] if any("seconds" in r for r in rows) else [])
+    scored = [r for r in rows if not r.get("error")]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    if scored:
+        mean = {c: float(np.nanmean([r[c] for r in scored])) if any(not math.isnan(r[c]) for r in scored) else math.nan
+                for c in ("dice", "hd95_mm", "msd_mm", "volume_error_pct")}
+        lines.append("| **mean** | " + " | ".join(_fmt(mean.get(c, "")) if c in mean else "" for c in cols[1:]) + " |")
+    markdown = "\n".join(lines) + "\n"
+    if csv_path:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _fmt(r.get(c)) for c in cols})
+        csv_path.write_text(buf.getvalue())
+        csv_path.with_suffix(".md").write_text(markdown)
+    return markdown

@@ -1,0 +1,186 @@
+"""Coarse-to-fine liver segmentation of one CT volume.
+
+1. coarse: the whole scan resampled to a low-resolution, axis-aligned grid finds the liver;
+2. fine: only a box around that liver is resampled to the fine grid and segmented;
+3. the fine *probabilities* are resampled onto the matching sub-block of the input grid, thresholded,
+   cleaned (largest component, holes filled) and pasted into an all-zero mask of the input's size.
+
+Time and memory therefore follow the liver's size, not the scan's; no float copy of the whole input
+is ever made. Resampling goes through ITK, which respects oblique and left-handed directions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+from monai.transforms import FillHoles, KeepLargestConnectedComponent, ScaleIntensityRange
+
+from LiverSegExtension.devices import resolve_device
+from LiverSegExtension.errors import CancelledError, LiverSegError
+from LiverSegExtension.geometry import Grid, image_from_array, index_box, physical_corners, resample_to_grid
+from LiverSegExtension.model import LiverModel, default_model_dir
+
+ProgressCallback = Callable[[float, str], None]
+CancelCallback = Callable[[], bool]
+
+MAX_ROI = 160  # largest window edge, in voxels, the networks see at once
+
+
+@dataclass
+class SegmentationResult:
+    """A binary mask on the input grid (``[k, j, i]``, uint8) and what it took to make it."""
+
+    mask: np.ndarray
+    liver_ml: float
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def check_ct(image: sitk.Image, source: str = "input") -> None:
+    """Refuse volumes that cannot be a 3D CT of an abdomen, with the reason."""
+    if image.GetDimension() != 3:
+        raise LiverSegError(f"{source}: expected a 3D volume, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        n = image.GetNumberOfComponentsPerPixel()
+        raise LiverSegError(f"{source}: expected a scalar volume, got {n} components per voxel")
+    size = image.GetSize()
+    if min(size) < 2 or sorted(size)[1] < 16:
+        raise LiverSegError(f"{source}: a {'x'.join(map(str, size))} image is not a 3D volume (too few voxels on an axis)")
+    spacing = image.GetSpacing()
+    if min(spacing) < 0.05 or max(spacing) > 20:
+        raise LiverSegError(f"{source}: absurd voxel spacing {tuple(round(s, 4) for s in spacing)} mm (expected 0.05 to 20 mm)")
+    sample = sitk.GetArrayViewFromImage(image)[:: max(1, size[2] // 32), ::4, ::4]
+    low, high = float(sample.min()), float(sample.max())
+    if not np.isfinite(low) or not np.isfinite(high):
+        raise LiverSegError(f"{source}: intensities contain NaN or infinity")
+    if low >= 0 or high < -400 or low < -5000 or high > 40000:
+        raise LiverSegError(
+            f"{source}: intensities {low:.0f}..{high:.0f} cannot be CT in Hounsfield units "
+            "(expected air or fat below 0 HU and soft tissue above -400 HU)"
+        )
+
+
+class LiverSegmenter:
+    """Runs a LiverSeg model on CT volumes; build once, call many times."""
+
+    def __init__(self, model: LiverModel | str | Path | None = None, device: str | torch.device = "auto") -> None:
+        self.device = resolve_device(device)
+        if model is None:
+            model = default_model_dir()
+            if model is None:
+                raise LiverSegError("no trained LiverSeg model is installed; pass a model folder with --model")
+        self.model = model if isinstance(model, LiverModel) else LiverModel.load(model, device=self.device)
+        for net in self.model.networks.values():
+            net.to(self.device).eval()
+        low, high = self.model.window
+        self._window = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+
+    # -- public API -----------------------------------------------------------------------------
+    def segment_array(
+        self,
+        array: np.ndarray,
+        ijk_to_ras: np.ndarray,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCallback | None = None,
+    ) -> SegmentationResult:
+        """Segment a ``[k, j, i]`` CT array with its IJK-to-RAS matrix; the mask has the array's shape."""
+        return self.segment_image(image_from_array(array, ijk_to_ras), progress=progress, cancel=cancel)
+
+    def segment_image(
+        self,
+        image: sitk.Image,
+        progress: ProgressCallback | None = None,
+        cancel: CancelCallback | None = None,
+        source: str = "input",
+    ) -> SegmentationResult:
+        """Segment a SimpleITK CT image; the mask is ``[k, j, i]`` on exactly the image's grid."""
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        def step(fraction: float, stage: str) -> None:
+            if cancel is not None and cancel():
+                raise CancelledError()
+            if progress is not None:
+                progress(fraction, stage)
+
+        def lap(name: str, t0: float) -> float:
+            now = time.perf_counter()
+            timings[name] = timings.get(name, 0.0) + now - t0
+            return now
+
+        check_ct(image, source)
+        step(0.0, "locating the liver")
+        t = time.perf_counter()
+        box = self._locate(image)
+        t = lap("coarse", t)
+        mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+        if box is not None:
+            step(0.3, "segmenting the liver")
+            fine_grid, prob = self._segment_box(image, *box)
+            t = lap("fine", t)
+            step(0.8, "mapping back to the input grid")
+            self._paste(image, fine_grid, prob, mask)
+            lap("resample_back", t)
+        step(1.0, "done")
+        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+        return SegmentationResult(mask, float(mask.sum(dtype=np.int64)) * voxel_ml, time.perf_counter() - start, timings)
+
+    # -- stages --------------------------------------------------------------------------------
+    def predict(self, stage: str, volume: np.ndarray) -> np.ndarray:
+        """Liver probability for a ``[z, y, x]`` HU volume already on the stage's grid."""
+        x = self._window(torch.from_numpy(np.asarray(volume, dtype=np.float32))[None, None])
+        x = torch.as_tensor(x, device=self.device)
+        roi = [min(MAX_ROI, max(16, int(np.ceil(s / 16) * 16))) for s in x.shape[2:]]
+        net = self.model.networks[stage]
+        with torch.inference_mode():
+            logits = sliding_window_inference(x, roi, 1, net, overlap=0.25, mode="gaussian")
+            prob = torch.softmax(logits.float(), dim=1)[0, 1]
+        return prob.cpu().numpy()
+
+    def _locate(self, image: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:
+        """LPS box around the liver found at coarse resolution, or None when there is none."""
+        corners = physical_corners(image)
+        grid = Grid.covering(corners.min(axis=0), corners.max(axis=0), self.model.stage("coarse")["spacing_mm"])
+        volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, pixel_type=sitk.sitkFloat32))
+        prob = self.predict("coarse", volume)
+        liver = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)(torch.from_numpy(prob > 0.5)[None])[0].numpy()
+        if not liver.any():
+            return None
+        zyx = np.argwhere(liver)
+        lo = grid.index_to_physical(zyx.min(axis=0)[::-1])
+        hi = grid.index_to_physical(zyx.max(axis=0)[::-1])
+        margin = float(self.model.stage("fine").get("margin_mm", 20.0)) + max(grid.spacing)
+        return lo - margin, hi + margin
+
+    def _segment_box(self, image: sitk.Image, lower: np.ndarray, upper: np.ndarray) -> tuple[Grid, np.ndarray]:
+        grid = Grid.covering(lower, upper, self.model.stage("fine")["spacing_mm"])
+        lo, hi = index_box(image, lower, upper)
+        crop = image[int(lo[0]) : int(hi[0]), int(lo[1]) : int(hi[1]), int(lo[2]) : int(hi[2])]
+        volume = sitk.GetArrayFromImage(resample_to_grid(crop, grid, pixel_type=sitk.sitkFloat32))
+        return grid, self.predict("fine", volume)
+
+    def _paste(self, image: sitk.Image, grid: Grid, prob: np.ndarray, mask: np.ndarray) -> None:
+        """Resample fine probabilities onto the input sub-block they cover; threshold and clean there."""
+        prob_image = sitk.GetImageFromArray(prob.astype(np.float32))
+        prob_image.SetOrigin(grid.origin)
+        prob_image.SetSpacing(grid.spacing)
+        upper = grid.index_to_physical(np.array(grid.size) - 1)
+        lo, hi = index_box(image, np.asarray(grid.origin), upper, margin_vox=1)
+        if np.any(hi <= lo):
+            return
+        ref = sitk.Image([int(v) for v in hi - lo], sitk.sitkFloat32)
+        ref.SetSpacing(image.GetSpacing())
+        ref.SetDirection(image.GetDirection())
+        ref.SetOrigin(image.TransformIndexToPhysicalPoint([int(v) for v in lo]))
+        sub = sitk.Resample(prob_image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        block = torch.from_numpy(sitk.GetArrayViewFromImage(sub) >= 0.5)[None]
+        block = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)(block)
+        block = FillHoles(applied_labels=[1])(block)
+        mask[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = np.asarray(block[0], dtype=np.uint8)

@@ -1,0 +1,278 @@
+"""Reading CT volumes (NIfTI, NRRD, MHA/MHD, DICOM series, compressed or not) and writing masks atomically."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from LiverSegExtension.errors import LiverSegError
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd"}
+
+LIVER_SEGMENT = {
+    "name": "Liver",
+    "color": (221, 130, 101),
+    # Slicer terminology string: context~category(code^scheme^meaning)~type~modifier~anatomic context...
+    "terminology": "Segmentation category and type - 3D Slicer General Anatomy list"
+    "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^",
+}
+
+
+@dataclass
+class InputCase:
+    """One volume to segment: a file, or one series of a DICOM folder."""
+
+    source: Path
+    series_uid: str | None = None
+    files: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} (series {self.series_uid})" if self.series_uid else str(self.source)
+
+    @property
+    def stem(self) -> str:
+        name = self.source.name
+        for ext in VOLUME_SUFFIXES:
+            if name.lower().endswith(ext):
+                name = name[: -len(ext)]
+                break
+        if self.series_uid:
+            name = f"{name}_{self.series_uid.split('.')[-1]}"
+        return name
+
+
+def is_volume_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG", "DOC"}
+
+
+def _modality(file: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+        return reader.GetMetaData("0008|0060").strip().upper() if reader.HasMetaDataKey("0008|0060") else ""
+    except RuntimeError:
+        return ""
+
+
+def dicom_series(folder: Path) -> list[InputCase]:
+    """One case per DICOM image series found in ``folder`` and below it (SEG, RTSTRUCT... are skipped)."""
+    found: list[tuple[Path, str, tuple[str, ...]]] = []
+    for directory in sorted({folder, *(p for p in folder.rglob("*") if p.is_dir())}):
+        reader = sitk.ImageSeriesReader
+        for uid in reader.GetGDCMSeriesIDs(str(directory)) or ():
+            files = reader.GetGDCMSeriesFileNames(str(directory), uid)
+            if files and _modality(files[0]) not in NON_IMAGE_MODALITIES:
+                found.append((directory, uid, tuple(files)))
+    per_dir: dict[Path, int] = {}
+    for directory, _, _ in found:
+        per_dir[directory] = per_dir.get(directory, 0) + 1
+    # The series UID goes into the case name only where a folder holds several series.
+    return [InputCase(d, uid if per_dir[d] > 1 else None, files) for d, uid, files in found]
+
+
+def expand_inputs(paths: list[str | Path]) -> list[InputCase]:
+    """Turn command-line paths into cases; a folder holding several DICOM series gives one case each.
+
+    Missing paths and folders with nothing readable become cases too, so they fail with their reason
+    in the summary instead of stopping the run.
+    """
+    cases: list[InputCase] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            series = dicom_series(path)
+            cases.extend(series if series else [InputCase(path)])
+        else:
+            cases.append(InputCase(path))
+    return cases
+
+
+def read_case(case: InputCase) -> sitk.Image:
+    if case.files:
+        return _read_dicom(case)
+    return read_image(case.source)
+
+
+def _read_dicom(case: InputCase) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(case.files))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise LiverSegError(f"{case.label}: unreadable DICOM series ({_first_line(exc)})") from None
+    if image.GetDimension() != 3 or image.GetSize()[2] < 2:
+        raise LiverSegError(f"{case.label}: a single-slice DICOM series is not a 3D volume")
+    return _to_compact_type(image)
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read a volume file or a DICOM folder (its only series), with a one-line error for bad input."""
+    path = Path(path)
+    if not path.exists():
+        raise LiverSegError(f"{path}: no such file or folder")
+    if path.is_dir():
+        series = dicom_series(path)
+        if not series:
+            raise LiverSegError(f"{path}: folder holds no DICOM image series")
+        if len(series) > 1:
+            raise LiverSegError(f"{path}: folder holds {len(series)} DICOM series; pick one")
+        return read_case(series[0])
+    if path.stat().st_size == 0:
+        raise LiverSegError(f"{path}: file is empty")
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_length(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = _first_line(exc)
+        if "Unable to determine ImageIO" in reason or "Could not create IO" in reason:
+            reason = "not an image file LiverSeg can read (NIfTI, NRRD, MHA/MHD or a DICOM folder)"
+        raise LiverSegError(f"{path}: {reason}") from None
+    if image.GetDimension() == 4 or image.GetNumberOfComponentsPerPixel() > 1:
+        raise LiverSegError(f"{path}: 4D or multi-component image; LiverSeg needs one 3D CT volume")
+    if image.GetDimension() != 3:
+        raise LiverSegError(f"{path}: {image.GetDimension()}D image; LiverSeg needs a 3D CT volume")
+    return _to_compact_type(image)
+
+
+def _check_nifti_length(path: Path) -> None:
+    """ITK fills a truncated NIfTI with zeros without a word; compare the data length with the header.
+
+    For .nii.gz the gzip trailer holds the uncompressed length (mod 2**32), so no decompression is needed.
+    """
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            header = f.read(352)
+    except (OSError, EOFError) as exc:
+        raise LiverSegError(f"{path}: truncated or corrupt file ({exc})") from None
+    if len(header) < 348:
+        raise LiverSegError(f"{path}: truncated file (incomplete NIfTI header)")
+    for endian in ("<", ">"):
+        if struct.unpack(endian + "i", header[:4])[0] == 348:
+            break
+    else:
+        return  # not NIfTI-1; let ITK decide
+    dims = struct.unpack(endian + "8h", header[40:56])
+    bitpix = struct.unpack(endian + "h", header[72:74])[0]
+    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    n = int(np.prod([max(1, d) for d in dims[1 : 1 + max(0, min(dims[0], 7))]], dtype=np.int64))
+    expected = offset + n * max(bitpix, 8) // 8
+    if gz:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            actual = struct.unpack("<I", f.read(4))[0]
+        ok = actual == expected % (1 << 32)
+    else:
+        actual = path.stat().st_size
+        ok = actual >= expected
+    if not ok:
+        held = "the compressed stream is incomplete" if gz else f"file holds {actual}"
+        raise LiverSegError(f"{path}: truncated file (header promises {expected} bytes, {held})")
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages start with file/line noise; the last line usually holds the reason.
+    msg = lines[-1] if lines else type(exc).__name__
+    return msg.split(": ", 1)[-1] if msg.startswith(("itk::", "/")) else msg
+
+
+def _to_compact_type(image: sitk.Image) -> sitk.Image:
+    """int32/float CTs whose values fit int16 become int16: half the memory, same HU."""
+    if image.GetPixelID() in (sitk.sitkInt16, sitk.sitkUInt8, sitk.sitkInt8) or image.GetNumberOfComponentsPerPixel() > 1:
+        return image
+    view = sitk.GetArrayViewFromImage(image)
+    if view.size and np.issubdtype(view.dtype, np.integer) and view.min() >= -32768 and view.max() <= 32767:
+        return sitk.Cast(image, sitk.sitkInt16)
+    if view.size and np.issubdtype(view.dtype, np.floating) and np.all(np.isfinite(view[::4, ::4, ::4])):
+        return sitk.Cast(image, sitk.sitkFloat32)
+    return image
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """A uint8 mask image with exactly the geometry of ``reference``."""
+    out = sitk.GetImageFromArray(mask.astype(np.uint8, copy=False))
+    out.CopyInformation(reference)
+    return out
+
+
+def atomic_write(path: Path, write_to: callable, overwrite: bool = False) -> None:
+    """Write through a temporary file in the same folder and rename it into place, so that a crash
+    never leaves a half-written file; refuse to replace an existing file unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise LiverSegError(f"{path}: already exists (use --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith((".nii.gz", ".seg.nrrd")) else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write_to(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # link() fails if the target appeared meanwhile: never clobber a file written concurrently.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise LiverSegError(f"{path}: already exists (use --overwrite to replace it)") from None
+            os.unlink(tmp)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_mask(mask: np.ndarray, reference: sitk.Image, path: Path, overwrite: bool = False) -> None:
+    """Write a binary liver mask as .nii.gz, .nrrd or a Slicer .seg.nrrd, atomically."""
+    image = mask_image(mask, reference)
+    if str(path).endswith(".seg.nrrd"):
+        atomic_write(path, lambda tmp: _write_seg_nrrd(image, tmp), overwrite)
+    else:
+        atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=True), overwrite)
+
+
+def _write_seg_nrrd(image: sitk.Image, path: str) -> None:
+    """A Slicer segmentation file: one binary labelmap layer holding the segment "Liver"."""
+    r, g, b = (c / 255.0 for c in LIVER_SEGMENT["color"])
+    fields = {
+        "Segment0_ID": "Liver",
+        "Segment0_Name": LIVER_SEGMENT["name"],
+        "Segment0_Color": f"{r:.6f} {g:.6f} {b:.6f}",
+        "Segment0_ColorAutoGenerated": "0",
+        "Segment0_LabelValue": "1",
+        "Segment0_Layer": "0",
+        "Segment0_NameAutoGenerated": "0",
+        "Segment0_Tags": f"TerminologyEntry:{LIVER_SEGMENT['terminology']}|",
+        "Segment0_Extent": " ".join(str(v) for v in _extent(image)),
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+        "Segmentation_ConversionParameters": "",
+    }
+    for key, value in fields.items():
+        image.SetMetaData(key, value)
+    sitk.WriteImage(image, path, useCompression=True)
+
+
+def _extent(image: sitk.Image) -> list[int]:
+    arr = sitk.GetArrayViewFromImage(image)
+    nz = np.argwhere(arr > 0)
+    if nz.size == 0:
+        return [0, -1, 0, -1, 0, -1]
+    lo, hi = nz.min(axis=0)[::-1], nz.max(axis=0)[::-1]
+    return [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2])]

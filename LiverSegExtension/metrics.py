@@ -1,0 +1,58 @@
+"""Segmentation metrics in physical units: Dice, 95 % Hausdorff distance, mean surface distance, volume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty, 0.0 when only one is."""
+    p, r = pred.astype(bool), ref.astype(bool)
+    total = int(p.sum()) + int(r.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(p, r).sum()) / total
+
+
+def _surface_distances(a: np.ndarray, b: np.ndarray, spacing_zyx: tuple[float, ...]) -> np.ndarray:
+    """Distances (mm) from the surface voxels of ``a`` to the surface of ``b``."""
+    struct = ndimage.generate_binary_structure(3, 1)
+    surf_a = a & ~ndimage.binary_erosion(a, struct, border_value=0)
+    surf_b = b & ~ndimage.binary_erosion(b, struct, border_value=0)
+    dist_to_b = ndimage.distance_transform_edt(~surf_b, sampling=spacing_zyx)
+    return dist_to_b[surf_a]
+
+
+def surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...]) -> tuple[float, float]:
+    """(HD95, mean symmetric surface distance) in mm; NaN when either mask is empty."""
+    p, r = pred.astype(bool), ref.astype(bool)
+    if not p.any() or not r.any():
+        return math.nan, math.nan
+    # Work on the bounding box of both masks (plus one voxel) to keep the distance transforms small.
+    idx = np.argwhere(p | r)
+    lo = np.maximum(idx.min(axis=0) - 1, 0)
+    hi = idx.max(axis=0) + 2
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    p, r = np.pad(p[sl], 1), np.pad(r[sl], 1)
+    d_pr = _surface_distances(p, r, spacing_zyx)
+    d_rp = _surface_distances(r, p, spacing_zyx)
+    both = np.concatenate([d_pr, d_rp])
+    hd95 = max(float(np.percentile(d_pr, 95)), float(np.percentile(d_rp, 95)))
+    return hd95, float(both.mean())
+
+
+def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...]) -> dict[str, float]:
+    """All metrics for one case; volumes in mL, volume error relative to the reference in %."""
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    pred_ml = float(pred.astype(bool).sum()) * voxel_ml
+    ref_ml = float(ref.astype(bool).sum()) * voxel_ml
+    hd95, msd = surface_metrics(pred, ref, spacing_zyx)
+    return {
+        "dice": dice(pred, ref),
+        "hd95_mm": hd95,
+        "msd_mm": msd,
+        "pred_ml": pred_ml,
+        "ref_ml": ref_ml,
+        "volume_error_pct": (pred_ml - ref_ml) / ref_ml * 100.0 if ref_ml > 0 else math.nan,
+    }

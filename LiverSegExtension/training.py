@@ -1,0 +1,262 @@
+"""Training and fine-tuning: coarse stage then fine stage, with validation, checkpoints and resume.
+
+Everything needed to resume lives in ``OUTPUT/checkpoint.pt`` (tensors and plain values only, loaded
+with ``weights_only=True``); the best model so far is always a complete model folder in ``OUTPUT``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.losses import DiceCELoss
+from monai.utils import set_determinism
+
+from LiverSegExtension.augment import training_transforms
+from LiverSegExtension.data import Case, load_msd, to_grid
+from LiverSegExtension.devices import resolve_device
+from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.inference import LiverSegmenter
+from LiverSegExtension.io import read_image
+from LiverSegExtension.metrics import case_metrics
+from LiverSegExtension.model import STAGES, LiverModel
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "training_log.csv"
+
+
+@dataclass
+class TrainConfig:
+    data: list[Path]
+    output: Path
+    init: Path | None = None
+    val_cases: list[str] = field(default_factory=list)
+    iterations: int = 2000  # fine-stage iterations; the coarse stage gets half as many
+    max_minutes: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    val_every: int = 100
+    batch_size: int = 2
+    lr: float = 2e-3
+    name: str = "liverseg"
+    version: str | None = None
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def split_cases(cases: list[Case], val_names: list[str]) -> tuple[list[Case], list[Case]]:
+    known = {c.name for c in cases}
+    missing = [v for v in val_names if v not in known]
+    if missing:
+        raise LiverSegError(f"validation case(s) not in the dataset: {', '.join(missing)}")
+    train = [c for c in cases if c.name not in val_names]
+    val = [c for c in cases if c.name in val_names]
+    if not train:
+        raise LiverSegError("no training cases left after taking out the validation cases")
+    return train, val
+
+
+def prepare(cases: list[Case], spacing: list[float]) -> list[dict[str, np.ndarray]]:
+    """Each case on the stage's grid, as ``[1, z, y, x]`` arrays ready for the transforms."""
+    items = []
+    for c in cases:
+        image = read_image(c.image)
+        label = read_image(c.label)
+        hu, lab = to_grid(image, label, spacing)
+        items.append({"image": hu[None], "label": lab[None], "name": c.name})
+    return items
+
+
+def validate(model: LiverModel, val: list[Case], device: torch.device) -> list[dict[str, Any]]:
+    """Run the full coarse-to-fine pipeline on each validation case at its own resolution."""
+    segmenter = LiverSegmenter(model, device=device)
+    rows = []
+    for c in val:
+        image = read_image(c.image)
+        ref = sitk.GetArrayFromImage(read_image(c.label)) > 0
+        result = segmenter.segment_image(image, source=str(c.image))
+        m = case_metrics(result.mask, ref, image.GetSpacing()[::-1])
+        rows.append({"case": c.name, **m, "seconds": result.seconds})
+    for net in model.networks.values():
+        net.train()
+    return rows
+
+
+def _batch(
+    items: list[dict], transform: Callable, batch_size: int, rng: random.Random, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for _ in range(batch_size):
+        out = transform(rng.choice(items))
+        out = out[0] if isinstance(out, list) else out
+        images.append(torch.as_tensor(np.asarray(out["image"]), dtype=torch.float32))
+        labels.append(torch.as_tensor(np.asarray(out["label"]), dtype=torch.float32))
+    return torch.stack(images).to(device), torch.stack(labels).to(device)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _next_version(parent: str | None) -> str:
+    if not parent:
+        return "1.0.0"
+    major, minor, *_ = (parent.split(".") + ["0", "0"])[:3]
+    return f"{major}.{int(minor) + 1}.0"
+
+
+def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | None = None) -> Path:
+    """Train (or fine-tune from ``cfg.init``) and return the output model folder."""
+    device = resolve_device(cfg.device)
+    set_determinism(seed=cfg.seed)
+    rng = random.Random(cfg.seed)
+    cases: list[Case] = [c for d in cfg.data for c in load_msd(d)]
+    train_cases, val_cases = split_cases(cases, cfg.val_cases)
+    out = cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+
+    parent = LiverModel.load(cfg.init) if cfg.init else None
+    model = LiverModel.new(parent.card if parent else None)
+    if parent:
+        for s in STAGES:
+            model.networks[s].load_state_dict(parent.networks[s].state_dict())
+    for net in model.networks.values():
+        net.to(device).train()
+
+    ckpt_path = out / CHECKPOINT
+    state: dict[str, Any] = {"stage_index": 0, "iteration": 0, "best": -1.0, "elapsed": 0.0}
+    optim_state = None
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        for s in STAGES:
+            model.networks[s].load_state_dict(ckpt[f"net_{s}"])
+        state = {k: ckpt[k] for k in state}
+        optim_state = ckpt.get("optim")
+        rng = random.Random(cfg.seed + int(state["iteration"]) + 1000 * int(state["stage_index"]))
+        _log(f"resuming from {ckpt_path}: stage {STAGES[int(state['stage_index'])]}, iteration {int(state['iteration'])}")
+
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    shares = {"coarse": 0.25, "fine": 0.75}
+    iterations = {"coarse": max(1, cfg.iterations // 2), "fine": cfg.iterations}
+    log_path = out / LOG
+    new_log = not log_path.is_file()
+    log_file = open(log_path, "a", newline="")
+    writer = csv.writer(log_file)
+    if new_log:
+        writer.writerow(["stage", "iteration", "loss", "val_dice", "elapsed_s"])
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    window = model.window
+    best_rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter() - float(state["elapsed"])
+
+    try:
+        for si in range(int(state["stage_index"]), len(STAGES)):
+            stage = STAGES[si]
+            spec = model.stage(stage)
+            net = model.networks[stage]
+            _log(f"[{stage}] preparing {len(train_cases)} training cases at {spec['spacing_mm']} mm")
+            items = prepare(train_cases, spec["spacing_mm"])
+            transform = training_transforms(stage, window, spec["patch_size"])
+            transform.set_random_state(seed=cfg.seed + si + int(state["iteration"]))
+            lr = cfg.lr * (0.25 if parent else 1.0)
+            optim = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+            start_it = int(state["iteration"]) if si == int(state["stage_index"]) else 0
+            if optim_state is not None and start_it > 0:
+                optim.load_state_dict(optim_state)
+            optim_state = None
+            n_it = iterations[stage]
+            stage_budget = budget_s * (shares[stage] if stage == "coarse" else 1.0)
+            batch = cfg.batch_size * (2 if stage == "coarse" else 1)
+            running = None
+            it = start_it
+            for it in range(start_it, n_it):
+                elapsed = time.perf_counter() - t_start
+                if elapsed > stage_budget:
+                    _log(f"[{stage}] time budget reached at iteration {it}")
+                    break
+                for g in optim.param_groups:  # cosine decay over the stage
+                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / n_it))
+                x, y = _batch(items, transform, batch, rng, device)
+                optim.zero_grad(set_to_none=True)
+                loss = loss_fn(net(x), y)
+                loss.backward()
+                optim.step()
+                running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+                if progress:
+                    progress(stage, it + 1, n_it, running)
+                done = it + 1
+                val_dice = ""
+                is_last = done == n_it
+                if stage == "fine" and (done % cfg.val_every == 0 or is_last):
+                    if val_cases:
+                        rows = validate(model, val_cases, device)
+                        mean = float(np.mean([r["dice"] for r in rows]))
+                        val_dice = f"{mean:.4f}"
+                        _log(f"[{stage}] it {done}: loss {running:.4f}, val Dice {mean:.4f} "
+                             + " ".join(f"{r['case']}={r['dice']:.3f}" for r in rows))
+                    else:
+                        rows, mean = [], -running
+                    if mean > float(state["best"]):
+                        state["best"] = mean
+                        best_rows = rows
+                        _save_model(model, cfg, parent, train_cases, rows, out, done)
+                if done % 25 == 0 or val_dice or is_last:
+                    writer.writerow([stage, done, f"{running:.5f}", val_dice, f"{time.perf_counter() - t_start:.1f}"])
+                    log_file.flush()
+                if done % 50 == 0 or is_last:
+                    _atomic_torch_save({
+                        **{f"net_{s}": model.networks[s].state_dict() for s in STAGES},
+                        "optim": optim.state_dict(), "stage_index": si, "iteration": done,
+                        "best": float(state["best"]), "elapsed": time.perf_counter() - t_start,
+                    }, ckpt_path)
+            state["iteration"] = 0
+            if stage == "coarse":
+                _atomic_torch_save({
+                    **{f"net_{s}": model.networks[s].state_dict() for s in STAGES},
+                    "stage_index": si + 1, "iteration": 0, "best": float(state["best"]),
+                    "elapsed": time.perf_counter() - t_start,
+                }, ckpt_path)
+        if float(state["best"]) < -0.5:  # stopped before any validation: keep what we have
+            rows = validate(model, val_cases, device) if val_cases else []
+            _save_model(model, cfg, parent, train_cases, rows, out, int(state["iteration"]))
+            best_rows = rows
+    finally:
+        log_file.close()
+    _log(f"best model written to {out}")
+    if best_rows:
+        _log("validation: " + ", ".join(f"{r['case']} Dice {r['dice']:.3f}" for r in best_rows))
+    return out
+
+
+def _save_model(model: LiverModel, cfg: TrainConfig, parent: LiverModel | None, train_cases: list[Case],
+                rows: list[dict[str, Any]], out: Path, iteration: int) -> None:
+    version = cfg.version or _next_version(parent.card.get("version") if parent else None)
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "hd95_mm", "msd_mm")} if rows else {}
+    extra = {
+        "name": cfg.name,
+        "version": version,
+        "parent_model": f"{parent.card.get('name')} v{parent.card.get('version')}" if parent else None,
+        "training": {
+            "datasets": [str(d) for d in cfg.data],
+            "cases": [c.name for c in train_cases],
+            "iterations_fine": iteration,
+            "seed": cfg.seed,
+            "device": cfg.device,
+        },
+        "validation": {"cases": rows, "mean": mean},
+    }
+    model.save(out, extra)

@@ -1,0 +1,87 @@
+"""Model folders: safe weights, checksum, card, round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.model import LiverModel
+
+
+def test_round_trip_gives_identical_outputs(tiny_model_dir):
+    a = LiverModel.load(tiny_model_dir)
+    b = LiverModel.load(tiny_model_dir)
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a.networks["fine"](x), b.networks["fine"](x))
+    card = json.loads((tiny_model_dir / "card.json").read_text())
+    assert card["weights_sha256"] and card["stages"]["fine"]["spacing_mm"] == [2.5, 2.5, 2.5]
+
+
+def test_checksum_mismatch_is_refused(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(LiverSegError, match="checksum mismatch"):
+        LiverModel.load(bad)
+
+
+def test_pickle_weights_are_not_a_model(tiny_model_dir, tmp_path):
+    """A pickled torch file under the weights' name is never unpickled: the checksum or the
+    safetensors parser refuses it first."""
+    bad = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, bad)
+    torch.save({"x": torch.zeros(1)}, bad / "model.safetensors")
+    with pytest.raises(LiverSegError):
+        LiverModel.load(bad)
+    card = json.loads((bad / "card.json").read_text())
+    from LiverSegExtension.model import sha256_of
+
+    card["weights_sha256"] = sha256_of(bad / "model.safetensors")
+    (bad / "card.json").write_text(json.dumps(card))
+    with pytest.raises(LiverSegError, match="unreadable weights"):
+        LiverModel.load(bad)
+
+
+def test_missing_and_invalid_model_folders(tmp_path):
+    with pytest.raises(LiverSegError, match="not found"):
+        LiverModel.load(tmp_path / "nope")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "card.json").write_text("{not json")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(LiverSegError, match="invalid model card"):
+        LiverModel.load(tmp_path / "m")
+
+
+def test_no_trained_model_is_said_plainly(monkeypatch, tmp_path):
+    from LiverSegExtension import inference
+
+    monkeypatch.setattr(inference, "default_model_dir", lambda: None)
+    with pytest.raises(LiverSegError, match="no trained LiverSeg model is installed"):
+        inference.LiverSegmenter(None, device="cpu")
+
+
+def test_segment_array_progress_and_cancel(tiny_model_dir):
+    from synthetic import make_affine, phantom
+
+    from LiverSegExtension.errors import CancelledError
+    from LiverSegExtension.inference import LiverSegmenter
+
+    m = make_affine((4.5, 4.5, 6.0), (30, 72, 80))
+    ct, _ = phantom((30, 72, 80), m)
+    seg = LiverSegmenter(tiny_model_dir, device="cpu")
+    seen: list[tuple[float, str]] = []
+    result = seg.segment_array(ct, m, progress=lambda f, s: seen.append((f, s)))
+    assert seen[0][0] == 0.0 and seen[-1] == (1.0, "done")
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen)
+    assert result.mask.shape == ct.shape and set(np.unique(result.mask)) <= {0, 1}
+    calls = []
+    with pytest.raises(CancelledError):
+        seg.segment_array(ct, m, cancel=lambda: calls.append(1) or len(calls) > 1)
