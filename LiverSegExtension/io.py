@@ -133,7 +133,7 @@ def read_image(path: str | Path) -> sitk.Image:
     if path.stat().st_size == 0:
         raise LiverSegError(f"{path}: file is empty")
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_length(path)
+        check_nifti_length(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -148,7 +148,7 @@ def read_image(path: str | Path) -> sitk.Image:
     return _to_compact_type(image)
 
 
-def _check_nifti_length(path: Path) -> None:
+def check_nifti_length(path: Path) -> None:
     """ITK fills a truncated NIfTI with zeros without a word; compare the data length with the header.
 
     For .nii.gz the gzip trailer holds the uncompressed length (mod 2**32), so no decompression is needed.

@@ -245,11 +245,13 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
 def _save_model(model: LiverModel, cfg: TrainConfig, parent: LiverModel | None, train_cases: list[Case],
                 rows: list[dict[str, Any]], out: Path, iteration: int) -> None:
     version = cfg.version or _next_version(parent.card.get("version") if parent else None)
+    parent_cases = set(parent.card.get("training", {}).get("cases", [])) if parent else set()
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "hd95_mm", "msd_mm")} if rows else {}
     extra = {
         "name": cfg.name,
         "version": version,
         "parent_model": f"{parent.card.get('name')} v{parent.card.get('version')}" if parent else None,
+        "added_cases": [c.name for c in train_cases if c.name not in parent_cases] if parent else [],
         "training": {
             "datasets": [str(d) for d in cfg.data],
             "cases": [c.name for c in train_cases],

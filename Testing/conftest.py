@@ -12,6 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Test-only stand-ins for what slicer-core lacks; must come before the first ``import slicer``.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "StandIns"))
+sys.path.insert(0, str(ROOT / "LiverSegModule"))
 
 SHARED = Path(os.environ.get("LIVERSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data not found at {SHARED} (set LIVERSEG_SHARED_DATA)")
@@ -54,3 +57,11 @@ def threshold_segmenter(tiny_model_dir):
             return (np.asarray(volume) > 95).astype(np.float32)  # phantom liver 160 HU, body 30 HU
 
     return ThresholdSegmenter(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture()
+def scene():
+    """A fresh real vtkMRMLScene as slicer.mrmlScene, with the segmentation converters registered."""
+    import slicer_app
+
+    return slicer_app.install(testing=True)

@@ -1,0 +1,213 @@
+"""Medical Segmentation Decathlon datasets built from corrected segmentations.
+
+Adding a case is safe: the label must be a non-empty binary mask on the image's grid; names are
+generated (never taken from DICOM tags, so no patient names or IDs); nothing existing is overwritten;
+image, label and provenance are written first and ``dataset.json`` is replaced atomically last, under
+an inter-process lock, so a crash leaves a valid dataset and concurrent exports do not lose cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from LiverSegExtension import __version__
+from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.geometry import image_from_array
+from LiverSegExtension.io import atomic_write, read_image
+from LiverSegExtension.metrics import dice
+
+LOCK_FILE = ".liverseg.lock"
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the dataset folder shared by all processes (Slicer instances, CLI)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+b") as handle:
+        if os.name == "nt":
+            import msvcrt
+
+            handle.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    continue
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _new_meta() -> dict[str, Any]:
+    return {
+        "name": "liverseg-corrections",
+        "description": "CT with liver masks corrected by annotators (exported by LiverSeg)",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "liver"},
+        "numTraining": 0,
+        "training": [],
+        "cases": {},
+    }
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / "dataset.json"
+    if not path.exists():
+        return _new_meta()
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LiverSegError(f"{path}: invalid JSON ({exc}); fix or move it before exporting") from None
+    meta.setdefault("training", [])
+    meta.setdefault("cases", {})
+    return meta
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4))
+
+
+def _new_case_name(folder: Path, meta: dict[str, Any]) -> str:
+    taken = {Path(e["image"]).name.split(".")[0] for e in meta["training"]} | set(meta["cases"])
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
+    while True:
+        name = f"liverseg_{stamp}_{secrets.token_hex(3)}"
+        if name not in taken and not (folder / "imagesTr" / f"{name}.nii.gz").exists():
+            return name
+
+
+def add_case_images(folder: str | Path, image: sitk.Image, label: sitk.Image, provenance: dict[str, Any] | None = None,
+                    draft: np.ndarray | None = None, _crash_after: str | None = None) -> str:
+    """Add one case; returns its generated name. ``draft`` is the model's mask before correction."""
+    folder = Path(folder)
+    lab = sitk.GetArrayViewFromImage(label)
+    if not _same_grid(image, label):
+        raise LiverSegError("the label is not on the image's grid (size, spacing, origin and direction must match)")
+    values = np.unique(lab)
+    if not set(values.tolist()) <= {0, 1}:
+        raise LiverSegError(f"the label is not binary (values {values[:6].tolist()}...)")
+    if not lab.any():
+        raise LiverSegError("the Liver segment is empty: nothing to export")
+    record: dict[str, Any] = {
+        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "liverseg_version": __version__,
+        "liver_ml": float(lab.sum(dtype=np.int64)) * float(np.prod(image.GetSpacing())) / 1000.0,
+        "size": list(image.GetSize()),
+        "spacing_mm": [round(s, 4) for s in image.GetSpacing()],
+        **{k: v for k, v in (provenance or {}).items() if v not in (None, "")},
+    }
+    if draft is not None:
+        final = lab > 0
+        was = np.asarray(draft) > 0
+        if was.shape != final.shape:
+            raise LiverSegError("the draft mask does not have the label's shape")
+        changed = int(np.logical_xor(was, final).sum())
+        record["draft_changed_voxels"] = changed
+        record["draft_changed_fraction"] = changed / max(1, int(np.logical_or(was, final).sum()))
+        record["draft_final_dice"] = dice(was, final)
+
+    label_u8 = sitk.Cast(label, sitk.sitkUInt8)
+    with _locked(folder):
+        meta = _read_meta(folder)
+        name = _new_case_name(folder, meta)
+        image_rel, label_rel = f"./imagesTr/{name}.nii.gz", f"./labelsTr/{name}.nii.gz"
+        atomic_write(folder / image_rel, lambda tmp: sitk.WriteImage(image, tmp, useCompression=True))
+        if _crash_after == "image":
+            raise RuntimeError("simulated crash")
+        atomic_write(folder / label_rel, lambda tmp: sitk.WriteImage(label_u8, tmp, useCompression=True))
+        (folder / "provenance").mkdir(exist_ok=True)
+        _write_json_atomic(folder / "provenance" / f"{name}.json", record)
+        if _crash_after == "label":
+            raise RuntimeError("simulated crash")
+        meta["training"].append({"image": image_rel, "label": label_rel})
+        meta["cases"][name] = {"image": image_rel, "label": label_rel, **record}
+        meta["numTraining"] = len(meta["training"])
+        _write_json_atomic(folder / "dataset.json", meta)
+    return name
+
+
+def add_case_arrays(folder: str | Path, array: np.ndarray, label: np.ndarray, ijk_to_ras: np.ndarray,
+                    provenance: dict[str, Any] | None = None, draft: np.ndarray | None = None) -> str:
+    """Add a ``[k, j, i]`` CT array and its mask (same shape) with their IJK-to-RAS matrix."""
+    if array.shape != label.shape:
+        raise LiverSegError(f"the label's shape {label.shape} differs from the image's {array.shape}")
+    return add_case_images(folder, image_from_array(array, ijk_to_ras),
+                           image_from_array(label.astype(np.uint8), ijk_to_ras), provenance, draft)
+
+
+def add_case(folder: str | Path, image_path: str | Path, label_path: str | Path,
+             provenance: dict[str, Any] | None = None) -> str:
+    """Add a CT file and its liver mask file (any label > 0 is liver)."""
+    image = read_image(image_path)
+    label = read_image(label_path)
+    if not _same_grid(image, label):
+        raise LiverSegError(f"{label_path}: not on the grid of {image_path}")
+    binary = sitk.Cast(label > 0, sitk.sitkUInt8)
+    binary.CopyInformation(image)
+    return add_case_images(folder, image, binary, {"source": "liverseg dataset add", **(provenance or {})})
+
+
+def check_dataset(folder: str | Path) -> list[str]:
+    """Problems found: unreadable pairs, grids that differ, labels that are not binary or are empty."""
+    folder = Path(folder)
+    if not (folder / "dataset.json").is_file():
+        return [f"{folder}: no dataset.json"]
+    try:
+        meta = json.loads((folder / "dataset.json").read_text())
+    except json.JSONDecodeError as exc:
+        return [f"{folder / 'dataset.json'}: invalid JSON ({exc})"]
+    problems = []
+    entries = meta.get("training", [])
+    if meta.get("numTraining", len(entries)) != len(entries):
+        problems.append(f"dataset.json: numTraining is {meta.get('numTraining')} but {len(entries)} cases are listed")
+    for entry in entries:
+        try:
+            image = read_image(folder / entry["image"])
+            label = read_image(folder / entry["label"])
+        except (LiverSegError, KeyError) as exc:
+            problems.append(f"{entry}: {exc}")
+            continue
+        if not _same_grid(image, label):
+            problems.append(f"{entry['label']}: not on the grid of {entry['image']}")
+            continue
+        values = np.unique(sitk.GetArrayViewFromImage(label))
+        if not set(values.tolist()) <= {0, 1}:
+            problems.append(f"{entry['label']}: not binary (values {values[:6].tolist()})")
+        elif values.max() == 0:
+            problems.append(f"{entry['label']}: empty label")
+    return problems

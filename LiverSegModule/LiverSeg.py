@@ -1,0 +1,284 @@
+"""LiverSeg: one-click liver segmentation of abdominal CT (the Slicer door onto LiverSegExtension)."""
+
+from __future__ import annotations
+
+import logging
+
+import slicer
+import vtk
+from LiverSegLib import resource_path
+from LiverSegLib.logic import LiverSegLogic, LiverSegRun  # noqa: F401 - the module's public logic
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+SETTINGS_EXPORT_FOLDER = "LiverSeg/ExportFolder"
+
+
+class LiverSeg(ScriptedLoadableModule):
+    def __init__(self, parent) -> None:
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "LiverSeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["LiverSeg developers"]
+        self.parent.helpText = (
+            "Segment the liver in an abdominal CT with one click, on CPU or GPU, fully offline. "
+            "Correct the result in Segment Editor, then export it as training data to fine-tune the model."
+        )
+        self.parent.acknowledgementText = (
+            "The bundled model was trained on 3D-IRCADb-01 (IRCAD) data; see its model card for sources and "
+            "licences (non-commercial research use)."
+        )
+
+
+@parameterNodeWrapper
+class LiverSegParameterNode:
+    """Panel state, saved with the scene."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    device: str = "auto"
+    modelPath: str = ""
+    annotator: str = ""
+
+
+class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: pick inputs, run on a worker thread with progress and Cancel, export corrections."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._guiObserver = None
+        self._job = None
+        self._timer = None
+
+    def setup(self) -> None:
+        import qt
+
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(str(resource_path("UI", "LiverSeg.ui")))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = LiverSegLogic()
+
+        self.ui.deviceComboBox.clear()
+        present = set(self.logic.availableDevices())
+        for label, value in (("Auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"), ("MPS", "mps")):
+            self.ui.deviceComboBox.addItem(label, value)
+            enabled = value in ("auto", "cpu") or any(d.startswith(value) for d in present)
+            self.ui.deviceComboBox.model().item(self.ui.deviceComboBox.count - 1).setEnabled(enabled)
+        self._fillModels()
+        self.ui.exportFolderPathLineEdit.currentPath = qt.QSettings().value(SETTINGS_EXPORT_FOLDER, "")
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.exportFolderPathLineEdit.connect("currentPathChanged(QString)", self.onExportFolderChanged)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.connect("timeout()", self.onPoll)
+        self.initializeParameterNode()
+
+    # -- parameter node --------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self._job is not None:
+            self._job.cancel()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._guiObserver)
+            self._guiObserver = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._guiObserver)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._guiObserver = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._selectCombo(self.ui.modelComboBox, self._parameterNode.modelPath)
+            self._selectCombo(self.ui.deviceComboBox, self._parameterNode.device)
+            self._updateButtons()
+
+    # -- GUI state -----------------------------------------------------------------------------------
+    def _fillModels(self) -> None:
+        self.ui.modelComboBox.clear()
+        for path in self.logic.availableModels():
+            card = self.logic.modelCard(path)
+            self.ui.modelComboBox.addItem(f"{card.get('name', path.name)} v{card.get('version', '?')}", str(path))
+
+    @staticmethod
+    def _selectCombo(combo, value: str) -> None:
+        index = combo.findData(value) if value else 0
+        combo.setCurrentIndex(max(index, 0))
+
+    def onModelChanged(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.modelPath = self.ui.modelComboBox.itemData(index) or ""
+        card = self.logic.modelCard(self.ui.modelComboBox.itemData(index))
+        dice = card.get("validation", {}).get("mean", {}).get("dice")
+        parent = card.get("parent_model")
+        self.ui.modelCardLabel.text = (
+            f"{card.get('name', '?')} v{card.get('version', '?')}"
+            + (f", validation Dice {dice:.3f}" if isinstance(dice, float) else "")
+            + (f", fine-tuned from {parent}" if parent else "")
+        ) if card else "No trained model installed"
+
+    def onDeviceChanged(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index) or "auto"
+
+    def onExportFolderChanged(self, path: str) -> None:
+        import qt
+
+        qt.QSettings().setValue(SETTINGS_EXPORT_FOLDER, path)
+        self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        running = self._job is not None
+        ready = bool(p and p.inputVolume) and self.ui.modelComboBox.count > 0
+        self.ui.applyButton.enabled = ready and not running
+        self.ui.applyButton.toolTip = "Segment the liver" if ready else "Select a CT volume (and install a model)"
+        self.ui.cancelButton.enabled = running
+        self.ui.exportButton.enabled = bool(p and p.inputVolume and p.outputSegmentation and self.ui.exportFolderPathLineEdit.currentPath)
+
+    # -- running -------------------------------------------------------------------------------------
+    def onApplyButton(self) -> None:
+        from LiverSegLib.dependencies import ensure_dependencies
+
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("LiverSeg could not start.", waitCursor=True):
+            ensure_dependencies(ask=True)
+            self._job = self.logic.start(p.inputVolume, p.modelPath or None, p.device)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = "Starting..."
+            self._timer.start()
+        self._updateButtons()
+
+    def onCancelButton(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.statusLabel.text = "Cancelling..."
+
+    def onPoll(self) -> None:
+        from LiverSegExtension.errors import CancelledError, LiverSegError
+
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        self.ui.progressBar.value = int(job.fraction * 100)
+        self.ui.statusLabel.text = job.stage.capitalize()
+        if not job.done:
+            return
+        self._timer.stop()
+        self._job = None
+        p = self._parameterNode
+        try:
+            run = self.logic.finish(job, p.inputVolume, p.outputSegmentation)
+            p.outputSegmentation = run.segmentation_node
+            run.segmentation_node.SetDisplayVisibility(True)
+            self.ui.statusLabel.text = f"Liver: {run.liver_ml:.0f} mL ({run.seconds:.1f} s, {run.model_name})"
+        except CancelledError:
+            self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+        except LiverSegError as exc:
+            self.ui.statusLabel.text = "Failed."
+            slicer.util.errorDisplay(str(exc))
+        except Exception as exc:
+            self.ui.statusLabel.text = "Failed."
+            logging.exception("LiverSeg failed")
+            slicer.util.errorDisplay(f"LiverSeg failed: {exc}", detailedText=job.details)
+        self._updateButtons()
+
+    def onExportButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            name = self.logic.exportForTraining(p.inputVolume, p.outputSegmentation,
+                                                self.ui.exportFolderPathLineEdit.currentPath, annotator=p.annotator)
+            self.ui.statusLabel.text = f"Exported as {name}."
+
+
+class LiverSegTest(ScriptedLoadableModuleTest):
+    """Self-test: segment a CT through the logic and check segment, terminology, color and geometry."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_LiverSeg_segments_a_ct()
+
+    def _load_ct(self):
+        """A real CT: the TotalSegmentator example when the shared data is there, else a synthetic one."""
+        import os
+        from pathlib import Path
+
+        data = Path(os.environ.get("LIVERSEG_SHARED_DATA", resource_path().parent.parent / "shared" / "data"))
+        path = data / "liver-train" / "imagesTr" / "ts_a.nii.gz"
+        if path.is_file():
+            return slicer.util.loadVolume(str(path))
+        import numpy as np
+
+        k, j, i = np.mgrid[0:60, 0:110, 0:120].astype(np.float32)
+        ct = np.where(((i - 60) / 55) ** 2 + ((j - 55) / 45) ** 2 <= 1, 30, -1000).astype(np.int16)
+        ct[(((i - 38) / 18) ** 2 + ((j - 50) / 15) ** 2 + ((k - 30) / 12) ** 2) <= 1] = 160
+        node = slicer.util.addVolumeFromArray(ct, ijkToRAS=np.diag([-3.0, -3.0, 5.0, 1.0]), name="synthetic CT")
+        return node
+
+    def test_LiverSeg_segments_a_ct(self) -> None:
+        import numpy as np
+        from LiverSegLib.mrml import segment_mask, segment_terminology
+
+        from LiverSegExtension.io import LIVER_SEGMENT
+
+        self.delayDisplay("Loading a CT")
+        volume = self._load_ct()
+        logic = LiverSegLogic()
+        stages = []
+        run = logic.process(volume, None, device="cpu", progress=lambda f, s: stages.append(s))
+        seg = run.segmentation_node
+        segment = seg.GetSegmentation().GetSegment(run.segment_id)
+        self.assertEqual(segment.GetName(), "Liver")
+        term = segment_terminology(segment)
+        self.assertIn("SCT^123037004^Anatomical Structure", term)
+        self.assertIn("SCT^10200004^Liver", term)
+        self.assertEqual([round(c * 255) for c in segment.GetColor()], list(LIVER_SEGMENT["color"]))
+        self.assertEqual(seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()).GetID(), volume.GetID())
+        mask = segment_mask(seg, run.segment_id, volume)
+        self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volume).shape)
+        self.assertAlmostEqual(run.liver_ml, float(mask.sum()) * np.prod(volume.GetSpacing()) / 1000, delta=1.0)
+        self.delayDisplay(f"Liver: {run.liver_ml:.0f} mL")

@@ -1,0 +1,28 @@
+"""Helpers of the LiverSeg Slicer module. The engine (``LiverSegExtension``) is installed beside this
+package in a built extension; from a source checkout it is found one folder up."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_MODULE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _make_engine_importable() -> None:
+    try:
+        import LiverSegExtension  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(_MODULE_DIR.parent))
+
+
+_make_engine_importable()
+
+
+def resource_path(*parts: str) -> Path:
+    """A file under Resources/: installed beside the module, or at the top of a source checkout."""
+    for root in (_MODULE_DIR / "Resources", _MODULE_DIR.parent / "Resources"):
+        candidate = root.joinpath(*parts)
+        if candidate.exists():
+            return candidate
+    return _MODULE_DIR.parent.joinpath("Resources", *parts)

@@ -1,0 +1,131 @@
+"""LiverSegBatch.py run as a subprocess with plain Python and slicer-core (no stand-ins): real readers,
+real writers, summary, exit code, --skip-existing and --shard."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import ROOT, SHARED
+from synthetic import make_affine, phantom, rotation, write_dicom_series
+
+from LiverSegExtension.geometry import ijk_to_ras_of, image_from_array
+
+pytest.importorskip("slicer")
+BATCH = ROOT / "LiverSegModule" / "LiverSegBatch.py"
+
+
+def run_batch(*args):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # plain Python: no test stand-ins
+    return subprocess.run([sys.executable, str(BATCH), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=900)
+
+
+def rows_of(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Synthetic NIfTI and DICOM (oblique, left-handed), real ones from ../shared/data when present, a bad file."""
+    folder = tmp_path_factory.mktemp("batch_inputs")
+    shape, spacing = (36, 64, 72), (4.0, 4.5, 6.0)
+    m = make_affine(spacing, shape, rotation(0.2, -0.15, 0.1), left_handed=True)
+    ct, _ = phantom(shape, m)
+    sitk.WriteImage(image_from_array(ct, m), str(folder / "synthetic.nii.gz"))
+    write_dicom_series(folder / "synthetic_dicom", ct, m)
+    (folder / "broken.nii.gz").write_bytes(b"not a nifti at all")
+    paths = [folder / "synthetic.nii.gz", folder / "synthetic_dicom", folder / "broken.nii.gz"]
+    real_nifti = SHARED / "liver-train" / "imagesTr" / "ts_a.nii.gz"
+    real_dicom = SHARED / "dicom" / "chaos_ct3"
+    if real_nifti.is_file() and real_dicom.is_dir():
+        paths += [real_nifti, real_dicom]
+    return paths
+
+
+def reference_image(path):
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+        return reader.Execute()
+    return sitk.ReadImage(str(path))
+
+
+def test_batch_outputs_summary_resume_and_shards(inputs, tiny_model_dir, tmp_path):
+    import slicerio
+    from conftest import bundled_model
+
+    # The trained model when it is there (non-empty masks make the RAS comparison bite), else the tiny one.
+    trained = bundled_model() is not None
+    model = [] if trained else ["--model", tiny_model_dir]
+    out = tmp_path / "out"
+    r = run_batch("--", "--input", *inputs, "--output-dir", out, "--labelmap", *model, "--device", "cpu")
+    assert r.returncode == 1, r.stdout + r.stderr  # because of broken.nii.gz
+    rows = {row["input"]: row for row in rows_of(out / "summary.csv")}
+    assert len(rows) == len(inputs)
+    assert list(rows_of(out / "summary.csv")[0]) == ["input", "output", "status", "liver_ml", "seconds", "error"]
+    bad = rows[str(inputs[2])]
+    assert bad["status"] == "failed" and bad["error"].startswith(str(inputs[2])) and "Traceback" not in r.stdout + r.stderr
+    assert f"[3/{len(inputs)}] failed" in r.stdout
+    for src in inputs[:2] + inputs[3:]:
+        row = rows[str(src)]
+        assert row["status"] == "ok", row
+        ref = reference_image(src)
+        seg = slicerio.read_segmentation(row["output"])
+        [segment] = seg["segments"]
+        assert segment["name"] == "Liver"
+        assert segment["terminology"]["category"] == ["SCT", "123037004", "Anatomical Structure"]
+        assert segment["terminology"]["type"] == ["SCT", "10200004", "Liver"]
+        labelmap = sitk.ReadImage(row["output"].replace(".seg.nrrd", "_liver.nii.gz"))
+        # Slicer stores a left-handed volume with K reversed: the same voxel centres, so compare in space.
+        assert labelmap.GetSize() == ref.GetSize()
+        assert corner_points(ijk_to_ras_of(labelmap), labelmap.GetSize()) == corner_points(ijk_to_ras_of(ref), ref.GetSize())
+        seg_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(seg["ijkToLPS"], dtype=float)
+        seg_size = seg["voxels"].shape[:3]
+        assert corner_points(seg_ras, seg_size) == corner_points(ijk_to_ras_of(ref), ref.GetSize())
+        # The labelmap and the segmentation hold the same voxels, in RAS.
+        lab = sitk.GetArrayFromImage(labelmap)
+        assert lab.any() or not trained, f"{src}: empty liver with the trained model"
+        assert centroid(lab, ijk_to_ras_of(labelmap)) == pytest.approx(centroid(seg["voxels"].transpose(2, 1, 0), seg_ras), abs=0.01)
+
+    # Resume: nothing is redone, the failed case is tried again (and fails again).
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".nrrd", ".gz")}
+    r2 = run_batch("--input", *inputs, "--output-dir", out, "--labelmap", "--skip-existing", *model)
+    assert r2.returncode == 1
+    statuses = [row["status"] for row in rows_of(out / "summary.csv")]
+    assert statuses.count("skipped") == len(inputs) - 1 and statuses.count("failed") == 1
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".nrrd", ".gz")}
+    assert after == before
+
+    # Two shards cover every case exactly once.
+    shard_out = tmp_path / "shards"
+    done = []
+    for shard in ("1/2", "2/2"):
+        rs = run_batch("--input", *inputs, "--output-dir", shard_out, "--shard", shard, "--model", tiny_model_dir)
+        assert rs.returncode in (0, 1)
+        done += [row["input"] for row in rows_of(shard_out / f"summary_shard{shard[0]}of2.csv")]
+    assert sorted(done) == sorted(map(str, inputs))
+
+
+def corner_points(ijk_to_ras, size):
+    """The RAS positions of a grid's 8 corner voxels, as a set (independent of axis direction)."""
+    corners = [(i, j, k, 1) for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)]
+    return {tuple(np.round((ijk_to_ras @ c)[:3], 2)) for c in corners}
+
+
+def centroid(mask_kji, ijk_to_ras):
+    kji = np.argwhere(mask_kji > 0).mean(axis=0) if mask_kji.any() else np.zeros(3)
+    return (ijk_to_ras @ [*kji[::-1], 1.0])[:3]
+
+
+def test_batch_usage_errors(tmp_path):
+    assert run_batch("--output-dir", tmp_path).returncode == 2
+    assert run_batch("--input", "x", "--output-dir", tmp_path, "--shard", "3/2").returncode != 0
+    r = run_batch("--input", "x", "--output-dir", tmp_path, "--model", tmp_path / "nope")
+    assert r.returncode == 2 and "model folder not found" in r.stderr

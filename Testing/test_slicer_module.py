@@ -1,0 +1,212 @@
+"""The Slicer module's logic on slicer-core's real MRML: volumes read by Slicer's own readers,
+the Liver segment checked for terminology, color, reference geometry and voxel placement in RAS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import requires_bundled_model, requires_shared
+from synthetic import make_affine, phantom, ras_grid, rotation
+
+from LiverSegExtension.errors import CancelledError, LiverSegError
+from LiverSegExtension.geometry import image_from_array
+from LiverSegExtension.metrics import dice
+
+slicer = pytest.importorskip("slicer")
+
+
+def load_volume(path):
+    import slicer
+
+    return slicer.util.loadVolume(str(path))
+
+
+@pytest.fixture()
+def logic(scene, threshold_segmenter):
+    """The module's real logic with the networks swapped for the threshold (exact expected mask)."""
+    from LiverSeg import LiverSegLogic
+
+    logic = LiverSegLogic()
+    logic._segmenters[("", "cpu")] = threshold_segmenter
+    return logic
+
+
+def oblique_left_handed_ct(tmp_path):
+    spacing, shape = (1.8, 2.4, 4.0), (60, 110, 120)
+    m = make_affine(spacing, shape, rotation(0.25, -0.2, 0.35), left_handed=True)
+    ct, truth = phantom(shape, m)
+    path = tmp_path / "oblique_lh.nrrd"
+    sitk.WriteImage(image_from_array(ct, m), str(path))
+    return path, m, truth
+
+
+def test_segment_lands_on_the_volume_in_ras(tmp_path, scene, logic):
+    from LiverSegLib.mrml import segment_mask
+
+    path, m, truth = oblique_left_handed_ct(tmp_path)
+    volume = load_volume(path)
+    # Slicer flips the K axis of a left-handed volume on load: compare in RAS, not index order.
+    vm = slicer.util.arrayFromVTKMatrix(_ijk(volume))
+    run = logic.process(volume, None, device="cpu")
+    mask = segment_mask(run.segmentation_node, run.segment_id, volume)
+    assert mask.shape == slicer.util.arrayFromVolume(volume).shape
+    truth_ras = ras_grid(truth.shape, m)[truth > 0].mean(axis=0)
+    mask_ras = ras_grid(mask.shape, vm)[mask > 0].mean(axis=0)
+    assert np.linalg.norm(mask_ras - truth_ras) < 1.0
+    assert abs(int(mask.sum()) - int(truth.sum())) / int(truth.sum()) < 0.05
+    # Same voxels as the engine gives for the same file read by SimpleITK, mapped through RAS.
+    engine = logic._segmenters[("", "cpu")].segment_image(sitk.ReadImage(str(path))).mask
+    if not np.allclose(vm, m):
+        engine = engine[::-1]  # the K flip
+    assert dice(mask, engine) > 0.99
+
+
+def _ijk(volume):
+    import vtk
+
+    mat = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(mat)
+    return mat
+
+
+def test_segment_terminology_color_geometry_and_hierarchy(tmp_path, scene, logic):
+    from LiverSegLib.mrml import segment_terminology
+
+    from LiverSegExtension.io import LIVER_SEGMENT
+
+    path, _, _ = oblique_left_handed_ct(tmp_path)
+    volume = load_volume(path)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient"), "Study")
+    # As after a DICOM load: the CT under its study (slicer-core has no SH plugins to add the item itself).
+    item = sh.GetItemByDataNode(volume)
+    sh.SetItemParent(item, study) if item else sh.CreateItem(study, volume)
+    assert sh.GetItemParent(sh.GetItemByDataNode(volume)) == study
+    run = logic.process(volume, None, device="cpu")
+    seg = run.segmentation_node
+    segment = seg.GetSegmentation().GetSegment(run.segment_id)
+    assert segment.GetName() == "Liver"
+    term = segment_terminology(segment)
+    assert "SCT^123037004^Anatomical Structure" in term and "SCT^10200004^Liver" in term
+    assert [round(c * 255) for c in segment.GetColor()] == list(LIVER_SEGMENT["color"])
+    assert seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()).GetID() == volume.GetID()
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
+    assert seg.GetDisplayNode() is not None
+    assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert run.liver_ml > 0
+
+
+def test_saved_seg_nrrd_reads_back_with_terminology(tmp_path, scene, logic):
+    import slicerio
+
+    path, _, _ = oblique_left_handed_ct(tmp_path)
+    volume = load_volume(path)
+    run = logic.process(volume, None, device="cpu")
+    out = tmp_path / "liver.seg.nrrd"
+    storage = run.segmentation_node.CreateDefaultStorageNode()
+    storage.SetFileName(str(out))
+    assert storage.WriteData(run.segmentation_node)
+    seg = slicerio.read_segmentation(str(out))
+    assert seg["segments"][0]["name"] == "Liver"
+    assert seg["segments"][0]["terminology"]["type"] == ["SCT", "10200004", "Liver"]
+
+
+def test_rerun_updates_in_place_and_keeps_other_segments(tmp_path, scene, logic):
+    from LiverSegLib.mrml import segment_mask
+
+    path, _, _ = oblique_left_handed_ct(tmp_path)
+    volume = load_volume(path)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    tumor = seg.GetSegmentation().AddEmptySegment("Tumor", "Tumor")
+    from LiverSegLib.mrml import oriented_image_from_mask
+
+    tmask = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
+    tmask[20:25, 40:50, 40:50] = 1
+    mat = slicer.util.arrayFromVTKMatrix(_ijk(volume))
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        oriented_image_from_mask(tmask, mat), seg, tumor, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    first = logic.process(volume, seg, device="cpu")
+    second = logic.process(volume, seg, device="cpu")
+    names = [seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments())]
+    assert sorted(names) == ["Liver", "Tumor"]
+    assert first.segment_id == second.segment_id
+    assert first.segmentation_node is seg and second.segmentation_node is seg
+    np.testing.assert_array_equal(segment_mask(seg, tumor, volume), tmask)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+
+def node_count(scene) -> int:
+    return scene.GetNumberOfNodes()
+
+
+def test_cancel_and_errors_leave_the_scene_unchanged(tmp_path, scene, logic):
+    path, m, _ = oblique_left_handed_ct(tmp_path)
+    volume = load_volume(path)
+    before = node_count(scene)
+    with pytest.raises(CancelledError):
+        logic.process(volume, None, device="cpu", cancel=lambda: True)
+    assert node_count(scene) == before
+    # Not a CT: an MR-like volume gives a short error and no new node.
+    ct, _ = phantom((40, 80, 80), m)
+    mr_path = tmp_path / "mr.nrrd"
+    sitk.WriteImage(image_from_array((ct.astype(np.int32) + 1100).clip(0).astype(np.int16), m), str(mr_path))
+    mr = load_volume(mr_path)
+    before = node_count(scene)
+    with pytest.raises(LiverSegError, match="cannot be CT"):
+        logic.process(mr, None, device="cpu")
+    with pytest.raises(LiverSegError, match="no input volume"):
+        logic.process(None, None, device="cpu")
+    assert node_count(scene) == before
+
+
+def test_background_job_reports_progress_and_can_be_cancelled(tmp_path, scene, logic):
+    path, _, _ = oblique_left_handed_ct(tmp_path)
+    volume = load_volume(path)
+    job = logic.start(volume, None, "cpu")
+    assert job.wait(120)
+    assert job.error is None and job.fraction == 1.0 and job.stage == "done"
+    run = logic.finish(job, volume, None)
+    assert run.liver_ml > 0
+    job = logic.start(volume, None, "cpu")
+    job.cancel()
+    job.wait(120)
+    with pytest.raises(CancelledError):
+        logic.finish(job, volume, None)
+
+
+def test_parameter_node_is_saved_with_the_scene(tmp_path, scene):
+    from LiverSeg import LiverSegLogic
+
+    path, _, _ = oblique_left_handed_ct(tmp_path)
+    volume = load_volume(path)
+    p = LiverSegLogic().getParameterNode()
+    p.inputVolume = volume
+    p.device = "cpu"
+    again = LiverSegLogic().getParameterNode()
+    assert again.inputVolume.GetID() == volume.GetID() and again.device == "cpu"
+    assert again.parameterNode.GetSingletonTag() == "LiverSeg"
+
+
+@requires_bundled_model
+def test_self_test_runs(scene):
+    """LiverSegTest, as Slicer's self-test runs it, with the bundled model (real CT when available)."""
+    from LiverSeg import LiverSegTest
+
+    LiverSegTest().runTest()
+
+
+@requires_shared
+@requires_bundled_model
+def test_real_dicom_and_nifti_through_slicer_readers(scene):
+    from conftest import SHARED
+    from LiverSeg import LiverSegLogic
+
+    volume = load_volume(SHARED / "liver-train" / "imagesTr" / "ts_a.nii.gz")
+    run = LiverSegLogic().process(volume, None, device="cpu")
+    from LiverSegLib.mrml import segment_mask
+
+    ref_node = slicer.util.loadVolume(str(SHARED / "liver-train" / "labelsTr" / "ts_a.nii.gz"), {"labelmap": True})
+    ref = slicer.util.arrayFromVolume(ref_node) > 0
+    assert dice(segment_mask(run.segmentation_node, run.segment_id, volume), ref) > 0.85
