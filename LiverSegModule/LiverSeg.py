@@ -174,7 +174,8 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = ready and not running
         self.ui.applyButton.toolTip = "Segment the liver" if ready else "Select a CT volume (and install a model)"
         self.ui.cancelButton.enabled = running
-        self.ui.exportButton.enabled = bool(p and p.inputVolume and p.outputSegmentation and self.ui.exportFolderPathLineEdit.currentPath)
+        folder = self.ui.exportFolderPathLineEdit.currentPath
+        self.ui.exportButton.enabled = bool(p and p.inputVolume and p.outputSegmentation and folder)
 
     # -- running -------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:

@@ -92,7 +92,8 @@ def test_batch_outputs_summary_resume_and_shards(inputs, tiny_model_dir, tmp_pat
         # The labelmap and the segmentation hold the same voxels, in RAS.
         lab = sitk.GetArrayFromImage(labelmap)
         assert lab.any() or not trained, f"{src}: empty liver with the trained model"
-        assert centroid(lab, ijk_to_ras_of(labelmap)) == pytest.approx(centroid(seg["voxels"].transpose(2, 1, 0), seg_ras), abs=0.01)
+        seg_kji = seg["voxels"].transpose(2, 1, 0)  # slicerio gives [i, j, k]
+        assert centroid(lab, ijk_to_ras_of(labelmap)) == pytest.approx(centroid(seg_kji, seg_ras), abs=0.01)
 
     # Resume: nothing is redone, the failed case is tried again (and fails again).
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".nrrd", ".gz")}
