@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, help="wall-clock budget for the whole run")
     t.add_argument("--val-every", type=int, default=250)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--name", default="liverseg")
+    t.add_argument("--name", help="model name (default: the parent's when fine-tuning, else liverseg)")
     t.add_argument("--model-version", help="semantic version for the new model (default: parent's minor + 1)")
     _common(t, model=False)
 

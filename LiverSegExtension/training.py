@@ -48,7 +48,7 @@ class TrainConfig:
     val_every: int = 100
     batch_size: int = 2
     lr: float = 2e-3
-    name: str = "liverseg"
+    name: str | None = None  # default: the parent's name when fine-tuning, else "liverseg"
     version: str | None = None
 
 
@@ -248,7 +248,7 @@ def _save_model(model: LiverModel, cfg: TrainConfig, parent: LiverModel | None, 
     parent_cases = set(parent.card.get("training", {}).get("cases", [])) if parent else set()
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "hd95_mm", "msd_mm")} if rows else {}
     extra = {
-        "name": cfg.name,
+        "name": cfg.name or (parent.card.get("name") if parent else None) or "liverseg",
         "version": version,
         "parent_model": f"{parent.card.get('name')} v{parent.card.get('version')}" if parent else None,
         "added_cases": [c.name for c in train_cases if c.name not in parent_cases] if parent else [],
