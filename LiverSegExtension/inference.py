@@ -21,6 +21,7 @@ import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 from monai.transforms import FillHoles, KeepLargestConnectedComponent, ScaleIntensityRange
+from scipy import ndimage
 
 from LiverSegExtension.devices import resolve_device
 from LiverSegExtension.errors import CancelledError, LiverSegError
@@ -166,21 +167,33 @@ class LiverSegmenter:
         volume = sitk.GetArrayFromImage(resample_to_grid(crop, grid, pixel_type=sitk.sitkFloat32))
         return grid, self.predict("fine", volume)
 
+    @staticmethod
+    def clean(prob: np.ndarray) -> np.ndarray:
+        """Largest component and filled holes, decided on the fine grid and folded into the probabilities
+        (holes raised to 1, everything away from the kept component lowered to 0), so that the cheap
+        interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of its own."""
+        above = prob >= 0.5
+        kept = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)(torch.from_numpy(above.copy())[None])
+        filled = np.array(FillHoles(applied_labels=[1])(kept)[0], dtype=bool)  # (MONAI may work in place)
+        out = prob.copy()
+        out[filled & ~above] = 1.0
+        out[~ndimage.binary_dilation(filled, iterations=1)] = 0.0
+        return out
+
     def _paste(self, image: sitk.Image, grid: Grid, prob: np.ndarray, mask: np.ndarray) -> None:
-        """Resample fine probabilities onto the input sub-block they cover; threshold and clean there."""
-        prob_image = sitk.GetImageFromArray(prob.astype(np.float32))
+        """Resample cleaned fine probabilities onto the input sub-block they cover and threshold there."""
+        prob_image = sitk.GetImageFromArray(self.clean(prob).astype(np.float32))
         prob_image.SetOrigin(grid.origin)
         prob_image.SetSpacing(grid.spacing)
         upper = grid.index_to_physical(np.array(grid.size) - 1)
         lo, hi = index_box(image, np.asarray(grid.origin), upper, margin_vox=1)
         if np.any(hi <= lo):
             return
-        ref = sitk.Image([int(v) for v in hi - lo], sitk.sitkFloat32)
+        ref = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
         ref.SetSpacing(image.GetSpacing())
         ref.SetDirection(image.GetDirection())
         ref.SetOrigin(image.TransformIndexToPhysicalPoint([int(v) for v in lo]))
         sub = sitk.Resample(prob_image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        block = torch.from_numpy(sitk.GetArrayViewFromImage(sub) >= 0.5)[None]
-        block = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)(block)
-        block = FillHoles(applied_labels=[1])(block)
-        mask[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = np.asarray(block[0], dtype=np.uint8)
+        # A copy, not a view: the thresholded image is a temporary that may be freed at once.
+        block = sitk.GetArrayFromImage(sitk.BinaryThreshold(sub, 0.5, 2.0, 1, 0))
+        mask[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = block
