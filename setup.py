@@ -6,8 +6,9 @@ from pathlib import Path
 from setuptools import setup
 
 MODELS = Path("Resources") / "Models"
+FILES = ("card.json", "model.safetensors")
 data_files = [
-    (f"share/liverseg/Models/{folder.name}", [str(folder / f) for f in ("card.json", "model.safetensors") if (folder / f).is_file()])
+    (f"share/liverseg/Models/{folder.name}", [str(folder / f) for f in FILES if (folder / f).is_file()])
     for folder in sorted(MODELS.glob("*"))
     if folder.is_dir()
 ]

@@ -85,3 +85,15 @@ def test_segment_array_progress_and_cancel(tiny_model_dir):
     calls = []
     with pytest.raises(CancelledError):
         seg.segment_array(ct, m, cancel=lambda: calls.append(1) or len(calls) > 1)
+
+
+def test_user_models_folder_is_listed(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from LiverSegExtension.model import list_models
+
+    shutil.copytree(tiny_model_dir, tmp_path / "tiny-test-v0.0.1")
+    (tmp_path / "not-a-model").mkdir()
+    monkeypatch.setenv("LIVERSEG_MODELS_DIR", str(tmp_path))
+    listed = list_models()
+    assert tmp_path / "tiny-test-v0.0.1" in listed and tmp_path / "not-a-model" not in listed

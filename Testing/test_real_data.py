@@ -1,0 +1,89 @@
+"""Real data from ../shared/data (skipped, with the reason, when it is absent)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import ROOT, SHARED, bundled_model, requires_bundled_model, requires_shared
+
+from LiverSegExtension.geometry import ijk_to_ras_of
+from LiverSegExtension.io import expand_inputs, read_case, read_image
+from LiverSegExtension.metrics import dice
+
+pytestmark = requires_shared
+
+
+def test_dicom_series_geometry_matches_the_dicom_tags():
+    """chaos_ct3 read by the engine: size, spacing, and every slice where its ImagePositionPatient says."""
+    import pydicom
+
+    [case] = expand_inputs([SHARED / "dicom" / "chaos_ct3"])
+    image = read_case(case)
+    assert image.GetSize() == (512, 512, 78)
+    datasets = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in case.files),
+                      key=lambda d: float(d.ImagePositionPatient[2]))
+    m = ijk_to_ras_of(image)
+    for k, ds in enumerate(datasets):
+        ras = m @ [0, 0, k, 1]
+        lps = np.array([-ras[0], -ras[1], ras[2]])
+        np.testing.assert_allclose(lps, [float(v) for v in ds.ImagePositionPatient], atol=1e-3)
+    first = pydicom.dcmread(case.files[0])
+    hu = first.pixel_array * float(first.RescaleSlope) + float(first.RescaleIntercept)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image)[list(case.files).index(case.files[0])], hu)
+
+
+def test_folder_of_series_skips_the_dicom_seg_object():
+    cases = expand_inputs([SHARED / "dicom"])
+    assert sorted(c.source.name for c in cases) == ["chaos_ct3", "dcmqi_ct3slice"]
+
+
+def test_cli_on_real_dicom_and_nifti(tmp_path, tiny_model_dir):
+    model = [] if bundled_model() else ["--model", str(tiny_model_dir)]
+    out = tmp_path / "out"
+    inputs = [SHARED / "dicom" / "chaos_ct3", SHARED / "liver-train" / "imagesTr" / "ts_a.nii.gz",
+              SHARED / "unlabelled" / "cort_liver_trunk_3mm.nii.gz"]
+    r = subprocess.run([sys.executable, "-m", "LiverSegExtension.cli", "segment", *map(str, inputs), "-o", str(out), "-q",
+                        *model], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [row["status"] for row in rows] == ["ok"] * 3 or not bundled_model()
+    for row, src in zip(rows, inputs):
+        mask = sitk.ReadImage(row["output"])
+        ref = read_case(expand_inputs([src])[0])
+        assert mask.GetSize() == ref.GetSize()
+        np.testing.assert_allclose(ijk_to_ras_of(mask), ijk_to_ras_of(ref), atol=1e-3)
+
+
+@requires_bundled_model
+@pytest.mark.parametrize("case,min_dice", [("ts_a", 0.90), ("ircad_e05", 0.90)])
+def test_shipped_model_on_held_out_cases(case, min_dice):
+    """Cases the shipped model was validated on, never trained on (see its card)."""
+    from LiverSegExtension.inference import LiverSegmenter
+
+    card = json.loads((bundled_model() / "card.json").read_text())
+    assert case not in card["training"]["cases"]
+    image = read_image(SHARED / "liver-train" / "imagesTr" / f"{case}.nii.gz")
+    ref = sitk.GetArrayFromImage(read_image(SHARED / "liver-train" / "labelsTr" / f"{case}.nii.gz")) > 0
+    result = LiverSegmenter(device="cpu").segment_image(image)
+    assert dice(result.mask, ref) >= min_dice
+
+
+@requires_bundled_model
+def test_shipped_model_finds_no_liver_in_the_chest():
+    """CORT trunk scan (unlabelled, another scanner): the liver is below the lungs' apex and on the right."""
+    from LiverSegExtension.inference import LiverSegmenter
+
+    image = read_image(SHARED / "unlabelled" / "cort_liver_trunk_3mm.nii.gz")
+    result = LiverSegmenter(device="cpu").segment_image(image)
+    assert 800 < result.liver_ml < 3500
+    m = ijk_to_ras_of(image)
+    kji = np.argwhere(result.mask)
+    ras = (m @ np.c_[kji[:, ::-1], np.ones(len(kji))].T).T[:, :3]
+    body_centre_x = (m @ [image.GetSize()[0] / 2, 0, 0, 1])[0]
+    assert np.mean(ras[:, 0] > body_centre_x) > 0.85  # on the patient's right
