@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
-from monai.transforms import FillHoles, KeepLargestConnectedComponent, ScaleIntensityRange
+from monai.transforms import FillHoles, ScaleIntensityRange
 from scipy import ndimage
 
 from LiverSegExtension.devices import resolve_device
@@ -32,6 +32,20 @@ ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
 
 MAX_ROI = 160  # largest window edge, in voxels, the networks see at once
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a binary mask.
+
+    scipy rather than MONAI's KeepLargestConnectedComponent, which needs scikit-image on the CPU: one
+    package fewer to install into Slicer.
+    """
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
 
 
 @dataclass
@@ -151,7 +165,7 @@ class LiverSegmenter:
         grid = Grid.covering(corners.min(axis=0), corners.max(axis=0), self.model.stage("coarse")["spacing_mm"])
         volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, pixel_type=sitk.sitkFloat32))
         prob = self.predict("coarse", volume)
-        liver = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)(torch.from_numpy(prob > 0.5)[None])[0].numpy()
+        liver = largest_component(prob > 0.5)
         if not liver.any():
             return None
         zyx = np.argwhere(liver)
@@ -173,8 +187,8 @@ class LiverSegmenter:
         (holes raised to 1, everything away from the kept component lowered to 0), so that the cheap
         interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of its own."""
         above = prob >= 0.5
-        kept = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)(torch.from_numpy(above.copy())[None])
-        filled = np.array(FillHoles(applied_labels=[1])(kept)[0], dtype=bool)  # (MONAI may work in place)
+        kept = torch.from_numpy(largest_component(above))[None]
+        filled = np.array(FillHoles(applied_labels=[1])(kept)[0], dtype=bool)
         out = prob.copy()
         out[filled & ~above] = 1.0
         out[~ndimage.binary_dilation(filled, iterations=1)] = 0.0

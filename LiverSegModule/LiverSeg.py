@@ -91,6 +91,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self.onPoll)
         self.initializeParameterNode()
+        self.onModelChanged(self.ui.modelComboBox.currentIndex)  # the card of the preselected model
 
     # -- parameter node --------------------------------------------------------------------------
     def cleanup(self) -> None:
