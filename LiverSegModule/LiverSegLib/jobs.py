@@ -18,6 +18,7 @@ class Job:
     """One background computation: progress, cancel flag, and either a result or an error."""
 
     target: Callable[..., Any]
+    external_cancel: Callable[[], bool] | None = None  # also asked at every step, from the worker thread
     fraction: float = 0.0
     stage: str = "queued"
     result: Any = None
@@ -33,10 +34,15 @@ class Job:
 
     def _run(self) -> None:
         try:
-            self.result = self.target(progress=self._progress, cancel=self._cancel.is_set)
+            self.result = self.target(progress=self._progress, cancel=self._should_stop)
         except BaseException as exc:  # handed to the main thread, which reports it
             self.error = exc
             self.details = traceback.format_exc()
+
+    def _should_stop(self) -> bool:
+        if self.external_cancel is not None and self.external_cancel():
+            self._cancel.set()
+        return self._cancel.is_set()
 
     def _progress(self, fraction: float, stage: str) -> None:
         self.fraction, self.stage = fraction, stage

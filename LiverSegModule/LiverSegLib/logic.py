@@ -92,8 +92,11 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         if input_volume.GetImageData() is None:
             raise LiverSegError(f"{input_volume.GetName()}: the volume holds no voxels")
 
-    def start(self, input_volume, model_path: str | Path | None = None, device: str = "auto") -> Job:
-        """Begin segmenting on a worker thread; poll the Job, then call ``finish``."""
+    def start(self, input_volume, model_path: str | Path | None = None, device: str = "auto", cancel=None) -> Job:
+        """Begin segmenting on a worker thread; poll the Job, then call ``finish``.
+
+        ``cancel() -> bool`` (optional) is asked at every step, from the worker thread: it must not touch MRML.
+        """
         self._check_inputs(input_volume)
         segmenter = self.segmenter(model_path, device)
         array, matrix = mrml.volume_array_and_matrix(input_volume)
@@ -109,7 +112,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                     raise LiverSegError(f"{source}: the device ran out of memory; try the CPU") from None
                 raise
 
-        job = Job(work)
+        job = Job(work, external_cancel=cancel)
         job.source = source  # type: ignore[attr-defined]
         job.model_name = segmenter.model.name  # type: ignore[attr-defined]
         return job.start()
@@ -145,14 +148,15 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                 progress=None, cancel=None) -> LiverSegRun:
         """Segment ``inputVolume`` into ``outputSegmentation`` (a new node when None), synchronously.
 
-        ``progress(fraction, stage)`` and ``cancel() -> bool`` are optional callbacks.
+        ``progress(fraction, stage)`` is called on this thread; ``cancel() -> bool`` is asked at every step
+        of the engine, from the worker thread.
         """
-        job = self.start(inputVolume, modelPath, device)
+        job = self.start(inputVolume, modelPath, device, cancel=cancel)
         while not job.wait(0.1):
             if progress is not None:
                 progress(job.fraction, job.stage)
-            if cancel is not None and cancel():
-                job.cancel()
+        if progress is not None:
+            progress(job.fraction, job.stage)
         return self.finish(job, inputVolume, outputSegmentation)
 
     # -- export for training -------------------------------------------------------------------------
