@@ -6,11 +6,7 @@ Exit codes: 0 every case worked, 1 some case failed (the others were still done)
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
-import math
-import os
 import sys
 import time
 import traceback
@@ -20,7 +16,6 @@ from pathlib import Path
 from LiverSegExtension import __version__
 from LiverSegExtension.errors import LiverSegError
 
-SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "seconds", "error"]
 log = logging.getLogger("liverseg")
 
 
@@ -141,17 +136,6 @@ class _Progress:
             self.bar.close()
 
 
-def write_summary(path: Path, rows: list[dict]) -> None:
-    """Rewrite summary.csv atomically after each case, so an interrupted run still has one."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
-
-
 def output_path(out_dir: Path, stem: str, fmt: str, taken: set[Path]) -> Path:
     path = out_dir / f"{stem}_liver.{fmt}"
     n = 2
@@ -163,7 +147,7 @@ def output_path(out_dir: Path, stem: str, fmt: str, taken: set[Path]) -> Path:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from LiverSegExtension.io import expand_inputs, read_case, write_mask
+    from LiverSegExtension.io import expand_inputs, read_case, write_mask, write_summary
 
     segmenter = _segmenter(args)
     out_dir: Path = args.output_dir
@@ -260,10 +244,6 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         print(p)
     print(f"{args.dataset}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
-
-
-def _fmt(v: float) -> str:
-    return "" if isinstance(v, float) and math.isnan(v) else f"{v:.3f}"
 
 
 if __name__ == "__main__":

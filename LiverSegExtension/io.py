@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import os
 import struct
 import tempfile
@@ -204,6 +206,19 @@ def _to_compact_type(image: sitk.Image) -> sitk.Image:
 
 
 # -- writing ---------------------------------------------------------------------------------------
+SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "seconds", "error"]
+
+
+def write_summary(path: Path, rows: list[dict]) -> None:
+    """Rewrite a summary.csv atomically (after each case, so an interrupted run still has one)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
 def mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """A uint8 mask image with exactly the geometry of ``reference``."""
     out = sitk.GetImageFromArray(mask.astype(np.uint8, copy=False))

@@ -12,8 +12,6 @@ case is recorded and the batch goes on; the exit code is 1 if any case failed, 2
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import os
 import secrets
@@ -27,9 +25,7 @@ import LiverSegLib  # noqa: E402,F401 - makes the engine importable
 import slicer  # noqa: E402
 
 from LiverSegExtension.errors import LiverSegError  # noqa: E402
-from LiverSegExtension.io import VOLUME_SUFFIXES, dicom_series  # noqa: E402
-
-SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "seconds", "error"]
+from LiverSegExtension.io import VOLUME_SUFFIXES, dicom_series, write_summary  # noqa: E402
 
 
 class Case:
@@ -140,16 +136,6 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if not (1 <= i <= n):
         raise SystemExit(f"LiverSegBatch: error: --shard I/N needs 1 <= I <= N, got {text!r}")
     return i, n
-
-
-def write_summary(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
 
 
 def run(argv: list[str]) -> int:
