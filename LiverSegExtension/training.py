@@ -106,6 +106,15 @@ def _batch(
     return torch.stack(images).to(device), torch.stack(labels).to(device)
 
 
+def _tensorboard(out: Path):
+    """A TensorBoard writer in OUTPUT/tensorboard when tensorboard is installed, else None (CSV only)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
@@ -159,6 +168,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
     if new_log:
         writer.writerow(["stage", "iteration", "loss", "val_dice", "elapsed_s"])
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    board = _tensorboard(out)
     window = model.window
     best_rows: list[dict[str, Any]] = []
     t_start = time.perf_counter() - float(state["elapsed"])
@@ -217,6 +227,10 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                 if done % 25 == 0 or val_dice or is_last:
                     writer.writerow([stage, done, f"{running:.5f}", val_dice, f"{time.perf_counter() - t_start:.1f}"])
                     log_file.flush()
+                    if board is not None:
+                        board.add_scalar(f"{stage}/loss", running, done)
+                        if val_dice:
+                            board.add_scalar(f"{stage}/val_dice", float(val_dice), done)
                 if done % 50 == 0 or is_last:
                     _atomic_torch_save({
                         **{f"net_{s}": model.networks[s].state_dict() for s in STAGES},
@@ -236,6 +250,8 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
             best_rows = rows
     finally:
         log_file.close()
+        if board is not None:
+            board.close()
     _log(f"best model written to {out}")
     if best_rows:
         _log("validation: " + ", ".join(f"{r['case']} Dice {r['dice']:.3f}" for r in best_rows))
