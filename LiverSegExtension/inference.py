@@ -32,6 +32,8 @@ ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
 
 MAX_ROI = 160  # largest window edge, in voxels, the networks see at once
+GROW_ROUNDS = 2  # times the fine box may grow where the liver touches it
+GROW_MM = 40.0
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -139,6 +141,13 @@ class LiverSegmenter:
         if box is not None:
             step(0.3, "segmenting the liver")
             fine_grid, prob = self._segment_box(image, *box)
+            for _ in range(GROW_ROUNDS):  # the coarse box may cut the liver: grow the faces it touches
+                grown = self._grow(image, box, fine_grid, prob)
+                if grown is None:
+                    break
+                step(0.5, "segmenting the liver (larger box)")
+                box = grown
+                fine_grid, prob = self._segment_box(image, *box)
             t = lap("fine", t)
             step(0.8, "mapping back to the input grid")
             self._paste(image, fine_grid, prob, mask)
@@ -173,6 +182,27 @@ class LiverSegmenter:
         hi = grid.index_to_physical(zyx.max(axis=0)[::-1])
         margin = float(self.model.stage("fine").get("margin_mm", 20.0)) + max(grid.spacing)
         return lo - margin, hi + margin
+
+    def _grow(self, image: sitk.Image, box: tuple[np.ndarray, np.ndarray], grid: Grid, prob: np.ndarray):
+        """A larger box when the liver found touches a face of the box that is not the scan's edge."""
+        liver = largest_component(prob >= 0.5)
+        if not liver.any():
+            return None
+        corners = physical_corners(image)
+        scan_lo, scan_hi = corners.min(axis=0), corners.max(axis=0)
+        lower, upper = box[0].copy(), box[1].copy()
+        grew = False
+        for axis in range(3):  # x, y, z; the array is [z, y, x]
+            a = 2 - axis
+            first = np.take(liver, [0, 1], axis=a).any()
+            last = np.take(liver, [-2, -1], axis=a).any()
+            if first and lower[axis] > scan_lo[axis]:
+                lower[axis] -= GROW_MM
+                grew = True
+            if last and upper[axis] < scan_hi[axis]:
+                upper[axis] += GROW_MM
+                grew = True
+        return (lower, upper) if grew else None
 
     def _segment_box(self, image: sitk.Image, lower: np.ndarray, upper: np.ndarray) -> tuple[Grid, np.ndarray]:
         grid = Grid.covering(lower, upper, self.model.stage("fine")["spacing_mm"])

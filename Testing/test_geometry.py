@@ -104,3 +104,23 @@ def test_network_sees_the_liver_on_the_patients_right(name, tiny_model_dir):
     liver_x = np.argwhere(coarse > 95)[:, 2].mean()
     body_x = np.argwhere(coarse > 0)[:, 2].mean()
     assert liver_x < body_x - 5
+
+
+def test_fine_box_grows_when_the_coarse_stage_cuts_the_liver(tiny_model_dir):
+    """The coarse stage sees only the top of the liver: the fine box must grow to catch the rest."""
+    from LiverSegExtension.inference import LiverSegmenter
+
+    class HalfBlindCoarse(LiverSegmenter):
+        def predict(self, stage, volume):
+            found = (np.asarray(volume) > 95).astype(np.float32)
+            if stage == "coarse":
+                rows = np.argwhere(found)[:, 0]
+                found[: int(np.percentile(rows, 85)) if rows.size else 0] = 0  # keep only the top 15 % (z is axis 0)
+            return found
+
+    g = GRIDS["oblique"]
+    shape = shape_for(g["spacing"])
+    m = make_affine(g["spacing"], shape, g["rot"], g["left_handed"])
+    ct, truth = phantom(shape, m)
+    result = HalfBlindCoarse(tiny_model_dir, device="cpu").segment_array(ct, m)
+    assert dice(result.mask, truth) > 0.96
