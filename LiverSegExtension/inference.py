@@ -33,6 +33,7 @@ CancelCallback = Callable[[], bool]
 
 MAX_ROI = 160  # largest window edge, in voxels, the networks see at once
 GROW_ROUNDS = 2  # times the fine box may grow where the liver touches it
+SMALL_SCAN_MM = 300.0  # scans no larger than this on every axis skip the coarse stage
 GROW_MM = 40.0
 
 
@@ -169,8 +170,14 @@ class LiverSegmenter:
         return prob.cpu().numpy()
 
     def _locate(self, image: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:
-        """LPS box around the liver found at coarse resolution, or None when there is none."""
+        """LPS box around the liver found at coarse resolution, or None when there is none.
+
+        A small scan (a crop around the liver, say) is cheap at fine resolution and too small for the
+        coarse grid to see much: it is all box.
+        """
         corners = physical_corners(image)
+        if np.all(corners.max(axis=0) - corners.min(axis=0) <= SMALL_SCAN_MM):
+            return corners.min(axis=0), corners.max(axis=0)
         grid = Grid.covering(corners.min(axis=0), corners.max(axis=0), self.model.stage("coarse")["spacing_mm"])
         volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, pixel_type=sitk.sitkFloat32))
         prob = self.predict("coarse", volume)
@@ -217,8 +224,7 @@ class LiverSegmenter:
         (holes raised to 1, everything away from the kept component lowered to 0), so that the cheap
         interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of its own."""
         above = prob >= 0.5
-        kept = torch.from_numpy(largest_component(above))[None]
-        filled = np.array(FillHoles(applied_labels=[1])(kept)[0], dtype=bool)
+        filled = np.asarray(FillHoles(applied_labels=[1])(largest_component(above)[None])[0], dtype=bool)
         out = prob.copy()
         out[filled & ~above] = 1.0
         out[~ndimage.binary_dilation(filled, iterations=1)] = 0.0

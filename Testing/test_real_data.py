@@ -75,6 +75,8 @@ def test_shipped_model_on_held_out_cases(case, min_dice):
 
 
 @requires_bundled_model
+@pytest.mark.xfail(strict=True, reason="known defect of liverseg v1.0.0: on CORT (other scanner, whole trunk) the "
+                   "mask leaks from the liver dome into the heart (about 2.6 L); see the model card")
 def test_shipped_model_finds_no_liver_in_the_chest():
     """CORT trunk scan (unlabelled, another scanner): the liver is below the lungs' apex and on the right."""
     from LiverSegExtension.inference import LiverSegmenter
