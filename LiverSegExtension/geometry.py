@@ -101,12 +101,6 @@ def resample_to_grid(
     return sitk.Resample(image, grid.reference(), sitk.Transform(), interpolator, default, out_type)
 
 
-def crop_to_box(image: sitk.Image, lower: np.ndarray, upper: np.ndarray, margin_vox: int = 2) -> sitk.Image:
-    """The part of ``image`` whose voxels lie inside the LPS box (plus a small margin), as a view copy."""
-    lo, hi = index_box(image, lower, upper, margin_vox)
-    return image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-
-
 def index_box(
     image: sitk.Image, lower: np.ndarray, upper: np.ndarray, margin_vox: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
