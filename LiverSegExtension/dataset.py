@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from LiverSegExtension import __version__
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.geometry import image_from_array
+from LiverSegExtension.geometry import image_from_array, same_grid
 from LiverSegExtension.io import atomic_write, read_image
 from LiverSegExtension.metrics import dice
 
@@ -96,12 +96,6 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4))
-
-
 def _new_case_name(folder: Path, meta: dict[str, Any]) -> str:
     taken = {Path(e["image"]).name.split(".")[0] for e in meta["training"]} | set(meta["cases"])
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
@@ -116,7 +110,7 @@ def add_case_images(folder: str | Path, image: sitk.Image, label: sitk.Image, pr
     """Add one case; returns its generated name. ``draft`` is the model's mask before correction."""
     folder = Path(folder)
     lab = sitk.GetArrayViewFromImage(label)
-    if not _same_grid(image, label):
+    if not same_grid(image, label):
         raise LiverSegError("the label is not on the image's grid (size, spacing, origin and direction must match)")
     values = np.unique(lab)
     if not set(values.tolist()) <= {0, 1}:
@@ -175,7 +169,7 @@ def add_case(folder: str | Path, image_path: str | Path, label_path: str | Path,
     """Add a CT file and its liver mask file (any label > 0 is liver)."""
     image = read_image(image_path)
     label = read_image(label_path)
-    if not _same_grid(image, label):
+    if not same_grid(image, label):
         raise LiverSegError(f"{label_path}: not on the grid of {image_path}")
     binary = sitk.Cast(label > 0, sitk.sitkUInt8)
     binary.CopyInformation(image)
@@ -202,7 +196,7 @@ def check_dataset(folder: str | Path) -> list[str]:
         except (LiverSegError, KeyError) as exc:
             problems.append(f"{entry}: {exc}")
             continue
-        if not _same_grid(image, label):
+        if not same_grid(image, label):
             problems.append(f"{entry['label']}: not on the grid of {entry['image']}")
             continue
         values = np.unique(sitk.GetArrayViewFromImage(label))

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 from LiverSegExtension.data import case_name, load_msd
 from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.geometry import same_grid
 from LiverSegExtension.io import is_volume_file, read_image
 from LiverSegExtension.metrics import case_metrics
 
@@ -21,11 +22,7 @@ COLUMNS = ["case", "dice", "hd95_mm", "msd_mm", "pred_ml", "ref_ml", "volume_err
 
 def score(pred: sitk.Image, ref: sitk.Image, name: str) -> dict[str, Any]:
     """Metrics of one case; the two masks must share a grid (compared in physical space)."""
-    same = (pred.GetSize() == ref.GetSize()
-            and np.allclose(pred.GetSpacing(), ref.GetSpacing(), atol=1e-4)
-            and np.allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-3)
-            and np.allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-4))
-    if not same:
+    if not same_grid(pred, ref):
         raise LiverSegError(f"{name}: prediction and reference are not on the same grid")
     p = sitk.GetArrayFromImage(pred) > 0
     r = sitk.GetArrayFromImage(ref) > 0

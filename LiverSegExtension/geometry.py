@@ -47,6 +47,14 @@ def ijk_to_ras_of(image: sitk.Image) -> np.ndarray:
     return LPS_FROM_RAS @ matrix
 
 
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    """True when two images share size, spacing, origin and direction (within float noise)."""
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4))
+
+
 def physical_corners(image: sitk.Image) -> np.ndarray:
     """LPS positions (8x3) of the centres of the 8 corner voxels."""
     size = image.GetSize()

@@ -105,7 +105,3 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
         return (slicer.util.arrayFromVolume(labelmap) > 0).astype(np.uint8)
     finally:
         scene.RemoveNode(labelmap)
-
-
-def voxel_volume_ml(volume_node) -> float:
-    return float(np.prod(volume_node.GetSpacing())) / 1000.0
