@@ -142,16 +142,18 @@ class LiverSegmenter:
         if box is not None:
             step(0.3, "segmenting the liver")
             fine_grid, prob = self._segment_box(image, *box)
+            liver = largest_component(prob >= 0.5)
             for _ in range(GROW_ROUNDS):  # the coarse box may cut the liver: grow the faces it touches
-                grown = self._grow(image, box, fine_grid, prob)
+                grown = self._grow(image, box, liver)
                 if grown is None:
                     break
                 step(0.5, "segmenting the liver (larger box)")
                 box = grown
                 fine_grid, prob = self._segment_box(image, *box)
+                liver = largest_component(prob >= 0.5)
             t = lap("fine", t)
             step(0.8, "mapping back to the input grid")
-            self._paste(image, fine_grid, prob, mask)
+            self._paste(image, fine_grid, self.clean(prob, liver), mask)
             lap("resample_back", t)
         step(1.0, "done")
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
@@ -190,9 +192,10 @@ class LiverSegmenter:
         margin = float(self.model.stage("fine").get("margin_mm", 20.0)) + max(grid.spacing)
         return lo - margin, hi + margin
 
-    def _grow(self, image: sitk.Image, box: tuple[np.ndarray, np.ndarray], grid: Grid, prob: np.ndarray):
-        """A larger box when the liver found touches a face of the box that is not the scan's edge."""
-        liver = largest_component(prob >= 0.5)
+    @staticmethod
+    def _grow(image: sitk.Image, box: tuple[np.ndarray, np.ndarray], liver: np.ndarray):
+        """A larger box when the liver found (largest component, fine grid) touches a face of the box
+        that is not the scan's edge."""
         if not liver.any():
             return None
         corners = physical_corners(image)
@@ -219,20 +222,21 @@ class LiverSegmenter:
         return grid, self.predict("fine", volume)
 
     @staticmethod
-    def clean(prob: np.ndarray) -> np.ndarray:
+    def clean(prob: np.ndarray, liver: np.ndarray | None = None) -> np.ndarray:
         """Largest component and filled holes, decided on the fine grid and folded into the probabilities
         (holes raised to 1, everything away from the kept component lowered to 0), so that the cheap
         interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of its own."""
         above = prob >= 0.5
-        filled = np.asarray(FillHoles(applied_labels=[1])(largest_component(above)[None])[0], dtype=bool)
+        liver = largest_component(above) if liver is None else liver
+        filled = np.asarray(FillHoles(applied_labels=[1])(liver[None])[0], dtype=bool)
         out = prob.copy()
         out[filled & ~above] = 1.0
         out[~ndimage.binary_dilation(filled, iterations=1)] = 0.0
         return out
 
     def _paste(self, image: sitk.Image, grid: Grid, prob: np.ndarray, mask: np.ndarray) -> None:
-        """Resample cleaned fine probabilities onto the input sub-block they cover and threshold there."""
-        prob_image = sitk.GetImageFromArray(self.clean(prob).astype(np.float32))
+        """Resample (cleaned) fine probabilities onto the input sub-block they cover and threshold there."""
+        prob_image = sitk.GetImageFromArray(prob.astype(np.float32, copy=False))
         prob_image.SetOrigin(grid.origin)
         prob_image.SetSpacing(grid.spacing)
         upper = grid.index_to_physical(np.array(grid.size) - 1)
