@@ -98,13 +98,16 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         ``cancel() -> bool`` (optional) is asked at every step, from the worker thread: it must not touch MRML.
         """
         self._check_inputs(input_volume)
+        from LiverSegExtension.geometry import image_from_array
+
         segmenter = self.segmenter(model_path, device)
-        array, matrix = mrml.volume_array_and_matrix(input_volume)
+        # The ITK image is the worker's private copy of the voxels, made here on the main thread.
+        image = image_from_array(*mrml.volume_array_and_matrix(input_volume))
         source = input_volume.GetName()
 
         def work(progress, cancel):
             try:
-                return segmenter.segment_array(array, matrix, progress=progress, cancel=cancel)
+                return segmenter.segment_image(image, progress=progress, cancel=cancel, source=source)
             except MemoryError:
                 raise LiverSegError(f"{source}: out of memory; close other data or use a smaller volume") from None
             except RuntimeError as exc:

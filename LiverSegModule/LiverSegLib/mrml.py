@@ -13,11 +13,11 @@ SEGMENT_NAME = LIVER_SEGMENT["name"]
 
 
 def volume_array_and_matrix(volume_node) -> tuple[np.ndarray, np.ndarray]:
-    """A private ``[k, j, i]`` copy of the voxels (safe to hand to a worker thread) and IJK-to-RAS."""
-    array = slicer.util.arrayFromVolume(volume_node)
+    """The ``[k, j, i]`` voxels (a view of the node's memory: copy before leaving the main thread)
+    and the IJK-to-RAS matrix."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return np.array(array, copy=True), slicer.util.arrayFromVTKMatrix(matrix)
+    return slicer.util.arrayFromVolume(volume_node), slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def oriented_image_from_mask(mask: np.ndarray, ijk_to_ras: np.ndarray):
