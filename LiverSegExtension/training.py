@@ -79,16 +79,19 @@ def prepare(cases: list[Case], spacing: list[float]) -> list[dict[str, np.ndarra
     return items
 
 
-def validate(model: LiverModel, val: list[Case], device: torch.device) -> list[dict[str, Any]]:
+def load_validation(val: list[Case]) -> list[tuple[str, sitk.Image, np.ndarray]]:
+    """Validation cases read once: (name, CT, reference mask)."""
+    return [(c.name, read_image(c.image), sitk.GetArrayFromImage(read_image(c.label)) > 0) for c in val]
+
+
+def validate(model: LiverModel, val: list[tuple[str, sitk.Image, np.ndarray]], device: torch.device) -> list[dict[str, Any]]:
     """Run the full coarse-to-fine pipeline on each validation case at its own resolution."""
     segmenter = LiverSegmenter(model, device=device)
     rows = []
-    for c in val:
-        image = read_image(c.image)
-        ref = sitk.GetArrayFromImage(read_image(c.label)) > 0
-        result = segmenter.segment_image(image, source=str(c.image))
+    for name, image, ref in val:
+        result = segmenter.segment_image(image, source=name)
         m = case_metrics(result.mask, ref, image.GetSpacing()[::-1])
-        rows.append({"case": c.name, **m, "seconds": result.seconds})
+        rows.append({"case": name, **m, "seconds": result.seconds})
     for net in model.networks.values():
         net.train()
     return rows
@@ -135,6 +138,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
     rng = random.Random(cfg.seed)
     cases: list[Case] = [c for d in cfg.data for c in load_msd(d)]
     train_cases, val_cases = split_cases(cases, cfg.val_cases)
+    val_cases = load_validation(val_cases)
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
 

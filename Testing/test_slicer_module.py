@@ -176,19 +176,6 @@ def test_background_job_reports_progress_and_can_be_cancelled(tmp_path, scene, l
         logic.finish(job, volume, None)
 
 
-def test_parameter_node_is_saved_with_the_scene(tmp_path, scene):
-    from LiverSeg import LiverSegLogic
-
-    path, _, _ = oblique_left_handed_ct(tmp_path)
-    volume = load_volume(path)
-    p = LiverSegLogic().getParameterNode()
-    p.inputVolume = volume
-    p.device = "cpu"
-    again = LiverSegLogic().getParameterNode()
-    assert again.inputVolume.GetID() == volume.GetID() and again.device == "cpu"
-    assert again.parameterNode.GetSingletonTag() == "LiverSeg"
-
-
 @requires_bundled_model
 def test_self_test_runs(scene):
     """LiverSegTest, as Slicer's self-test runs it, with the bundled model (real CT when available)."""
