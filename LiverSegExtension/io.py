@@ -6,8 +6,9 @@ import csv
 import gzip
 import io
 import os
+import secrets
 import struct
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,16 +227,18 @@ def mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return out
 
 
-def atomic_write(path: Path, write_to: callable, overwrite: bool = False) -> None:
+def atomic_write(path: Path, write_to: Callable[[str], object], overwrite: bool = False) -> None:
     """Write through a temporary file in the same folder and rename it into place, so that a crash
-    never leaves a half-written file; refuse to replace an existing file unless ``overwrite``."""
+    never leaves a half-written file; refuse to replace an existing file unless ``overwrite``.
+
+    ``write_to(tmp)`` creates the file itself (the name is unique but not pre-created, so writers that
+    complain about replacing a file, such as Slicer's storage nodes, stay quiet)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise LiverSegError(f"{path}: already exists (use --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith((".nii.gz", ".seg.nrrd")) else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}{suffix}"))
     try:
         write_to(tmp)
         if overwrite:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import LiverSegLib  # noqa: E402,F401 - makes the engine importable
 import slicer  # noqa: E402
 
 from LiverSegExtension.errors import LiverSegError  # noqa: E402
-from LiverSegExtension.io import VOLUME_SUFFIXES, dicom_series, write_summary  # noqa: E402
+from LiverSegExtension.io import VOLUME_SUFFIXES, atomic_write, dicom_series, write_summary  # noqa: E402
 
 
 class Case:
@@ -98,22 +97,17 @@ class SceneContext:
         return node
 
 
-def write_atomic(node, path: Path, overwrite: bool) -> None:
-    """Write a node with its own storage node to a temporary name, then move it into place."""
-    if path.exists() and not overwrite:
-        raise LiverSegError(f"{path}: already exists (use --overwrite or --skip-existing)")
-    suffix = ".seg.nrrd" if path.name.endswith(".seg.nrrd") else "".join(path.suffixes[-2:])
-    tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}"))
+def write_node(node, path: Path, overwrite: bool) -> None:
+    """Write a node with its own (Slicer) storage node, atomically, never replacing a file unasked."""
     storage = node.CreateDefaultStorageNode()
-    try:
+    storage.SetUseCompression(True)
+
+    def write(tmp: str) -> None:
         storage.SetFileName(tmp)
-        storage.SetUseCompression(True)
         if not storage.WriteData(node):
             raise LiverSegError(f"{path}: could not be written")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(path, write, overwrite)
 
 
 def export_labelmap(ctx: SceneContext, segmentation, segment_id: str, volume):
@@ -182,11 +176,11 @@ def run(argv: list[str]) -> int:
                 nodes.append(volume)
                 result = logic.process(volume, None, device=args.device, modelPath=args.model)
                 nodes.append(result.segmentation_node)
-                write_atomic(result.segmentation_node, seg_path, args.overwrite or args.skip_existing)
+                write_node(result.segmentation_node, seg_path, args.overwrite or args.skip_existing)
                 if args.labelmap:
                     labelmap = export_labelmap(ctx, result.segmentation_node, result.segment_id, volume)
                     nodes.append(labelmap)
-                    write_atomic(labelmap, lab_path, args.overwrite or args.skip_existing)
+                    write_node(labelmap, lab_path, args.overwrite or args.skip_existing)
                 row["liver_ml"] = f"{result.liver_ml:.1f}"
         except LiverSegError as exc:
             row.update(status="failed", output="", error=str(exc))
