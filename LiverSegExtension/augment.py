@@ -1,13 +1,16 @@
-"""Training augmentation for the realities of the data (MONAI transforms plus one CT-specific one).
+"""Training augmentation for the realities of the data (MONAI transforms plus two CT-specific ones).
 
 No left-right (or any) flips: the liver has a side. Intensity and contrast-phase variation, noise,
-blur (resolution), scale and field-of-view changes, and the artefacts of the reconstructed IRCAD HU
-(air aliased onto water) in both directions, so that the model ignores how air looks.
+blur (resolution), scale (livers of every size, and scans whose written spacing is wrong) and
+field-of-view changes (scans cropped tightly around the liver, or cutting it), and the artefacts of
+the reconstructed IRCAD HU (air aliased onto water) in both directions, so that the model ignores how
+air looks.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from monai.transforms import (
     Compose,
     MapTransform,
@@ -62,24 +65,66 @@ class RandAirArtefactd(Randomizable, MapTransform):
         return self.keys[0]
 
 
+class RandFieldOfViewd(Randomizable, MapTransform):
+    """Blank everything outside a random box around the liver, as in a scan reconstructed with a small
+    field of view or cropped around the liver: image set to the window's floor (what lies outside a
+    scan at inference), label cleared there (no model can see liver that is not in the scan). The box
+    faces sit from ``cut`` voxels inside the liver to ``margin`` voxels outside it. Works on windowed
+    images; patches without liver are left alone."""
+
+    def __init__(self, keys: list[str], label_key: str = "label", prob: float = 0.15,
+                 cut: int = 6, margin: int = 16) -> None:
+        MapTransform.__init__(self, keys)
+        self.label_key, self.prob, self.cut, self.margin = label_key, prob, cut, margin
+
+    def __call__(self, data: dict) -> dict:
+        if self.R.rand() >= self.prob:
+            return data
+        label = np.asarray(data[self.label_key])[0] > 0
+        if not label.any():
+            return data
+        zyx = np.argwhere(label)
+        lo = zyx.min(axis=0) - self.R.randint(-self.cut, self.margin + 1, size=3)
+        hi = zyx.max(axis=0) + 1 + self.R.randint(-self.cut, self.margin + 1, size=3)
+        lo, hi = np.clip(lo, 0, label.shape), np.clip(hi, 0, label.shape)
+        inside = np.zeros(label.shape, dtype=bool)
+        inside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+        d = dict(data)
+        for key in self.keys:
+            if isinstance(d[key], torch.Tensor):
+                d[key] = d[key] * torch.from_numpy(inside).to(d[key].dtype)[None]
+            else:
+                d[key] = np.asarray(d[key]) * inside[None].astype(np.asarray(d[key]).dtype)
+        return d
+
+
+# Scale factors: the grid is sampled this much wider (>0) or tighter (<0), so the anatomy shrinks or grows.
+# Skewed towards shrinking: a scan whose written spacing is smaller than the truth shows a small liver.
+SCALE_RANGE = ((-0.2, 0.45),) * 3
+
+
 def training_transforms(stage: str, window: tuple[float, float], patch: list[int]) -> Compose:
     """The random pipeline for one stage; inputs are dicts of ``[1, z, y, x]`` HU image and label."""
     keys = ["image", "label"]
     small = [max(16, p // 2) for p in patch]
+    # The affine reads a larger region than it writes, so that zooming out shows real anatomy, not padding.
+    context = [int(p * 4 // 3) for p in patch]
     if stage == "coarse":
-        crop = [RandSpatialCropd(keys, roi_size=small, max_roi_size=patch, random_size=True, random_center=True)]
+        crop = [RandSpatialCropd(keys, roi_size=small, max_roi_size=context, random_size=True, random_center=True)]
+        last = []
     else:
-        crop = [
-            RandCropByPosNegLabeld(keys, "label", spatial_size=patch, pos=3, neg=1, num_samples=1, allow_smaller=True),
-            RandSpatialCropd(keys, roi_size=[int(p * 0.7) for p in patch], max_roi_size=patch, random_size=True),
-        ]
+        crop = [RandCropByPosNegLabeld(keys, "label", spatial_size=context, pos=3, neg=1, num_samples=1, allow_smaller=True),
+                SpatialPadd(keys, spatial_size=context, value=0)]
+        last = [RandSpatialCropd(keys, roi_size=[int(p * 0.7) for p in patch], max_roi_size=patch, random_size=True),
+                SpatialPadd(keys, spatial_size=patch, value=0)]
     return Compose([
         RandAirArtefactd("image", "label", prob=0.4),
         ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
         *crop,
-        SpatialPadd(keys, spatial_size=patch, value=0),
-        RandAffined(keys, prob=0.7, rotate_range=(0.2, 0.15, 0.15), scale_range=(0.15, 0.15, 0.15),
+        RandFieldOfViewd(keys, "label", prob=0.15),
+        RandAffined(keys, prob=0.8, spatial_size=patch, rotate_range=(0.2, 0.15, 0.15), scale_range=SCALE_RANGE,
                     mode=("bilinear", "nearest"), padding_mode="zeros"),
+        *last,
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         RandScaleIntensityd("image", factors=0.15, prob=0.5),
         RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),

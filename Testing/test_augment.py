@@ -1,0 +1,62 @@
+"""Training augmentation: the field-of-view cut, and patches of the right size from small or cropped scans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from LiverSegExtension.augment import RandFieldOfViewd, training_transforms
+
+
+def blob_case(shape=(40, 50, 60)):
+    image = np.full((1, *shape), 0.5, dtype=np.float32)
+    label = np.zeros((1, *shape), dtype=np.uint8)
+    label[0, 10:30, 15:35, 20:45] = 1
+    image[label > 0] = 0.8
+    return {"image": image, "label": label}
+
+
+def test_field_of_view_keeps_a_box_around_the_liver_and_clears_the_rest():
+    t = RandFieldOfViewd(["image", "label"], prob=1.0, cut=4, margin=6)
+    case = blob_case()
+    for seed in range(20):
+        t.set_random_state(seed)
+        out = t(case)
+        kept = np.argwhere(out["image"][0] > 0)
+        lo, hi = kept.min(axis=0), kept.max(axis=0) + 1
+        inside = np.zeros(case["image"].shape[1:], dtype=bool)
+        inside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+        # What is kept is exactly a box, everything outside it blanked in image and label alike.
+        assert (out["image"][0] > 0).sum() == inside.sum()
+        assert not out["label"][0][~inside].any()
+        np.testing.assert_array_equal(out["label"][0][inside], case["label"][0][inside])
+        # The box faces lie within [cut inside, margin outside] the liver's own box.
+        assert np.all(lo >= np.maximum(0, np.array([10, 15, 20]) - 6)) and np.all(lo <= np.array([10, 15, 20]) + 4)
+        assert np.all(hi <= np.array([30, 35, 45]) + 6) and np.all(hi >= np.array([30, 35, 45]) - 4)
+
+
+def test_field_of_view_leaves_patches_without_liver_alone():
+    t = RandFieldOfViewd(["image", "label"], prob=1.0)
+    case = blob_case()
+    case["label"][:] = 0
+    out = t(case)
+    np.testing.assert_array_equal(out["image"], case["image"])
+
+
+@pytest.mark.parametrize("stage", ["coarse", "fine"])
+def test_patches_have_the_patch_size_even_from_scans_smaller_than_it(stage):
+    """A crop around the liver (like lits_117_crop) is smaller than a patch: it is padded, never an error."""
+    patch = [32, 32, 32]
+    t = training_transforms(stage, (-200.0, 300.0), patch)
+    t.set_random_state(0)
+    hu = np.where(blob_case((24, 28, 30))["label"] > 0, 100.0, -50.0).astype(np.float32)
+    case = {"image": hu, "label": (hu > 0).astype(np.uint8)}
+    seen_liver = 0
+    for _ in range(12):
+        out = t(case)
+        out = out[0] if isinstance(out, list) else out
+        assert tuple(out["image"].shape) == (1, *patch) and tuple(out["label"].shape) == (1, *patch)
+        assert set(np.unique(np.asarray(out["label"]))) <= {0, 1}
+        assert float(np.asarray(out["image"]).min()) >= -0.5  # windowed to [0, 1], then noise and shifts
+        seen_liver += int(np.asarray(out["label"]).any())
+    assert seen_liver > 0
