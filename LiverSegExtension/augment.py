@@ -1,7 +1,7 @@
-"""Training augmentation for the realities of the data (MONAI transforms plus two CT-specific ones).
+"""Training augmentation for the realities of the data (MONAI transforms plus CT-specific ones).
 
-No left-right (or any) flips: the liver has a side. Intensity and contrast-phase variation, noise,
-blur (resolution), scale (livers of every size, and scans whose written spacing is wrong) and
+No left-right (or any) flips: the liver has a side. Intensity and contrast-phase variation (native CT
+included), noise, blur (resolution), scale (livers of every size, and scans whose written spacing is wrong) and
 field-of-view changes (scans cropped tightly around the liver, or cutting it), and the artefacts of
 the reconstructed IRCAD HU (air aliased onto water) in both directions, so that the model ignores how
 air looks.
@@ -65,6 +65,29 @@ class RandAirArtefactd(Randomizable, MapTransform):
         return self.keys[0]
 
 
+class RandContrastPhased(Randomizable, MapTransform):
+    """Simulate a scan without (or with late) contrast: compress the enhanced soft-tissue range so that
+    liver, blood pool and heart end up a few HU apart, as in a native CT, where the heart above the
+    liver dome looks like liver. Monotone and continuous; fat, air and bone keep their values. HU in."""
+
+    def __init__(self, keys: str = "image", prob: float = 0.25, low: float = 20.0, high: float = 250.0,
+                 top: float = 500.0, factor: tuple[float, float] = (0.15, 0.6)) -> None:
+        MapTransform.__init__(self, [keys])
+        self.prob, self.low, self.high, self.top, self.factor = prob, low, high, top, factor
+
+    def __call__(self, data: dict) -> dict:
+        if self.R.rand() >= self.prob:
+            return data
+        f = self.R.uniform(*self.factor)
+        knee = self.low + (self.high - self.low) * f
+        d = dict(data)
+        img = np.asarray(d[self.keys[0]], dtype=np.float32)
+        # Outer knots far beyond any HU: np.interp clamps outside its knots.
+        xs, ys = [-1e5, self.low, self.high, self.top, 1e5], [-1e5, self.low, knee, self.top, 1e5]
+        d[self.keys[0]] = np.interp(img, xs, ys).astype(np.float32)
+        return d
+
+
 class RandFieldOfViewd(Randomizable, MapTransform):
     """Blank everything outside a random box around the liver, as in a scan reconstructed with a small
     field of view or cropped around the liver: image set to the window's floor (what lies outside a
@@ -119,6 +142,7 @@ def training_transforms(stage: str, window: tuple[float, float], patch: list[int
                 SpatialPadd(keys, spatial_size=patch, value=0)]
     return Compose([
         RandAirArtefactd("image", "label", prob=0.4),
+        RandContrastPhased("image", prob=0.25),
         ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
         *crop,
         RandFieldOfViewd(keys, "label", prob=0.15),

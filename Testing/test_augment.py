@@ -60,3 +60,15 @@ def test_patches_have_the_patch_size_even_from_scans_smaller_than_it(stage):
         assert float(np.asarray(out["image"]).min()) >= -0.5  # windowed to [0, 1], then noise and shifts
         seen_liver += int(np.asarray(out["label"]).any())
     assert seen_liver > 0
+
+
+def test_native_ct_simulation_brings_enhanced_tissue_together_and_keeps_the_rest():
+    from LiverSegExtension.augment import RandContrastPhased
+
+    hu = np.array([-1000.0, -100.0, 0.0, 20.0, 110.0, 180.0, 250.0, 700.0, 1500.0], dtype=np.float32)
+    t = RandContrastPhased("image", prob=1.0)
+    t.set_random_state(3)
+    out = t({"image": hu.reshape(1, 1, 1, -1)})["image"].ravel()
+    np.testing.assert_array_equal(out[[0, 1, 2, 3, 7, 8]], hu[[0, 1, 2, 3, 7, 8]])  # air, fat, water, bone kept
+    assert out[5] - out[4] < 0.6 * (hu[5] - hu[4])  # liver (110) and blood (180) brought together
+    assert np.all(np.diff(out) > 0)  # monotone: no tissue swaps places
