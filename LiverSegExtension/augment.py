@@ -65,25 +65,29 @@ class RandAirArtefactd(Randomizable, MapTransform):
         return self.keys[0]
 
 
-class RandContrastPhased(Randomizable, MapTransform):
-    """Simulate a scan without (or with late) contrast: compress the enhanced soft-tissue range so that
-    liver, blood pool and heart end up a few HU apart, as in a native CT, where the heart above the
-    liver dome looks like liver. Monotone and continuous; fat, air and bone keep their values. HU in."""
+class RandNativeCTd(Randomizable, MapTransform):
+    """Make a contrast-enhanced scan look native (no contrast): liver parenchyma to 50-70 HU, and
+    everything enhanced beyond it (blood pool, heart, vessels, kidneys) down to 30-50 HU, darker than
+    liver, as without contrast. In a native CT the heart above the liver dome looks much like liver; a
+    model trained on enhanced scans only learns "bright blood is not liver" and leaks into the heart.
+    Continuous; air, fat, water and bone keep their values. Works on HU, with the case's liver label."""
 
-    def __init__(self, keys: str = "image", prob: float = 0.25, low: float = 20.0, high: float = 250.0,
-                 top: float = 500.0, factor: tuple[float, float] = (0.15, 0.6)) -> None:
+    def __init__(self, keys: str = "image", label_key: str = "label", prob: float = 0.25) -> None:
         MapTransform.__init__(self, [keys])
-        self.prob, self.low, self.high, self.top, self.factor = prob, low, high, top, factor
+        self.label_key, self.prob = label_key, prob
 
     def __call__(self, data: dict) -> dict:
         if self.R.rand() >= self.prob:
             return data
-        f = self.R.uniform(*self.factor)
-        knee = self.low + (self.high - self.low) * f
         d = dict(data)
         img = np.asarray(d[self.keys[0]], dtype=np.float32)
+        liver = np.asarray(d[self.label_key]) > 0
+        level = float(np.median(img[liver])) if liver.any() else 110.0
+        level = min(max(level, 40.0), 200.0)
+        native_liver, native_blood = self.R.uniform(50, 70), self.R.uniform(30, 50)
         # Outer knots far beyond any HU: np.interp clamps outside its knots.
-        xs, ys = [-1e5, self.low, self.high, self.top, 1e5], [-1e5, self.low, knee, self.top, 1e5]
+        xs = [-1e5, 20.0, level, level + 40.0, 300.0, 500.0, 1e5]
+        ys = [-1e5, 20.0, native_liver, native_blood, native_blood, 500.0, 1e5]
         d[self.keys[0]] = np.interp(img, xs, ys).astype(np.float32)
         return d
 
@@ -142,7 +146,7 @@ def training_transforms(stage: str, window: tuple[float, float], patch: list[int
                 SpatialPadd(keys, spatial_size=patch, value=0)]
     return Compose([
         RandAirArtefactd("image", "label", prob=0.4),
-        RandContrastPhased("image", prob=0.25),
+        RandNativeCTd("image", "label", prob=0.25),
         ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
         *crop,
         RandFieldOfViewd(keys, "label", prob=0.15),
