@@ -58,7 +58,8 @@ def test_export_corrected_segment_then_fine_tune(tmp_path, scene, tiny_model_dir
         oriented_image_from_mask(corrected, matrix), seg, run.segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
 
     dataset = tmp_path / "corrections"
-    name = logic.exportForTraining(volume, seg, dataset, annotator="A. Reader")
+    # A fresh logic, as after a restart of Slicer: the draft comes from the node, not from memory.
+    name = LiverSegLogic().exportForTraining(volume, seg, dataset, annotator="A. Reader")
     meta = json.loads((dataset / "dataset.json").read_text())
     assert meta["numTraining"] == 1 and meta["training"][0]["image"] == f"./imagesTr/{name}.nii.gz"
     assert name.startswith("liverseg_") and not any(p.lower() in name.lower() for p in PHI)
@@ -97,6 +98,32 @@ def test_export_corrected_segment_then_fine_tune(tmp_path, scene, tiny_model_dir
     assert card["added_cases"] == [name]
     rerun = LiverSegLogic().process(volume, seg, device="cpu", modelPath=str(new_model))
     assert rerun.model_name == "tiny-test v0.1.0" and rerun.segment_id == run.segment_id
+
+
+def test_draft_is_saved_with_the_scene(tmp_path, scene, threshold_segmenter, dicom_ct):
+    """The model's draft travels in the MRML scene file, and a draft from another grid is not used."""
+    from LiverSeg import LiverSegLogic
+    from LiverSegLib.mrml import DRAFT_ATTRIBUTE, decode_mask, segment_mask
+
+    files, _, _ = dicom_ct
+    volume = slicer.util.loadVolume(str(files[0]))
+    logic = LiverSegLogic()
+    logic._segmenters[("", "cpu")] = threshold_segmenter
+    run = logic.process(volume, None, device="cpu")
+    draft = segment_mask(run.segmentation_node, run.segment_id, volume)
+    assert draft.any()
+    scene_file = tmp_path / "scene.mrml"
+    scene.SetURL(str(scene_file))
+    assert scene.Commit()
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetURL(str(scene_file))
+    reloaded.Import()
+    node = reloaded.GetFirstNodeByName(run.segmentation_node.GetName())
+    text = node.GetAttribute(DRAFT_ATTRIBUTE)
+    np.testing.assert_array_equal(decode_mask(text, draft.shape), draft)
+    assert len(text) < draft.size / 20  # compact: the scene file stays small
+    assert decode_mask(text, (draft.shape[0] + 1, *draft.shape[1:])) is None
+    assert decode_mask(text[: len(text) // 2], draft.shape) is None
 
 
 def _ijk_to_ras(volume):

@@ -39,7 +39,6 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)  # type: ignore[arg-type]
         self._segmenters: dict[tuple[str, str], Any] = {}
-        self._drafts: dict[str, Any] = {}
 
     # -- parameters ------------------------------------------------------------------------------
     def getParameterNode(self):
@@ -142,9 +141,10 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             if created:
                 scene.RemoveNode(output_segmentation)
             raise
-        # Keep the model's draft and name: the export measures how much the annotator changed.
+        # Keep the model's draft and name with the node (saved with the scene, so a restart of Slicer
+        # loses neither): the export measures how much the annotator changed.
         output_segmentation.SetAttribute("LiverSeg.Model", job.model_name)
-        self._drafts[output_segmentation.GetID()] = result.mask
+        output_segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, mrml.encode_mask(result.mask))
         return LiverSegRun(output_segmentation, segment_id, result.liver_ml, result.seconds, job.model_name)
 
     def process(self, inputVolume, outputSegmentation=None, device: str = "auto", modelPath: str | None = None,
@@ -176,13 +176,10 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             raise LiverSegError(f"{segmentationNode.GetName()}: has no segment named 'Liver'")
         label = mrml.segment_mask(segmentationNode, segment_id, inputVolume)
         array, matrix = mrml.volume_array_and_matrix(inputVolume)
-        if draftMask is None:
-            draftMask = self._draft_of(segmentationNode)
+        if draftMask is None:  # the draft is only used when it lies on this volume's grid
+            draftMask = mrml.decode_mask(segmentationNode.GetAttribute(mrml.DRAFT_ATTRIBUTE), array.shape)
         provenance = {
             "model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
             "annotator": annotator or None,
         }
         return add_case_arrays(datasetFolder, array, label, matrix, provenance=provenance, draft=draftMask)
-
-    def _draft_of(self, segmentation_node):
-        return self._drafts.get(segmentation_node.GetID())
