@@ -33,6 +33,16 @@ def dicom_ct(tmp_path):
     return files, m, truth
 
 
+def segment_dicom_ct(dicom_ct, segmenter):
+    """Load the DICOM CT into the scene and segment it through the module's logic with ``segmenter``."""
+    from LiverSeg import LiverSegLogic
+
+    volume = slicer.util.loadVolume(str(dicom_ct[0][0]))
+    logic = LiverSegLogic()
+    logic._segmenters[("", "cpu")] = segmenter
+    return volume, logic, logic.process(volume, None, device="cpu")
+
+
 def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "LiverSegExtension.cli", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900, **kw)
@@ -102,14 +112,9 @@ def test_export_corrected_segment_then_fine_tune(tmp_path, scene, tiny_model_dir
 
 def test_draft_is_saved_with_the_scene(tmp_path, scene, threshold_segmenter, dicom_ct):
     """The model's draft travels in the MRML scene file, and a draft from another grid is not used."""
-    from LiverSeg import LiverSegLogic
     from LiverSegLib.mrml import DRAFT_ATTRIBUTE, decode_mask, segment_mask
 
-    files, _, _ = dicom_ct
-    volume = slicer.util.loadVolume(str(files[0]))
-    logic = LiverSegLogic()
-    logic._segmenters[("", "cpu")] = threshold_segmenter
-    run = logic.process(volume, None, device="cpu")
+    volume, _, run = segment_dicom_ct(dicom_ct, threshold_segmenter)
     draft = segment_mask(run.segmentation_node, run.segment_id, volume)
     assert draft.any()
     scene_file = tmp_path / "scene.mrml"
@@ -135,14 +140,9 @@ def _ijk_to_ras(volume):
 
 
 def test_empty_segment_is_refused_and_nothing_written(tmp_path, scene, threshold_segmenter, dicom_ct):
-    from LiverSeg import LiverSegLogic
     from LiverSegLib.mrml import oriented_image_from_mask
 
-    files, _, _ = dicom_ct
-    volume = slicer.util.loadVolume(str(files[0]))
-    logic = LiverSegLogic()
-    logic._segmenters[("", "cpu")] = threshold_segmenter
-    run = logic.process(volume, None, device="cpu")
+    volume, logic, run = segment_dicom_ct(dicom_ct, threshold_segmenter)
     empty = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
     matrix = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(volume))
     slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
