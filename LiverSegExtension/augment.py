@@ -66,9 +66,9 @@ class RandAirArtefactd(Randomizable, MapTransform):
 
 
 class RandNativeCTd(Randomizable, MapTransform):
-    """Make a contrast-enhanced scan look native (no contrast): liver parenchyma to 50-70 HU, and
-    everything enhanced beyond it (blood pool, heart, vessels, kidneys) down to 30-50 HU, darker than
-    liver, as without contrast. In a native CT the heart above the liver dome looks much like liver; a
+    """Make a contrast-enhanced scan look native (no contrast): liver parenchyma to 15-70 HU (fatty to
+    normal), and everything enhanced beyond it (blood pool, heart, vessels, kidneys) down to 30-50 HU,
+    as without contrast. In a native CT the heart above the liver dome looks much like liver; a
     model trained on enhanced scans only learns "bright blood is not liver" and leaks into the heart.
     Continuous; air, fat, water and bone keep their values. Works on HU, with the case's liver label."""
 
@@ -84,7 +84,8 @@ class RandNativeCTd(Randomizable, MapTransform):
         liver = np.asarray(d[self.label_key]) > 0
         level = float(np.median(img[liver])) if liver.any() else 110.0
         level = min(max(level, 40.0), 200.0)
-        native_liver, native_blood = self.R.uniform(50, 70), self.R.uniform(30, 50)
+        # Native liver is 50-70 HU, or down to 15 HU when fatty (common, and then darker than blood).
+        native_liver, native_blood = self.R.uniform(15, 70), self.R.uniform(30, 50)
         # Outer knots far beyond any HU: np.interp clamps outside its knots.
         xs = [-1e5, 20.0, level, level + 40.0, 300.0, 500.0, 1e5]
         ys = [-1e5, 20.0, native_liver, native_blood, native_blood, 500.0, 1e5]

@@ -62,7 +62,7 @@ def test_patches_have_the_patch_size_even_from_scans_smaller_than_it(stage):
     assert seen_liver > 0
 
 
-def test_native_ct_simulation_puts_enhanced_blood_below_liver_and_keeps_the_rest():
+def test_native_ct_simulation_takes_the_contrast_away_and_keeps_the_rest():
     from LiverSegExtension.augment import RandNativeCTd
 
     hu = np.array([-1000.0, -100.0, 0.0, 20.0, 110.0, 110.0, 200.0, 250.0, 700.0, 1500.0], dtype=np.float32)
@@ -72,5 +72,5 @@ def test_native_ct_simulation_puts_enhanced_blood_below_liver_and_keeps_the_rest
         t.set_random_state(seed)
         out = t({"image": hu.reshape(1, 1, 1, -1), "label": label.reshape(1, 1, 1, -1)})["image"].ravel()
         np.testing.assert_array_equal(out[[0, 1, 2, 3, 8, 9]], hu[[0, 1, 2, 3, 8, 9]])  # air, fat, water, bone kept
-        assert 50 <= out[4] <= 70  # liver parenchyma at native level
-        assert 30 <= out[6] <= 50 and 30 <= out[7] <= 50  # enhanced blood and heart now darker than liver
+        assert 15 <= out[4] <= 70  # liver parenchyma at a native level, normal or fatty
+        assert 30 <= out[6] <= 50 and 30 <= out[7] <= 50  # enhanced blood and heart lose their contrast
