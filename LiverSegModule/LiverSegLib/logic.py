@@ -176,7 +176,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             raise LiverSegError(f"{segmentationNode.GetName()}: has no segment named 'Liver'")
         label = mrml.segment_mask(segmentationNode, segment_id, inputVolume)
         array, matrix = mrml.volume_array_and_matrix(inputVolume)
-        if draftMask is None:  # the draft is only used when it lies on this volume's grid
+        if draftMask is None:  # a draft of another shape (the volume was cropped or resampled) is ignored
             draftMask = mrml.decode_mask(segmentationNode.GetAttribute(mrml.DRAFT_ATTRIBUTE), array.shape)
         provenance = {
             "model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
