@@ -134,10 +134,10 @@ SCALE_RANGE = ((-0.2, 0.45),) * 3
 def training_transforms(stage: str, window: tuple[float, float], patch: list[int]) -> Compose:
     """The random pipeline for one stage; inputs are dicts of ``[1, z, y, x]`` HU image and label."""
     keys = ["image", "label"]
-    small = [max(16, p // 2) for p in patch]
     # The affine reads a larger region than it writes, so that zooming out shows real anatomy, not padding.
     context = [int(p * 4 // 3) for p in patch]
     if stage == "coarse":
+        small = [max(16, p // 2) for p in patch]
         crop = [RandSpatialCropd(keys, roi_size=small, max_roi_size=context, random_size=True, random_center=True)]
         last = []
     else:

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from LiverSegExtension.data import case_name, load_msd
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import same_grid
-from LiverSegExtension.io import is_volume_file, read_image
+from LiverSegExtension.io import atomic_write, is_volume_file, read_image
 from LiverSegExtension.metrics import case_metrics
 
 COLUMNS = ["case", "dice", "hd95_mm", "msd_mm", "pred_ml", "ref_ml", "volume_error_pct", "note", "error"]
@@ -101,12 +101,12 @@ def write_report(rows: list[dict[str, Any]], csv_path: Path | None) -> str:
         lines.append("| **mean** | " + " | ".join(_fmt(mean.get(c, "")) if c in mean else "" for c in cols[1:]) + " |")
     markdown = "\n".join(lines) + "\n"
     if csv_path:
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({c: _fmt(r.get(c)) for c in cols})
-        csv_path.write_text(buf.getvalue())
-        csv_path.with_suffix(".md").write_text(markdown)
+        # A report is meant to be rewritten, but never left half-written.
+        atomic_write(csv_path, lambda tmp: Path(tmp).write_text(buf.getvalue()), overwrite=True)
+        atomic_write(csv_path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown), overwrite=True)
     return markdown

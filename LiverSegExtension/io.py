@@ -216,9 +216,8 @@ def write_summary(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()), overwrite=True)
+
 
 def mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """A uint8 mask image with exactly the geometry of ``reference``."""

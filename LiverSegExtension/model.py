@@ -20,6 +20,7 @@ from monai.networks.nets import UNet
 from safetensors.torch import load_file, save_file
 
 from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.io import atomic_write
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -172,14 +173,13 @@ class LiverModel:
         """Write weights and card into ``folder`` (created); the card gets the weights' sha256."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{WEIGHTS_FILE}.tmp"
-        save_file(self.state_dict(), str(tmp))
         card = {**self.card, **(extra_card or {})}
-        card["weights_sha256"] = sha256_of(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / WEIGHTS_FILE)
-        tmp_card = folder / f".{CARD_FILE}.tmp"
-        tmp_card.write_text(json.dumps(card, indent=2) + "\n")
-        os.replace(tmp_card, folder / CARD_FILE)
+
+        def write_weights(tmp: str) -> None:
+            save_file(self.state_dict(), tmp)
+            card["weights_sha256"] = sha256_of(tmp)  # of the bytes that land, before they land
+
+        atomic_write(folder / WEIGHTS_FILE, write_weights, overwrite=True)
+        atomic_write(folder / CARD_FILE, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"), overwrite=True)
         self.card, self.path = card, folder
         return folder

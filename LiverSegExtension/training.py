@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from LiverSegExtension.data import Case, load_msd, to_grid
 from LiverSegExtension.devices import resolve_device
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.inference import LiverSegmenter
-from LiverSegExtension.io import read_image
+from LiverSegExtension.io import atomic_write, read_image
 from LiverSegExtension.metrics import case_metrics
 from LiverSegExtension.model import STAGES, LiverModel
 
@@ -119,9 +118,7 @@ def _tensorboard(out: Path):
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=True)
 
 
 def _next_version(parent: str | None) -> str:
