@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, help="wall-clock budget for the whole run")
     t.add_argument("--val-every", type=int, default=250)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--ema", type=float, default=0.998,
+                   help="decay of the moving average of the weights that is validated and saved (0: off)")
     t.add_argument("--name", help="model name (default: the parent's when fine-tuning, else liverseg)")
     t.add_argument("--model-version", help="semantic version for the new model (default: parent's minor + 1)")
     _common(t, model=False)
@@ -213,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data, output=args.output, init=args.init,
         val_cases=[v for v in args.val.split(",") if v], iterations=args.iterations,
         max_minutes=args.max_minutes, device=args.device, seed=args.seed, val_every=args.val_every,
-        name=args.name, version=args.model_version,
+        name=args.name, version=args.model_version, ema=args.ema,
     )
     train(cfg, progress=progress)
     return 0

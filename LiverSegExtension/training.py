@@ -2,6 +2,10 @@
 
 Everything needed to resume lives in ``OUTPUT/checkpoint.pt`` (tensors and plain values only, loaded
 with ``weights_only=True``); the best model so far is always a complete model folder in ``OUTPUT``.
+
+Validation and the saved model use an exponential moving average (EMA) of the weights: with a few
+training cases, single checkpoints swing by tenths of Dice on an odd validation case from one
+validation to the next; the average is steadier and no slower at inference.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ import csv
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ import SimpleITK as sitk
 import torch
 from monai.losses import DiceCELoss
 from monai.utils import set_determinism
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from LiverSegExtension.augment import training_transforms
 from LiverSegExtension.data import Case, load_msd, to_grid
@@ -47,6 +53,7 @@ class TrainConfig:
     val_every: int = 100
     batch_size: int = 2
     lr: float = 2e-3
+    ema: float = 0.998  # decay of the weights' moving average (0: validate and save the raw weights)
     name: str | None = None  # default: the parent's name when fine-tuning, else "liverseg"
     version: str | None = None
 
@@ -117,6 +124,21 @@ def _tensorboard(out: Path):
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
+def _new_ema(net: torch.nn.Module, decay: float) -> AveragedModel | None:
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay > 0 else None
+
+
+@contextmanager
+def _stage_net(model: LiverModel, stage: str, net: torch.nn.Module) -> Iterator[None]:
+    """Let ``model`` use ``net`` for ``stage`` for a while (the EMA network, to validate or save it)."""
+    kept = model.networks[stage]
+    model.networks[stage] = net
+    try:
+        yield
+    finally:
+        model.networks[stage] = kept
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=True)
 
@@ -149,13 +171,14 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
 
     ckpt_path = out / CHECKPOINT
     state: dict[str, Any] = {"stage_index": 0, "iteration": 0, "best": -1.0, "elapsed": 0.0}
-    optim_state = None
+    optim_state = ema_state = None
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         for s in STAGES:
             model.networks[s].load_state_dict(ckpt[f"net_{s}"])
         state = {k: ckpt[k] for k in state}
         optim_state = ckpt.get("optim")
+        ema_state = ckpt.get("ema")
         rng = random.Random(cfg.seed + int(state["iteration"]) + 1000 * int(state["stage_index"]))
         _log(f"resuming from {ckpt_path}: stage {STAGES[int(state['stage_index'])]}, iteration {int(state['iteration'])}")
 
@@ -186,9 +209,13 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
             lr = cfg.lr * (0.25 if parent else 1.0)
             optim = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
             start_it = int(state["iteration"]) if si == int(state["stage_index"]) else 0
+            ema = _new_ema(net, cfg.ema)
             if optim_state is not None and start_it > 0:
                 optim.load_state_dict(optim_state)
-            optim_state = None
+                if ema is not None and ema_state is not None:
+                    ema.load_state_dict(ema_state)
+            optim_state = ema_state = None
+            averaged = ema.module if ema is not None else net
             n_it = iterations[stage]
             stage_budget = budget_s * (shares[stage] if stage == "coarse" else 1.0)
             batch = cfg.batch_size * (2 if stage == "coarse" else 1)
@@ -206,6 +233,8 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                 loss = loss_fn(net(x), y)
                 loss.backward()
                 optim.step()
+                if ema is not None:
+                    ema.update_parameters(net)
                 running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
                 if progress:
                     progress(stage, it + 1, n_it, running)
@@ -214,7 +243,8 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                 is_last = done == n_it
                 if stage == "fine" and (done % cfg.val_every == 0 or is_last):
                     if val_cases:
-                        rows = validate(model, val_cases, device)
+                        with _stage_net(model, stage, averaged):
+                            rows = validate(model, val_cases, device)
                         mean = float(np.mean([r["dice"] for r in rows]))
                         val_dice = f"{mean:.4f}"
                         _log(f"[{stage}] it {done}: loss {running:.4f}, val Dice {mean:.4f} "
@@ -224,7 +254,8 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                     if mean > float(state["best"]):
                         state["best"] = mean
                         best_rows = rows
-                        _save_model(model, cfg, parent, train_cases, rows, out, done)
+                        with _stage_net(model, stage, averaged):
+                            _save_model(model, cfg, parent, train_cases, rows, out, done)
                 if done % 25 == 0 or val_dice or is_last:
                     writer.writerow([stage, done, f"{running:.5f}", val_dice, f"{time.perf_counter() - t_start:.1f}"])
                     log_file.flush()
@@ -236,9 +267,12 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                     _atomic_torch_save({
                         **{f"net_{s}": model.networks[s].state_dict() for s in STAGES},
                         "optim": optim.state_dict(), "stage_index": si, "iteration": done,
+                        **({"ema": ema.state_dict()} if ema is not None else {}),
                         "best": float(state["best"]), "elapsed": time.perf_counter() - t_start,
                     }, ckpt_path)
             state["iteration"] = 0
+            if ema is not None:  # the stage ends with its averaged weights (the coarse net the fine stage uses)
+                net.load_state_dict(ema.module.state_dict())
             if stage == "coarse":
                 _atomic_torch_save({
                     **{f"net_{s}": model.networks[s].state_dict() for s in STAGES},

@@ -9,10 +9,12 @@ import sys
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from conftest import ROOT
 from synthetic import make_affine, phantom
 
 from LiverSegExtension.geometry import image_from_array
+from LiverSegExtension.model import LiverModel
 
 
 def make_dataset(folder, n=3, shape=(24, 64, 72), spacing=(5.0, 5.0, 6.0)):
@@ -57,6 +59,14 @@ def test_train_resume_and_segment(tmp_path, tiny_model_dir):
     rows = list(csv.DictReader(open(out / "training_log.csv")))
     fine_iters = [int(r["iteration"]) for r in rows if r["stage"] == "fine"]
     assert fine_iters == [2, 4], "the resumed run must continue at iteration 3, not start over"
+
+    # The saved model is the moving average of the weights, carried across the resume (4 updates, not 2).
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert int(ckpt["ema"]["n_averaged"]) == 4
+    saved = LiverModel.load(out).networks["fine"].state_dict()
+    name = next(k for k in saved if k.endswith("weight"))
+    assert torch.equal(saved[name], ckpt["ema"][f"module.{name}"])
+    assert not torch.equal(saved[name], ckpt["net_fine"][name])
 
     seg = subprocess.run([sys.executable, "-m", "LiverSegExtension.cli", "segment", data / "imagesTr" / "case0.nii.gz",
                           "-o", tmp_path / "seg", "--model", out, "-q"], cwd=ROOT, capture_output=True, text=True)
