@@ -99,6 +99,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_card(folder: str | Path) -> dict[str, Any]:
+    """A model folder's card, checked for what inference needs (without reading the weights)."""
+    card_path = Path(folder) / CARD_FILE
+    try:
+        card = json.loads(card_path.read_text())
+        for s in STAGES:
+            card["stages"][s]["spacing_mm"]  # noqa: B018 - presence check
+            card["stages"][s]["network"]  # noqa: B018
+        card["intensity_window"]  # noqa: B018
+    except OSError as exc:
+        raise LiverSegError(f"{card_path}: cannot read the model card ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise LiverSegError(f"{card_path}: invalid model card ({exc})") from None
+    return card
+
+
 @dataclass
 class LiverModel:
     """A loaded model: its card and one network per stage (in eval mode)."""
@@ -135,14 +151,7 @@ class LiverModel:
             raise LiverSegError(f"{folder}: model folder not found")
         if not card_path.is_file() or not weights_path.is_file():
             raise LiverSegError(f"{folder}: not a model folder (needs {CARD_FILE} and {WEIGHTS_FILE})")
-        try:
-            card = json.loads(card_path.read_text())
-            for s in STAGES:
-                card["stages"][s]["spacing_mm"]  # noqa: B018 - presence check
-                card["stages"][s]["network"]  # noqa: B018
-            card["intensity_window"]  # noqa: B018
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise LiverSegError(f"{card_path}: invalid model card ({exc})") from None
+        card = read_card(folder)
         expected = card.get("weights_sha256")
         actual = sha256_of(weights_path)
         if expected != actual:

@@ -71,6 +71,7 @@ class SceneContext:
         if in_slicer:
             self.scene = slicer.mrmlScene
             self.volumes = slicer.modules.volumes.logic()
+            self.segmentations = slicer.modules.segmentations.logic()
         else:
             self.scene = slicer.vtkMRMLScene()
             self.volumes = slicer.vtkSlicerVolumesLogic()
@@ -118,6 +119,24 @@ def export_labelmap(ctx: SceneContext, segmentation, segment_id: str, volume):
     ids.InsertNextValue(segment_id)
     slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap, volume)
     return labelmap
+
+
+def liver_segment_id(segmentation, path: Path) -> str:
+    """The segment named Liver (the only one in LiverSeg's own output)."""
+    seg = segmentation.GetSegmentation()
+    ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+    named = [i for i in ids if seg.GetSegment(i).GetName().lower() == "liver"]
+    if named or len(ids) == 1:
+        return (named or ids)[0]
+    raise LiverSegError(f"{path}: no segment named Liver")
+
+
+def labelmap_ml(labelmap) -> float:
+    import numpy as np
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    voxels = vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars())
+    return float(np.count_nonzero(voxels)) * float(np.prod(labelmap.GetSpacing())) / 1000.0
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -168,19 +187,34 @@ def run(argv: list[str]) -> int:
         start = time.perf_counter()
         wanted = [seg_path] + ([lab_path] if args.labelmap else [])
         nodes = []
+        # With --skip-existing an existing .seg.nrrd is kept (it may have been corrected by hand); a missing
+        # labelmap is then made from it, not from a new run of the model.
+        keep_seg = args.skip_existing and not args.overwrite and seg_path.exists()
         try:
-            if args.skip_existing and all(w.exists() for w in wanted):
+            if args.skip_existing and not args.overwrite and all(w.exists() for w in wanted):
                 row["status"] = "skipped"
+            elif keep_seg:
+                volume = ctx.load(case)
+                nodes.append(volume)
+                segmentation = ctx.segmentations.LoadSegmentationFromFile(str(seg_path), False, case.name)
+                if segmentation is None:
+                    raise LiverSegError(f"{seg_path}: could not be read to make the missing labelmap")
+                nodes.append(segmentation)
+                segment_id = liver_segment_id(segmentation, seg_path)
+                labelmap = export_labelmap(ctx, segmentation, segment_id, volume)
+                nodes.append(labelmap)
+                write_node(labelmap, lab_path, False)
+                row["liver_ml"] = f"{labelmap_ml(labelmap):.1f}"
             else:
                 volume = ctx.load(case)
                 nodes.append(volume)
                 result = logic.process(volume, None, device=args.device, modelPath=args.model)
                 nodes.append(result.segmentation_node)
-                write_node(result.segmentation_node, seg_path, args.overwrite or args.skip_existing)
+                write_node(result.segmentation_node, seg_path, args.overwrite)
                 if args.labelmap:
                     labelmap = export_labelmap(ctx, result.segmentation_node, result.segment_id, volume)
                     nodes.append(labelmap)
-                    write_node(labelmap, lab_path, args.overwrite or args.skip_existing)
+                    write_node(labelmap, lab_path, args.overwrite)
                 row["liver_ml"] = f"{result.liver_ml:.1f}"
         except LiverSegError as exc:
             row.update(status="failed", output="", error=str(exc))

@@ -104,6 +104,16 @@ def test_batch_outputs_summary_resume_and_shards(inputs, tiny_model_dir, tmp_pat
     after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".nrrd", ".gz")}
     assert after == before
 
+    # A missing labelmap is made from the .seg.nrrd that is there (perhaps corrected by hand), which is kept.
+    lab0 = out / "synthetic_liver.nii.gz"
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(lab0)))
+    lab0.unlink()
+    r3 = run_batch("--input", inputs[0], "--output-dir", out, "--labelmap", "--skip-existing", *model)
+    assert r3.returncode == 0, r3.stdout + r3.stderr
+    assert (out / "synthetic.seg.nrrd").stat().st_mtime_ns == before["synthetic.seg.nrrd"]
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(lab0))), expected)
+    assert float(rows_of(out / "summary.csv")[0]["liver_ml"]) == pytest.approx(float(rows[str(inputs[0])]["liver_ml"]), rel=0.01)
+
     # Two shards cover every case exactly once.
     shard_out = tmp_path / "shards"
     done = []

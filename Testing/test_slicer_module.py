@@ -197,3 +197,15 @@ def test_real_dicom_and_nifti_through_slicer_readers(scene):
     ref_node = slicer.util.loadVolume(str(SHARED / "liver-train" / "labelsTr" / "ts_a.nii.gz"), {"labelmap": True})
     ref = slicer.util.arrayFromVolume(ref_node) > 0
     assert dice(segment_mask(run.segmentation_node, run.segment_id, volume), ref) > 0.85
+
+
+def test_model_card_for_display(tmp_path, tiny_model_dir):
+    """The model selector reads cards with the engine's reader; a broken card shows as no card, not a crash."""
+    from LiverSeg import LiverSegLogic
+
+    assert LiverSegLogic.modelCard(tiny_model_dir)["name"] == "tiny-test"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "card.json").write_text('{"name": "x"}')  # valid JSON, but no stages: unusable
+    assert LiverSegLogic.modelCard(broken) == {}
+    assert LiverSegLogic.modelCard(tmp_path / "missing") == {}

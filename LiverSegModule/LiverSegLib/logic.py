@@ -61,16 +61,16 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def modelCard(model_path: str | Path | None) -> dict[str, Any]:
-        import json
-
-        from LiverSegExtension.model import CARD_FILE, default_model_dir
+        """The model's card for display; empty when there is no model or its card is unusable (the model
+        selector must still open; running it then reports the engine's error)."""
+        from LiverSegExtension.model import default_model_dir, read_card
 
         folder = Path(model_path) if model_path else default_model_dir()
-        if folder is None or not (folder / CARD_FILE).is_file():
+        if folder is None:
             return {}
         try:
-            return json.loads((folder / CARD_FILE).read_text())
-        except (OSError, ValueError):
+            return read_card(folder)
+        except LiverSegError:
             return {}
 
     def segmenter(self, model_path: str | Path | None = None, device: str = "auto"):
