@@ -1,11 +1,12 @@
-"""Training augmentation: the field-of-view cut, and patches of the right size from small or cropped scans."""
+"""Training augmentation: reconstructed-air artefacts, the field-of-view cut, and patches of the right size
+from small or cropped scans."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from LiverSegExtension.augment import RandFieldOfViewd, training_transforms
+from LiverSegExtension.augment import RandAirArtefactd, RandFieldOfViewd, training_transforms
 
 
 def blob_case(shape=(40, 50, 60)):
@@ -14,6 +15,27 @@ def blob_case(shape=(40, 50, 60)):
     label[0, 10:30, 15:35, 20:45] = 1
     image[label > 0] = 0.8
     return {"image": image, "label": label}
+
+
+def test_air_aliases_per_region_onto_water_or_one_wrap_higher():
+    """Like the reconstructed IRCAD HU: each air region lands on water or, sometimes, bright (e19's lung)."""
+    hu = np.full((1, 30, 40, 40), 40.0, dtype=np.float32)  # soft tissue
+    hu[0, 2:12, 5:15, 5:15] = -850.0  # two separate "lungs"
+    hu[0, 2:12, 25:35, 25:35] = -850.0
+    t = RandAirArtefactd("image", "label", prob=1.0, bright=0.5)
+    outcomes = set()
+    for seed in range(40):
+        t.set_random_state(seed)
+        out = t({"image": hu, "label": np.zeros_like(hu, dtype=np.uint8)})
+        if t._mode != "alias":
+            continue
+        img = out["image"]
+        np.testing.assert_array_equal(img[hu > -200], hu[hu > -200])  # tissue untouched
+        a, b = (float(np.median(img[0, 2:12, o:o + 10, o:o + 10])) for o in (5, 25))
+        for m in (a, b):  # -850 HU wraps to -82 HU, or one wrap higher to 174 HU
+            assert m == pytest.approx(-82, abs=10) or m == pytest.approx(174, abs=10)
+        outcomes.add((a > 50, b > 50))
+    assert (True, False) in outcomes and (False, True) in outcomes, "regions must wrap independently"
 
 
 def test_field_of_view_keeps_a_box_around_the_liver_and_clears_the_rest():
