@@ -187,11 +187,11 @@ def run(argv: list[str]) -> int:
         start = time.perf_counter()
         wanted = [seg_path] + ([lab_path] if args.labelmap else [])
         nodes = []
-        # With --skip-existing an existing .seg.nrrd is kept (it may have been corrected by hand); a missing
-        # labelmap is then made from it, not from a new run of the model.
-        keep_seg = args.skip_existing and not args.overwrite and seg_path.exists()
+        # With --skip-existing no existing output is touched: an existing .seg.nrrd (perhaps corrected by
+        # hand) is kept and a missing labelmap is made from it, not from a new run of the model.
+        keep_seg = args.skip_existing and seg_path.exists()
         try:
-            if args.skip_existing and not args.overwrite and all(w.exists() for w in wanted):
+            if args.skip_existing and all(w.exists() for w in wanted):
                 row["status"] = "skipped"
             elif keep_seg:
                 volume = ctx.load(case)
@@ -211,7 +211,7 @@ def run(argv: list[str]) -> int:
                 result = logic.process(volume, None, device=args.device, modelPath=args.model)
                 nodes.append(result.segmentation_node)
                 write_node(result.segmentation_node, seg_path, args.overwrite)
-                if args.labelmap:
+                if args.labelmap and not (args.skip_existing and lab_path.exists()):
                     labelmap = export_labelmap(ctx, result.segmentation_node, result.segment_id, volume)
                     nodes.append(labelmap)
                     write_node(labelmap, lab_path, args.overwrite)

@@ -113,6 +113,12 @@ def test_batch_outputs_summary_resume_and_shards(inputs, tiny_model_dir, tmp_pat
     assert (out / "synthetic.seg.nrrd").stat().st_mtime_ns == before["synthetic.seg.nrrd"]
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(lab0))), expected)
     assert float(rows_of(out / "summary.csv")[0]["liver_ml"]) == pytest.approx(float(rows[str(inputs[0])]["liver_ml"]), rel=0.01)
+    # The other way round: a missing .seg.nrrd is made again, the labelmap that is there is left alone.
+    (out / "synthetic.seg.nrrd").unlink()
+    lab_mtime = lab0.stat().st_mtime_ns
+    r4 = run_batch("--input", inputs[0], "--output-dir", out, "--labelmap", "--skip-existing", *model)
+    assert r4.returncode == 0, r4.stdout + r4.stderr
+    assert (out / "synthetic.seg.nrrd").is_file() and lab0.stat().st_mtime_ns == lab_mtime
 
     # Two shards cover every case exactly once.
     shard_out = tmp_path / "shards"
