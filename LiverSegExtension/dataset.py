@@ -24,7 +24,7 @@ from LiverSegExtension import __version__
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import image_from_array, same_grid
 from LiverSegExtension.io import atomic_write, read_image
-from LiverSegExtension.metrics import dice
+from LiverSegExtension.metrics import dice, volume_ml
 
 LOCK_FILE = ".liverseg.lock"
 
@@ -120,7 +120,7 @@ def add_case_images(folder: str | Path, image: sitk.Image, label: sitk.Image, pr
     record: dict[str, Any] = {
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "liverseg_version": __version__,
-        "liver_ml": float(lab.sum(dtype=np.int64)) * float(np.prod(image.GetSpacing())) / 1000.0,
+        "liver_ml": volume_ml(lab, image.GetSpacing()),
         "size": list(image.GetSize()),
         "spacing_mm": [round(s, 4) for s in image.GetSpacing()],
         **{k: v for k, v in (provenance or {}).items() if v not in (None, "")},

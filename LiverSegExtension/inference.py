@@ -26,6 +26,7 @@ from scipy import ndimage
 from LiverSegExtension.devices import resolve_device
 from LiverSegExtension.errors import CancelledError, LiverSegError
 from LiverSegExtension.geometry import Grid, image_from_array, index_box, physical_corners, resample_to_grid
+from LiverSegExtension.metrics import volume_ml
 from LiverSegExtension.model import LiverModel, default_model_dir
 
 ProgressCallback = Callable[[float, str], None]
@@ -156,8 +157,7 @@ class LiverSegmenter:
             self._paste(image, fine_grid, self.clean(prob, liver), mask)
             lap("resample_back", t)
         step(1.0, "done")
-        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        return SegmentationResult(mask, float(mask.sum(dtype=np.int64)) * voxel_ml, time.perf_counter() - start, timings)
+        return SegmentationResult(mask, volume_ml(mask, image.GetSpacing()), time.perf_counter() - start, timings)
 
     # -- stages --------------------------------------------------------------------------------
     def predict(self, stage: str, volume: np.ndarray) -> np.ndarray:

@@ -15,6 +15,11 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(p, r).sum()) / total
 
 
+def volume_ml(mask: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """Volume of the non-zero voxels in mL (the spacing's order does not matter)."""
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
+
+
 def _surface_distances(a: np.ndarray, b: np.ndarray, spacing_zyx: tuple[float, ...]) -> np.ndarray:
     """Distances (mm) from the surface voxels of ``a`` to the surface of ``b``."""
     struct = ndimage.generate_binary_structure(3, 1)
@@ -44,9 +49,7 @@ def surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float,
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...]) -> dict[str, float]:
     """All metrics for one case; volumes in mL, volume error relative to the reference in %."""
-    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    pred_ml = float(pred.astype(bool).sum()) * voxel_ml
-    ref_ml = float(ref.astype(bool).sum()) * voxel_ml
+    pred_ml, ref_ml = volume_ml(pred, spacing_zyx), volume_ml(ref, spacing_zyx)
     hd95, msd = surface_metrics(pred, ref, spacing_zyx)
     return {
         "dice": dice(pred, ref),

@@ -132,11 +132,11 @@ def liver_segment_id(segmentation, path: Path) -> str:
 
 
 def labelmap_ml(labelmap) -> float:
-    import numpy as np
     from vtk.util.numpy_support import vtk_to_numpy
 
-    voxels = vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars())
-    return float(np.count_nonzero(voxels)) * float(np.prod(labelmap.GetSpacing())) / 1000.0
+    from LiverSegExtension.metrics import volume_ml
+
+    return volume_ml(vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars()), labelmap.GetSpacing())
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
