@@ -186,6 +186,7 @@ class LiverModel:
 
         def write_weights(tmp: str) -> None:
             save_file(self.state_dict(), tmp)
+            os.chmod(tmp, 0o644)  # safetensors creates 0600: a model in a shared folder must be readable
             card["weights_sha256"] = sha256_of(tmp)  # of the bytes that land, before they land
 
         atomic_write(folder / WEIGHTS_FILE, write_weights, overwrite=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -21,6 +22,14 @@ def test_round_trip_gives_identical_outputs(tiny_model_dir):
         assert torch.equal(a.networks["fine"](x), b.networks["fine"](x))
     card = json.loads((tiny_model_dir / "card.json").read_text())
     assert card["weights_sha256"] and card["stages"]["fine"]["spacing_mm"] == [2.5, 2.5, 2.5]
+
+
+def test_saved_model_is_readable_by_others(tiny_model_dir, tmp_path):
+    """A model saved into a shared folder (an institute's model store) must load for every user."""
+    LiverModel.load(tiny_model_dir).save(tmp_path / "copy")
+    for name in ("model.safetensors", "card.json"):
+        assert stat.S_IMODE((tmp_path / "copy" / name).stat().st_mode) & 0o044 == 0o044, name
+    assert LiverModel.load(tmp_path / "copy").card["weights_sha256"]
 
 
 def test_checksum_mismatch_is_refused(tiny_model_dir, tmp_path):
