@@ -36,6 +36,7 @@ MAX_ROI = 160  # largest window edge, in voxels, the networks see at once
 GROW_ROUNDS = 2  # times the fine box may grow where the liver touches it
 SMALL_SCAN_MM = 300.0  # scans no larger than this on every axis skip the coarse stage
 GROW_MM = 40.0
+NECK_MM = 5.0  # parts joined to the liver through a neck thinner than twice this are cut off
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -50,6 +51,34 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(sizes.argmax())
+
+
+def liver_body(mask: np.ndarray, neck_voxels: int) -> np.ndarray:
+    """The largest component, less whatever hangs on to it by a thin neck.
+
+    A leak into the heart or a bowel loop is often joined to the liver only through a few voxels, so
+    the largest component keeps it. Eroding by ``neck_voxels`` cuts such necks; every voxel of the mask
+    then goes to the nearest eroded part, and only the voxels nearest to the largest part are kept.
+    Unlike an opening, thin parts of the liver itself (its edges, the tip of a lobe) stay, since the
+    liver's own core is nearest to them.
+    """
+    mask = largest_component(mask)
+    if neck_voxels < 1 or not mask.any():
+        return mask
+    lo = np.argwhere(mask).min(axis=0)
+    hi = np.argwhere(mask).max(axis=0) + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sub = mask[box]
+    core = ndimage.binary_erosion(sub, ndimage.generate_binary_structure(3, 1), iterations=neck_voxels)
+    parts, n = ndimage.label(core, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(parts.ravel())
+    sizes[0] = 0
+    nearest = parts[tuple(ndimage.distance_transform_edt(parts == 0, return_distances=False, return_indices=True))]
+    out = np.zeros_like(mask)
+    out[box] = largest_component(sub & (nearest == int(sizes.argmax())))
+    return out
 
 
 @dataclass
@@ -143,7 +172,7 @@ class LiverSegmenter:
         if box is not None:
             step(0.3, "segmenting the liver")
             fine_grid, prob = self._segment_box(image, *box)
-            liver = largest_component(prob >= 0.5)
+            liver = self._body(prob)
             for _ in range(GROW_ROUNDS):  # the coarse box may cut the liver: grow the faces it touches
                 grown = self._grow(image, box, liver)
                 if grown is None:
@@ -151,7 +180,7 @@ class LiverSegmenter:
                 step(0.5, "segmenting the liver (larger box)")
                 box = grown
                 fine_grid, prob = self._segment_box(image, *box)
-                liver = largest_component(prob >= 0.5)
+                liver = self._body(prob)
             t = lap("fine", t)
             step(0.8, "mapping back to the input grid")
             self._paste(image, fine_grid, self.clean(prob, liver), mask)
@@ -221,17 +250,22 @@ class LiverSegmenter:
         volume = sitk.GetArrayFromImage(resample_to_grid(crop, grid, pixel_type=sitk.sitkFloat32))
         return grid, self.predict("fine", volume)
 
-    @staticmethod
-    def clean(prob: np.ndarray, liver: np.ndarray | None = None) -> np.ndarray:
-        """Largest component and filled holes, decided on the fine grid and folded into the probabilities
-        (holes raised to 1, everything away from the kept component lowered to 0), so that the cheap
-        interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of its own."""
+    def _body(self, prob: np.ndarray) -> np.ndarray:
+        """The liver on the fine grid: :func:`liver_body` of the thresholded probabilities."""
+        spacing = min(self.model.stage("fine")["spacing_mm"])
+        return liver_body(prob >= 0.5, int(round(NECK_MM / spacing)))
+
+    def clean(self, prob: np.ndarray, liver: np.ndarray | None = None) -> np.ndarray:
+        """The liver (:meth:`_body`) with its holes filled, decided on the fine grid and folded into the
+        probabilities (holes raised to 1, everything away from the kept liver lowered to 0), so that the
+        cheap interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of
+        its own."""
         above = prob >= 0.5
-        liver = largest_component(above) if liver is None else liver
+        liver = self._body(prob) if liver is None else liver
         filled = np.asarray(FillHoles(applied_labels=[1])(liver[None])[0], dtype=bool)
         out = prob.copy()
         out[filled & ~above] = 1.0
-        out[~ndimage.binary_dilation(filled, iterations=1)] = 0.0
+        out[~ndimage.binary_dilation(filled, iterations=1) | (above & ~filled)] = 0.0  # incl. a cut-off leak
         return out
 
     def _paste(self, image: sitk.Image, grid: Grid, prob: np.ndarray, mask: np.ndarray) -> None:
