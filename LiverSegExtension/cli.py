@@ -163,7 +163,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     taken: set[Path] = set()
     for case in expand_inputs(args.inputs):
         target = output_path(out_dir, case.stem, args.format, taken)
-        row = {"input": case.label, "output": str(target), "status": "ok", "liver_ml": "", "seconds": "", "error": ""}
+        row = {"input": case.label, "output": str(target), "status": "ok", "liver_ml": "", "seconds": "", "error": "",
+               "warning": ""}
         start = time.perf_counter()
         bar = _Progress(case.stem, show)
         try:
@@ -173,6 +174,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
             result = segmenter.segment_image(image, progress=bar, source=case.label)
             write_mask(result.mask, image, target, overwrite=args.overwrite)
             row["liver_ml"] = f"{result.liver_ml:.1f}"
+            row["warning"] = "; ".join(result.warnings)
+            for warning in result.warnings:  # shown even with --quiet: the mask may be wrong
+                print(f"liverseg: warning: {warning}", file=sys.stderr)
             if result.liver_ml == 0:
                 row["status"], row["error"] = "empty", "no liver found"
         except LiverSegError as exc:

@@ -37,6 +37,10 @@ GROW_ROUNDS = 2  # times the fine box may grow where the liver touches it
 SMALL_SCAN_MM = 300.0  # scans no larger than this on every axis skip the coarse stage
 GROW_MM = 40.0
 NECK_MM = 5.0  # parts joined to the liver through a neck thinner than twice this are cut off
+# The liver's side is judged only on scans whose body is at least this wide (not crops around the liver);
+# a liver whose centre lies this far to the patient's left of the body's centre is worth a warning.
+SIDE_CHECK_WIDTH_MM = 250.0
+WRONG_SIDE_MM = 20.0
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -81,6 +85,26 @@ def liver_body(mask: np.ndarray, neck_voxels: int) -> np.ndarray:
     return out
 
 
+def side_warning(volume: np.ndarray, liver: np.ndarray, x_spacing: float, source: str) -> str | None:
+    """A warning when the liver lies on the patient's left, else None.
+
+    ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned LPS grid, so +x is the patient's
+    left. On whole-body-width scans the liver's centre lies 35-90 mm to the right of the body's; a liver
+    on the left means a header that swaps left and right (the mask is then wrong without any other sign),
+    or a situs inversus. Crops around the liver have no midline to judge by and are not judged.
+    """
+    body = volume > -500
+    body_x = np.nonzero(body.any(axis=(0, 1)))[0]
+    if body_x.size == 0 or (body_x[-1] - body_x[0]) * x_spacing < SIDE_CHECK_WIDTH_MM:
+        return None
+    body_centre = float(np.nonzero(body)[2].mean())
+    offset = (float(np.nonzero(liver)[2].mean()) - body_centre) * x_spacing
+    if offset <= WRONG_SIDE_MM:
+        return None
+    return (f"{source}: the liver found lies on the patient's left ({offset:.0f} mm left of the body's centre); "
+            "check the image's orientation (left and right swapped?)")
+
+
 @dataclass
 class SegmentationResult:
     """A binary mask on the input grid (``[k, j, i]``, uint8) and what it took to make it."""
@@ -89,6 +113,7 @@ class SegmentationResult:
     liver_ml: float
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def check_ct(image: sitk.Image, source: str = "input") -> None:
@@ -166,7 +191,8 @@ class LiverSegmenter:
         check_ct(image, source)
         step(0.0, "locating the liver")
         t = time.perf_counter()
-        box = self._locate(image)
+        warnings: list[str] = []
+        box = self._locate(image, warnings, source)
         t = lap("coarse", t)
         mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
         if box is not None:
@@ -186,7 +212,8 @@ class LiverSegmenter:
             self._paste(image, fine_grid, self.clean(prob, liver), mask)
             lap("resample_back", t)
         step(1.0, "done")
-        return SegmentationResult(mask, volume_ml(mask, image.GetSpacing()), time.perf_counter() - start, timings)
+        seconds = time.perf_counter() - start
+        return SegmentationResult(mask, volume_ml(mask, image.GetSpacing()), seconds, timings, warnings)
 
     # -- stages --------------------------------------------------------------------------------
     def predict(self, stage: str, volume: np.ndarray) -> np.ndarray:
@@ -200,11 +227,12 @@ class LiverSegmenter:
             prob = torch.softmax(logits.float(), dim=1)[0, 1]
         return prob.cpu().numpy()
 
-    def _locate(self, image: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:
+    def _locate(self, image: sitk.Image, warnings: list[str], source: str = "input") -> tuple[np.ndarray, np.ndarray] | None:
         """LPS box around the liver found at coarse resolution, or None when there is none.
 
         A small scan (a crop around the liver, say) is cheap at fine resolution and too small for the
-        coarse grid to see much: it is all box.
+        coarse grid to see much: it is all box. On a larger one, a liver found on the patient's left adds
+        a warning to ``warnings``.
         """
         corners = physical_corners(image)
         if np.all(corners.max(axis=0) - corners.min(axis=0) <= SMALL_SCAN_MM):
@@ -215,6 +243,9 @@ class LiverSegmenter:
         liver = largest_component(prob > 0.5)
         if not liver.any():
             return None
+        warning = side_warning(volume, liver, grid.spacing[0], source)
+        if warning:
+            warnings.append(warning)
         zyx = np.argwhere(liver)
         lo = grid.index_to_physical(zyx.min(axis=0)[::-1])
         hi = grid.index_to_physical(zyx.max(axis=0)[::-1])

@@ -207,7 +207,7 @@ def _to_compact_type(image: sitk.Image) -> sitk.Image:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "seconds", "error"]
+SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "seconds", "error", "warning"]
 
 
 def write_summary(path: Path, rows: list[dict]) -> None:

@@ -215,6 +215,9 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.outputSegmentation = run.segmentation_node
             run.segmentation_node.SetDisplayVisibility(True)
             self.ui.statusLabel.text = f"Liver: {run.liver_ml:.0f} mL ({run.seconds:.1f} s, {run.model_name})"
+            if run.warnings:
+                self.ui.statusLabel.text += " - check the warning"
+                slicer.util.warningDisplay("\n".join(run.warnings), windowTitle="LiverSeg")
         except CancelledError:
             self.ui.statusLabel.text = "Cancelled; the scene was not changed."
         except LiverSegError as exc:

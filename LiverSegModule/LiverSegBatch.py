@@ -183,7 +183,8 @@ def run(argv: list[str]) -> int:
     for n, case in enumerate(cases, 1):
         seg_path = out / f"{case.name}.seg.nrrd"
         lab_path = out / f"{case.name}_liver.nii.gz"
-        row = {"input": str(case.source), "output": str(seg_path), "status": "ok", "liver_ml": "", "seconds": "", "error": ""}
+        row = {"input": str(case.source), "output": str(seg_path), "status": "ok", "liver_ml": "", "seconds": "",
+               "error": "", "warning": ""}
         start = time.perf_counter()
         wanted = [seg_path] + ([lab_path] if args.labelmap else [])
         nodes = []
@@ -216,6 +217,7 @@ def run(argv: list[str]) -> int:
                     nodes.append(labelmap)
                     write_node(labelmap, lab_path, args.overwrite)
                 row["liver_ml"] = f"{result.liver_ml:.1f}"
+                row["warning"] = "; ".join(result.warnings)
         except LiverSegError as exc:
             row.update(status="failed", output="", error=str(exc))
         except Exception as exc:  # one bad case must not stop the batch
@@ -235,6 +237,7 @@ def run(argv: list[str]) -> int:
         rows.append(row)
         write_summary(summary_path, rows)
         detail = row["error"] or (f"{row['liver_ml']} mL" if row["liver_ml"] else "")
+        detail += f" WARNING: {row['warning']}" if row["warning"] else ""
         print(f"[{n}/{len(cases)}] {row['status']:7s} {case.source} {detail} ({row['seconds']} s)", flush=True)
     failed = sum(r["status"] == "failed" for r in rows)
     print(f"LiverSegBatch: {len(rows) - failed} of {len(rows)} case(s) done, {failed} failed; summary in {summary_path}",

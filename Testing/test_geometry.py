@@ -155,3 +155,19 @@ def test_leak_through_a_thin_neck_is_cut_off_and_thin_liver_kept(threshold_segme
     assert mask[blob].mean() < 0.01
     assert mask[tip].mean() > 0.8
     assert dice(mask, liver.astype(bool) | tip) > 0.96
+
+
+def test_liver_on_the_patients_left_is_warned_about(threshold_segmenter):
+    """The same voxels under a header that swaps left and right put the liver on the patient's left:
+    the mask follows the header (so it is wrong without any other sign), and a warning says so."""
+    g = GRIDS["anisotropic"]
+    shape = shape_for(g["spacing"])
+    m = make_affine(g["spacing"], shape, g["rot"], g["left_handed"])
+    ct, liver = phantom(shape, m)
+    right = threshold_segmenter.segment_array(ct, m)
+    assert right.warnings == [] and dice(right.mask, liver) > 0.96
+    swapped = np.diag([-1.0, 1.0, 1.0, 1.0]) @ m  # RAS x negated: the liver now lies on the left
+    left = threshold_segmenter.segment_image(image_from_array(ct, swapped), source="scan.nrrd")
+    assert dice(left.mask, liver) > 0.96  # the same voxels: nothing else betrays the swap
+    [warning] = left.warnings
+    assert warning.startswith("scan.nrrd: the liver found lies on the patient's left") and "orientation" in warning

@@ -8,7 +8,7 @@ an error or a cancel leaves it as it was.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ class LiverSegRun:
     liver_ml: float
     seconds: float
     model_name: str
+    warnings: list[str] = field(default_factory=list)  # e.g. a liver found on the patient's left
 
 
 class LiverSegLogic(ScriptedLoadableModuleLogic):
@@ -145,7 +146,10 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         # loses neither): the export measures how much the annotator changed.
         output_segmentation.SetAttribute("LiverSeg.Model", job.model_name)
         output_segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, mrml.encode_mask(result.mask))
-        return LiverSegRun(output_segmentation, segment_id, result.liver_ml, result.seconds, job.model_name)
+        for warning in result.warnings:
+            logging.warning("LiverSeg: %s", warning)
+        return LiverSegRun(output_segmentation, segment_id, result.liver_ml, result.seconds, job.model_name,
+                           list(result.warnings))
 
     def process(self, inputVolume, outputSegmentation=None, device: str = "auto", modelPath: str | None = None,
                 progress=None, cancel=None) -> LiverSegRun:
