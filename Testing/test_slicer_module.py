@@ -209,3 +209,19 @@ def test_model_card_for_display(tmp_path, tiny_model_dir):
     (broken / "card.json").write_text('{"name": "x"}')  # valid JSON, but no stages: unusable
     assert LiverSegLogic.modelCard(broken) == {}
     assert LiverSegLogic.modelCard(tmp_path / "missing") == {}
+
+
+def test_liver_on_the_left_reaches_the_run_as_a_warning(tmp_path, scene, logic):
+    """A whole-body-width CT whose header swaps left and right: the run still works, and carries the
+    engine's warning (shown in the panel, logged, and in the batch summary)."""
+    spacing, shape = (1.2, 1.5, 5.0), (44, 174, 275)  # 330 x 260 x 220 mm
+    m = make_affine(spacing, shape)
+    ct, _ = phantom(shape, m)
+    swapped = np.diag([-1.0, 1.0, 1.0, 1.0]) @ m
+    for name, matrix, warned in (("right.nrrd", m, False), ("swapped.nrrd", swapped, True)):
+        sitk.WriteImage(image_from_array(ct, matrix), str(tmp_path / name))
+        volume = load_volume(tmp_path / name)
+        run = logic.process(volume, None, device="cpu")
+        assert run.liver_ml > 0
+        assert bool(run.warnings) == warned, run.warnings
+    assert run.warnings[0].startswith(f"{volume.GetName()}: the liver found lies on the patient's left")
