@@ -121,16 +121,6 @@ def export_labelmap(ctx: SceneContext, segmentation, segment_id: str, volume):
     return labelmap
 
 
-def liver_segment_id(segmentation, path: Path) -> str:
-    """The segment named Liver (the only one in LiverSeg's own output)."""
-    seg = segmentation.GetSegmentation()
-    ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
-    named = [i for i in ids if seg.GetSegment(i).GetName().lower() == "liver"]
-    if named or len(ids) == 1:
-        return (named or ids)[0]
-    raise LiverSegError(f"{path}: no segment named Liver")
-
-
 def labelmap_ml(labelmap) -> float:
     from vtk.util.numpy_support import vtk_to_numpy
 
@@ -167,6 +157,7 @@ def run(argv: list[str]) -> int:
     shard_i, shard_n = parse_shard(args.shard)
 
     from LiverSegLib.logic import LiverSegLogic
+    from LiverSegLib.mrml import find_liver_segment
 
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +192,9 @@ def run(argv: list[str]) -> int:
                 if segmentation is None:
                     raise LiverSegError(f"{seg_path}: could not be read to make the missing labelmap")
                 nodes.append(segmentation)
-                segment_id = liver_segment_id(segmentation, seg_path)
+                segment_id = find_liver_segment(segmentation)
+                if segment_id is None:
+                    raise LiverSegError(f"{seg_path}: has no segment named 'Liver' to make the labelmap from")
                 labelmap = export_labelmap(ctx, segmentation, segment_id, volume)
                 nodes.append(labelmap)
                 write_node(labelmap, lab_path, False)
