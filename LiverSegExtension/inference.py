@@ -69,9 +69,7 @@ def liver_body(mask: np.ndarray, neck_voxels: int) -> np.ndarray:
     mask = largest_component(mask)
     if neck_voxels < 1 or not mask.any():
         return mask
-    lo = np.argwhere(mask).min(axis=0)
-    hi = np.argwhere(mask).max(axis=0) + 1
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    box = ndimage.find_objects(mask.view(np.uint8))[0]
     sub = mask[box]
     core = ndimage.binary_erosion(sub, ndimage.generate_binary_structure(3, 1), iterations=neck_voxels)
     parts, n = ndimage.label(core, structure=np.ones((3, 3, 3), bool))
@@ -286,13 +284,12 @@ class LiverSegmenter:
         spacing = min(self.model.stage("fine")["spacing_mm"])
         return liver_body(prob >= 0.5, int(round(NECK_MM / spacing)))
 
-    def clean(self, prob: np.ndarray, liver: np.ndarray | None = None) -> np.ndarray:
-        """The liver (:meth:`_body`) with its holes filled, decided on the fine grid and folded into the
-        probabilities (holes raised to 1, everything away from the kept liver lowered to 0), so that the
-        cheap interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of
-        its own."""
+    @staticmethod
+    def clean(prob: np.ndarray, liver: np.ndarray) -> np.ndarray:
+        """The liver (:meth:`_body` of ``prob``) with its holes filled, folded into the fine probabilities
+        (holes raised to 1, everything away from the kept liver lowered to 0), so that the cheap
+        interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of its own."""
         above = prob >= 0.5
-        liver = self._body(prob) if liver is None else liver
         filled = np.asarray(FillHoles(applied_labels=[1])(liver[None])[0], dtype=bool)
         out = prob.copy()
         out[filled & ~above] = 1.0
