@@ -14,6 +14,7 @@ import torch
 from monai.transforms import (
     Compose,
     MapTransform,
+    OneOf,
     RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
@@ -24,6 +25,7 @@ from monai.transforms import (
     RandShiftIntensityd,
     RandSpatialCropd,
     ScaleIntensityRanged,
+    SpatialCrop,
     SpatialPadd,
 )
 from scipy import ndimage
@@ -130,9 +132,37 @@ class RandFieldOfViewd(Randomizable, MapTransform):
         return d
 
 
+class RandDomeCropd(Randomizable, MapTransform):
+    """Crop ``roi_size`` around the top (dome) of the liver: arrays ``[1, z, y, x]`` with z pointing to
+    the head, as on the model's grids. The dome is where the liver meets the diaphragm, heart and
+    lung, and where masks leak; a crop by label alone seldom centres there, and the few scans that
+    reach into the chest show the heart only in such crops. The centre is a random voxel of the
+    liver's top 15 slices, moved up by up to a third of the crop. Label-free patches are left to the
+    next transform's padding."""
+
+    def __init__(self, keys: list[str], roi_size: list[int], label_key: str = "label") -> None:
+        MapTransform.__init__(self, keys)
+        self.roi_size, self.label_key = list(roi_size), label_key
+
+    def __call__(self, data: dict) -> dict:
+        label = np.asarray(data[self.label_key])[0] > 0
+        if not label.any():
+            return data
+        top = int(np.nonzero(label.any(axis=(1, 2)))[0].max())
+        zyx = np.argwhere(label[max(0, top - 14) : top + 1])
+        centre = zyx[self.R.randint(len(zyx))] + [max(0, top - 14), 0, 0]
+        centre[0] += self.R.randint(0, self.roi_size[0] // 3 + 1)
+        crop = SpatialCrop(roi_center=[int(c) for c in centre], roi_size=self.roi_size)
+        d = dict(data)
+        for key in self.keys:
+            d[key] = crop(d[key])
+        return d
+
+
 # Scale factors: the grid is sampled this much wider (>0) or tighter (<0), so the anatomy shrinks or grows.
 # Skewed towards shrinking: a scan whose written spacing is smaller than the truth shows a small liver.
 SCALE_RANGE = ((-0.2, 0.45),) * 3
+DOME_CROP = 0.25  # share of fine-stage crops centred at the liver's dome
 
 
 def training_transforms(stage: str, window: tuple[float, float], patch: list[int]) -> Compose:
@@ -145,7 +175,10 @@ def training_transforms(stage: str, window: tuple[float, float], patch: list[int
         crop = [RandSpatialCropd(keys, roi_size=small, max_roi_size=context, random_size=True, random_center=True)]
         last = []
     else:
-        crop = [RandCropByPosNegLabeld(keys, "label", spatial_size=context, pos=3, neg=1, num_samples=1, allow_smaller=True),
+        # One crop in four at the liver's dome; the rest by label, three in four of those on the liver.
+        crop = [OneOf([RandCropByPosNegLabeld(keys, "label", spatial_size=context, pos=3, neg=1, num_samples=1,
+                                              allow_smaller=True),
+                       RandDomeCropd(keys, context)], weights=[1.0 - DOME_CROP, DOME_CROP]),
                 SpatialPadd(keys, spatial_size=context, value=0)]
         last = [RandSpatialCropd(keys, roi_size=[int(p * 0.7) for p in patch], max_roi_size=patch, random_size=True),
                 SpatialPadd(keys, spatial_size=patch, value=0)]

@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, help="wall-clock budget for the whole run")
     t.add_argument("--val-every", type=int, default=250)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--oversample", action="append", default=[], metavar="CASE=K",
+                   help="draw a training case K times as often (repeat for several cases)")
     t.add_argument("--ema", type=float, default=0.998,
                    help="decay of the moving average of the weights that is validated and saved (0: off)")
     t.add_argument("--name", help="model name (default: the parent's when fine-tuning, else liverseg)")
@@ -206,6 +208,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.iterations < 1:
         raise UsageError("--iterations must be at least 1")
+    oversample = {}
+    for spec in args.oversample:
+        name, _, times = spec.partition("=")
+        if not name or not times.isdigit() or int(times) < 1:
+            raise UsageError(f"--oversample {spec}: expected CASE=K with K a whole number of at least 1")
+        oversample[name] = int(times)
     bar_state: dict = {}
 
     def progress(stage: str, it: int, total: int, loss: float) -> None:
@@ -219,7 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data, output=args.output, init=args.init,
         val_cases=[v for v in args.val.split(",") if v], iterations=args.iterations,
         max_minutes=args.max_minutes, device=args.device, seed=args.seed, val_every=args.val_every,
-        name=args.name, version=args.model_version, ema=args.ema,
+        name=args.name, version=args.model_version, ema=args.ema, oversample=oversample,
     )
     train(cfg, progress=progress)
     return 0

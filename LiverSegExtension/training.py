@@ -54,6 +54,7 @@ class TrainConfig:
     batch_size: int = 2
     lr: float = 2e-3
     ema: float = 0.998  # decay of the weights' moving average (0: validate and save the raw weights)
+    oversample: dict[str, int] = field(default_factory=dict)  # case name -> times it is drawn as often
     name: str | None = None  # default: the parent's name when fine-tuning, else "liverseg"
     version: str | None = None
 
@@ -157,6 +158,9 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
     rng = random.Random(cfg.seed)
     cases: list[Case] = [c for d in cfg.data for c in load_msd(d)]
     train_cases, val_cases = split_cases(cases, cfg.val_cases)
+    unknown = sorted(set(cfg.oversample) - {c.name for c in train_cases})
+    if unknown:
+        raise LiverSegError(f"oversampled case(s) not among the training cases: {', '.join(unknown)}")
     val_cases = load_validation(val_cases)
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
@@ -204,6 +208,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
             net = model.networks[stage]
             _log(f"[{stage}] preparing {len(train_cases)} training cases at {spec['spacing_mm']} mm")
             items = prepare(train_cases, spec["spacing_mm"])
+            items = [item for item in items for _ in range(max(1, cfg.oversample.get(item["name"], 1)))]
             transform = training_transforms(stage, window, spec["patch_size"])
             transform.set_random_state(seed=cfg.seed + si + int(state["iteration"]))
             lr = cfg.lr * (0.25 if parent else 1.0)
@@ -309,6 +314,7 @@ def _save_model(model: LiverModel, cfg: TrainConfig, parent: LiverModel | None, 
             "iterations_fine": iteration,
             "seed": cfg.seed,
             "device": cfg.device,
+            "oversample": dict(cfg.oversample),
         },
         "validation": {"cases": rows, "mean": mean},
     }
