@@ -96,3 +96,25 @@ def test_native_ct_simulation_takes_the_contrast_away_and_keeps_the_rest():
         np.testing.assert_array_equal(out[[0, 1, 2, 3, 8, 9]], hu[[0, 1, 2, 3, 8, 9]])  # air, fat, water, bone kept
         assert 15 <= out[4] <= 70  # liver parenchyma at a native level, normal or fatty
         assert 30 <= out[6] <= 50 and 30 <= out[7] <= 50  # enhanced blood and heart lose their contrast
+
+
+def test_dome_crop_centres_on_the_top_of_the_liver_and_shows_what_lies_above():
+    from LiverSegExtension.augment import RandDomeCropd
+
+    shape, roi = (80, 40, 40), [32, 32, 32]
+    image = np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None], shape)[None].copy()  # value = z
+    label = np.zeros((1, *shape), dtype=np.uint8)
+    label[0, 10:31, 8:30, 8:30] = 1  # liver slices 10..30, its dome at z = 30 (z points to the head)
+    t = RandDomeCropd(["image", "label"], roi)
+    firsts = set()
+    for seed in range(30):
+        t.set_random_state(seed)
+        out = t({"image": image, "label": label})
+        z = np.unique(np.asarray(out["image"])[0])
+        assert len(z) == roi[0] and z.min() <= 30 < z.max()  # the dome and slices above it
+        np.testing.assert_array_equal(np.asarray(out["label"])[0].any(axis=(1, 2)), (z >= 10) & (z <= 30))
+        firsts.add(int(z.min()))
+    assert max(firsts) > 10, "some crops must leave the bottom of the liver out: they centre on the dome"
+    assert len(firsts) > 5
+    empty = {"image": image, "label": np.zeros_like(label)}
+    assert t(empty)["image"] is image  # no liver: nothing to centre on, left to the next crop

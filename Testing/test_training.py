@@ -43,14 +43,21 @@ def test_train_resume_and_segment(tmp_path, tiny_model_dir):
     out = tmp_path / "model"
     # Small architecture: start from the tiny model's card (fine-tuning path), 2 then 4 iterations.
     r = train_cli("--data", data, "--output", out, "--init", tiny_model_dir, "--val", "case2", "--iterations", 2,
-                  "--val-every", 2, "--seed", "1", "--device", "cpu")
+                  "--val-every", 2, "--seed", "1", "--device", "cpu", "--oversample", "case1=3")
     assert r.returncode == 0, r.stderr
     card = json.loads((out / "card.json").read_text())
+    assert card["training"]["oversample"] == {"case1": 3}
     assert card["parent_model"] == "tiny-test v0.0.1" and card["version"] == "0.1.0"
     assert card["training"]["cases"] == ["case0", "case1"]
     assert card["validation"]["cases"][0]["case"] == "case2"
     ckpt_rows = list(csv.DictReader(open(out / "training_log.csv")))
     assert ckpt_rows[-1]["stage"] == "fine" and ckpt_rows[-1]["iteration"] == "2"
+    # The saved model is the moving average of the weights (its only validation: iteration 2), not the raw ones.
+    first = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    saved = LiverModel.load(out).networks["fine"].state_dict()
+    name = next(k for k in saved if k.endswith("weight"))
+    assert torch.equal(saved[name], first["ema"][f"module.{name}"])
+    assert not torch.equal(saved[name], first["net_fine"][name])
 
     r = train_cli("--data", data, "--output", out, "--init", tiny_model_dir, "--val", "case2", "--iterations", 4,
                   "--val-every", 2, "--seed", "1", "--device", "cpu")
@@ -60,13 +67,12 @@ def test_train_resume_and_segment(tmp_path, tiny_model_dir):
     fine_iters = [int(r["iteration"]) for r in rows if r["stage"] == "fine"]
     assert fine_iters == [2, 4], "the resumed run must continue at iteration 3, not start over"
 
-    # The saved model is the moving average of the weights, carried across the resume (4 updates, not 2).
+    # The average is carried across the resume (4 updates, not 2); the best of the two validations is kept.
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert int(ckpt["ema"]["n_averaged"]) == 4
+    best = json.loads((out / "card.json").read_text())["training"]["iterations_fine"]
     saved = LiverModel.load(out).networks["fine"].state_dict()
-    name = next(k for k in saved if k.endswith("weight"))
-    assert torch.equal(saved[name], ckpt["ema"][f"module.{name}"])
-    assert not torch.equal(saved[name], ckpt["net_fine"][name])
+    assert torch.equal(saved[name], (ckpt if best == 4 else first)["ema"][f"module.{name}"])
 
     seg = subprocess.run([sys.executable, "-m", "LiverSegExtension.cli", "segment", data / "imagesTr" / "case0.nii.gz",
                           "-o", tmp_path / "seg", "--model", out, "-q"], cwd=ROOT, capture_output=True, text=True)
@@ -79,3 +85,12 @@ def test_unknown_validation_case_is_a_clear_error(tmp_path):
     r = train_cli("--data", data, "--output", tmp_path / "m", "--val", "nope", "--iterations", 1)
     assert r.returncode == 1 and "validation case(s) not in the dataset: nope" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bad_oversampling_is_a_clear_error(tmp_path):
+    data = make_dataset(tmp_path / "data", n=2)
+    r = train_cli("--data", data, "--output", tmp_path / "m", "--val", "case1", "--oversample", "case1=2")
+    assert r.returncode == 1 and "oversampled case(s) not among the training cases: case1" in r.stderr
+    r = train_cli("--data", data, "--output", tmp_path / "m", "--oversample", "case0=many")
+    assert r.returncode == 2 and "expected CASE=K" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "m").exists()
