@@ -4,7 +4,7 @@ No left-right (or any) flips: the liver has a side. Intensity and contrast-phase
 included), noise, blur (resolution), scale (livers of every size, and scans whose written spacing is wrong) and
 field-of-view changes (scans cropped tightly around the liver, or cutting it), and the artefacts of
 the reconstructed IRCAD HU (air aliased onto water) in both directions, so that the model ignores how
-air looks.
+air looks. Fine-stage crops centre on the liver's dome now and then, where masks leak into the heart.
 """
 
 from __future__ import annotations
