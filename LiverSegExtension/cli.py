@@ -151,7 +151,7 @@ def output_path(out_dir: Path, stem: str, fmt: str, taken: set[Path]) -> Path:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from LiverSegExtension.io import expand_inputs, read_case, write_mask, write_summary
+    from LiverSegExtension.io import expand_inputs, read_case, summary_row, write_mask, write_summary
 
     segmenter = _segmenter(args)
     out_dir: Path = args.output_dir
@@ -165,8 +165,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     taken: set[Path] = set()
     for case in expand_inputs(args.inputs):
         target = output_path(out_dir, case.stem, args.format, taken)
-        row = {"input": case.label, "output": str(target), "status": "ok", "liver_ml": "", "seconds": "", "error": "",
-               "warning": ""}
+        row = summary_row(case.label, str(target))
         start = time.perf_counter()
         bar = _Progress(case.stem, show)
         try:

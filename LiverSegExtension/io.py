@@ -210,6 +210,11 @@ def _to_compact_type(image: sitk.Image) -> sitk.Image:
 SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "seconds", "error", "warning"]
 
 
+def summary_row(source: str, output: str) -> dict[str, str]:
+    """A summary.csv row for one case before it runs: status ok, every other field empty."""
+    return {**dict.fromkeys(SUMMARY_FIELDS, ""), "input": source, "output": output, "status": "ok"}
+
+
 def write_summary(path: Path, rows: list[dict]) -> None:
     """Rewrite a summary.csv atomically (after each case, so an interrupted run still has one)."""
     buf = io.StringIO()

@@ -24,7 +24,7 @@ import LiverSegLib  # noqa: E402,F401 - makes the engine importable
 import slicer  # noqa: E402
 
 from LiverSegExtension.errors import LiverSegError  # noqa: E402
-from LiverSegExtension.io import VOLUME_SUFFIXES, atomic_write, dicom_series, write_summary  # noqa: E402
+from LiverSegExtension.io import VOLUME_SUFFIXES, atomic_write, dicom_series, summary_row, write_summary  # noqa: E402
 
 
 class Case:
@@ -174,8 +174,7 @@ def run(argv: list[str]) -> int:
     for n, case in enumerate(cases, 1):
         seg_path = out / f"{case.name}.seg.nrrd"
         lab_path = out / f"{case.name}_liver.nii.gz"
-        row = {"input": str(case.source), "output": str(seg_path), "status": "ok", "liver_ml": "", "seconds": "",
-               "error": "", "warning": ""}
+        row = summary_row(str(case.source), str(seg_path))
         start = time.perf_counter()
         wanted = [seg_path] + ([lab_path] if args.labelmap else [])
         nodes = []
