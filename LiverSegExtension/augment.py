@@ -148,9 +148,9 @@ class RandDomeCropd(Randomizable, MapTransform):
         label = np.asarray(data[self.label_key])[0] > 0
         if not label.any():
             return data
-        top = int(np.nonzero(label.any(axis=(1, 2)))[0].max())
-        zyx = np.argwhere(label[max(0, top - 14) : top + 1])
-        centre = zyx[self.R.randint(len(zyx))] + [max(0, top - 14), 0, 0]
+        first = max(0, int(np.nonzero(label.any(axis=(1, 2)))[0].max()) - 14)  # the top 15 slices
+        zyx = np.argwhere(label[first:])
+        centre = zyx[self.R.randint(len(zyx))] + [first, 0, 0]
         centre[0] += self.R.randint(0, self.roi_size[0] // 3 + 1)
         crop = SpatialCrop(roi_center=[int(c) for c in centre], roi_size=self.roi_size)
         d = dict(data)
