@@ -59,6 +59,26 @@ class TrainConfig:
     version: str | None = None
 
 
+def _run_settings(cfg: TrainConfig, train_cases: list[Case], val_cases: list[Case]) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint (the budget may change)."""
+    return {
+        "training cases": sorted(c.name for c in train_cases),
+        "validation cases": sorted(c.name for c in val_cases),
+        "oversample": {k: int(v) for k, v in sorted(cfg.oversample.items())},
+        "seed": int(cfg.seed), "ema": float(cfg.ema), "lr": float(cfg.lr), "batch size": int(cfg.batch_size),
+    }
+
+
+def _check_resume(path: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint under other settings: the result would belong to neither run."""
+    if saved is None:  # written before settings were recorded
+        return
+    differ = [f"{key} {saved.get(key)} then, {now[key]} now" for key in now if saved.get(key) != now[key]]
+    if differ:
+        raise LiverSegError(f"{path}: written by a run with other settings ({'; '.join(differ)}); "
+                            "resume with the same ones, or train into a new --output")
+
+
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -161,6 +181,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
     unknown = sorted(set(cfg.oversample) - {c.name for c in train_cases})
     if unknown:
         raise LiverSegError(f"oversampled case(s) not among the training cases: {', '.join(unknown)}")
+    settings = _run_settings(cfg, train_cases, val_cases)
     val_cases = load_validation(val_cases)
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +199,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
     optim_state = ema_state = None
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        _check_resume(ckpt_path, ckpt.get("settings"), settings)
         for s in STAGES:
             model.networks[s].load_state_dict(ckpt[f"net_{s}"])
         state = {k: ckpt[k] for k in state}
@@ -274,6 +296,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                         "optim": optim.state_dict(), "stage_index": si, "iteration": done,
                         **({"ema": ema.state_dict()} if ema is not None else {}),
                         "best": float(state["best"]), "elapsed": time.perf_counter() - t_start,
+                        "settings": settings,
                     }, ckpt_path)
             state["iteration"] = 0
             if ema is not None:  # the stage ends with its averaged weights (the coarse net the fine stage uses)
@@ -282,7 +305,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                 _atomic_torch_save({
                     **{f"net_{s}": model.networks[s].state_dict() for s in STAGES},
                     "stage_index": si + 1, "iteration": 0, "best": float(state["best"]),
-                    "elapsed": time.perf_counter() - t_start,
+                    "elapsed": time.perf_counter() - t_start, "settings": settings,
                 }, ckpt_path)
         if float(state["best"]) < -0.5:  # stopped before any validation: keep what we have
             rows = validate(model, val_cases, device) if val_cases else []

@@ -59,8 +59,16 @@ def test_train_resume_and_segment(tmp_path, tiny_model_dir):
     assert torch.equal(saved[name], first["ema"][f"module.{name}"])
     assert not torch.equal(saved[name], first["net_fine"][name])
 
+    # Resuming under other settings (here: without the oversampling) is refused, and nothing is touched.
+    before = (out / "checkpoint.pt").read_bytes(), (out / "training_log.csv").read_text()
     r = train_cli("--data", data, "--output", out, "--init", tiny_model_dir, "--val", "case2", "--iterations", 4,
                   "--val-every", 2, "--seed", "1", "--device", "cpu")
+    assert r.returncode == 1 and "written by a run with other settings (oversample {'case1': 3} then, {} now)" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert ((out / "checkpoint.pt").read_bytes(), (out / "training_log.csv").read_text()) == before
+
+    r = train_cli("--data", data, "--output", out, "--init", tiny_model_dir, "--val", "case2", "--iterations", 4,
+                  "--val-every", 2, "--seed", "1", "--device", "cpu", "--oversample", "case1=3")
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout + r.stderr
     rows = list(csv.DictReader(open(out / "training_log.csv")))
