@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--oversample", action="append", default=[], metavar="CASE=K",
                    help="draw a training case K times as often (repeat for several cases)")
+    t.add_argument("--stages", default="coarse,fine",
+                   help="stages to train, comma-separated; with --init, the others are kept from it (e.g. fine)")
     t.add_argument("--ema", type=float, default=0.998,
                    help="decay of the moving average of the weights that is validated and saved (0: off)")
     t.add_argument("--name", help="model name (default: the parent's when fine-tuning, else liverseg)")
@@ -213,6 +215,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not name or not times.isdigit() or int(times) < 1:
             raise UsageError(f"--oversample {spec}: expected CASE=K with K a whole number of at least 1")
         oversample[name] = int(times)
+    stages = [s for s in args.stages.split(",") if s]
+    if not stages or set(stages) - {"coarse", "fine"}:
+        raise UsageError(f"--stages {args.stages}: expected coarse, fine or coarse,fine")
     bar_state: dict = {}
 
     def progress(stage: str, it: int, total: int, loss: float) -> None:
@@ -227,6 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_cases=[v for v in args.val.split(",") if v], iterations=args.iterations,
         max_minutes=args.max_minutes, device=args.device, seed=args.seed, val_every=args.val_every,
         name=args.name, version=args.model_version, ema=args.ema, oversample=oversample,
+        stages=[s for s in ("coarse", "fine") if s in stages],
     )
     train(cfg, progress=progress)
     return 0

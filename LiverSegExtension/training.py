@@ -55,6 +55,7 @@ class TrainConfig:
     lr: float = 2e-3
     ema: float = 0.998  # decay of the weights' moving average (0: validate and save the raw weights)
     oversample: dict[str, int] = field(default_factory=dict)  # case name -> times it is drawn as often
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # the others are kept from ``init``
     name: str | None = None  # default: the parent's name when fine-tuning, else "liverseg"
     version: str | None = None
 
@@ -65,7 +66,8 @@ def _run_settings(cfg: TrainConfig, train_cases: list[Case], val_cases: list[Cas
         "training cases": sorted(c.name for c in train_cases),
         "validation cases": sorted(c.name for c in val_cases),
         "oversample": {k: int(v) for k, v in sorted(cfg.oversample.items())},
-        "seed": int(cfg.seed), "ema": float(cfg.ema), "lr": float(cfg.lr), "batch size": int(cfg.batch_size),
+        "stages": list(cfg.stages), "seed": int(cfg.seed), "ema": float(cfg.ema), "lr": float(cfg.lr),
+        "batch size": int(cfg.batch_size),
     }
 
 
@@ -178,6 +180,8 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
     rng = random.Random(cfg.seed)
     cases: list[Case] = [c for d in cfg.data for c in load_msd(d)]
     train_cases, val_cases = split_cases(cases, cfg.val_cases)
+    if set(STAGES) - set(cfg.stages) and cfg.init is None:
+        raise LiverSegError(f"training only the {', '.join(cfg.stages)} stage needs --init: the others are kept from it")
     unknown = sorted(set(cfg.oversample) - {c.name for c in train_cases})
     if unknown:
         raise LiverSegError(f"oversampled case(s) not among the training cases: {', '.join(unknown)}")
@@ -226,6 +230,9 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
     try:
         for si in range(int(state["stage_index"]), len(STAGES)):
             stage = STAGES[si]
+            if stage not in cfg.stages:
+                _log(f"[{stage}] kept from {cfg.init}")
+                continue
             spec = model.stage(stage)
             net = model.networks[stage]
             _log(f"[{stage}] preparing {len(train_cases)} training cases at {spec['spacing_mm']} mm")
@@ -338,6 +345,7 @@ def _save_model(model: LiverModel, cfg: TrainConfig, parent: LiverModel | None, 
             "seed": cfg.seed,
             "device": cfg.device,
             "oversample": dict(cfg.oversample),
+            "stages": list(cfg.stages),
         },
         "validation": {"cases": rows, "mean": mean},
     }

@@ -102,3 +102,22 @@ def test_bad_oversampling_is_a_clear_error(tmp_path):
     r = train_cli("--data", data, "--output", tmp_path / "m", "--oversample", "case0=many")
     assert r.returncode == 2 and "expected CASE=K" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "m").exists()
+
+
+def test_train_fine_stage_only_keeps_the_coarse_net(tmp_path, tiny_model_dir):
+    data = make_dataset(tmp_path / "data", n=2)
+    r = train_cli("--data", data, "--output", tmp_path / "m", "--stages", "fine", "--iterations", 1)
+    assert r.returncode == 1 and "training only the fine stage needs --init" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "m").exists()
+
+    out = tmp_path / "fine-only"
+    r = train_cli("--data", data, "--output", out, "--init", tiny_model_dir, "--val", "case1", "--stages", "fine",
+                  "--iterations", 2, "--val-every", 2, "--seed", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    parent, child = LiverModel.load(tiny_model_dir), LiverModel.load(out)
+    for stage, same in (("coarse", True), ("fine", False)):
+        a, b = parent.networks[stage].state_dict(), child.networks[stage].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a) == same, stage
+    rows = list(csv.DictReader(open(out / "training_log.csv")))
+    assert {r["stage"] for r in rows} == {"fine"}
+    assert json.loads((out / "card.json").read_text())["training"]["stages"] == ["fine"]
