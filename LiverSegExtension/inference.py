@@ -33,7 +33,7 @@ ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
 
 MAX_ROI = 160  # largest window edge, in voxels, the networks see at once
-GROW_ROUNDS = 2  # times the fine box may grow where the liver touches it
+GROW_ROUNDS = 2  # times the fine box may grow where the liver touches it (never up: see _grow)
 SMALL_SCAN_MM = 300.0  # scans no larger than this on every axis skip the coarse stage
 GROW_MM = 40.0
 NECK_MM = 5.0  # parts joined to the liver through a neck thinner than twice this are cut off
@@ -253,7 +253,7 @@ class LiverSegmenter:
     @staticmethod
     def _grow(image: sitk.Image, box: tuple[np.ndarray, np.ndarray], liver: np.ndarray):
         """A larger box when the liver found (largest component, fine grid) touches a face of the box
-        that is not the scan's edge."""
+        that is not the scan's edge, nor its top."""
         if not liver.any():
             return None
         corners = physical_corners(image)
@@ -267,7 +267,9 @@ class LiverSegmenter:
             if first and lower[axis] > scan_lo[axis]:
                 lower[axis] -= GROW_MM
                 grew = True
-            if last and upper[axis] < scan_hi[axis]:
+            # Never up (LPS z+): the coarse stage finds the dome, and what touches the top of the box is a
+            # leak into the heart, which a taller box only lets grow (CORT: 100 -> 270 mL).
+            if last and upper[axis] < scan_hi[axis] and axis != 2:
                 upper[axis] += GROW_MM
                 grew = True
         return (lower, upper) if grew else None
