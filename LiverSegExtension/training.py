@@ -162,10 +162,6 @@ def _stage_net(model: LiverModel, stage: str, net: torch.nn.Module) -> Iterator[
         model.networks[stage] = kept
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=True)
-
-
 def _next_version(parent: str | None) -> str:
     if not parent:
         return "1.0.0"
@@ -226,6 +222,13 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
     window = model.window
     best_rows: list[dict[str, Any]] = []
     t_start = time.perf_counter() - float(state["elapsed"])
+
+    def save_checkpoint(stage_index: int, iteration: int, **extra: Any) -> None:
+        """All a resume needs: every net, where the run stands, its best so far, and its settings."""
+        ckpt = {**{f"net_{s}": model.networks[s].state_dict() for s in STAGES}, "stage_index": stage_index,
+                "iteration": iteration, "best": float(state["best"]), "elapsed": time.perf_counter() - t_start,
+                "settings": settings, **extra}
+        atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp), overwrite=True)
 
     try:
         for si in range(int(state["stage_index"]), len(STAGES)):
@@ -298,22 +301,13 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                         if val_dice:
                             board.add_scalar(f"{stage}/val_dice", float(val_dice), done)
                 if done % 50 == 0 or is_last:
-                    _atomic_torch_save({
-                        **{f"net_{s}": model.networks[s].state_dict() for s in STAGES},
-                        "optim": optim.state_dict(), "stage_index": si, "iteration": done,
-                        **({"ema": ema.state_dict()} if ema is not None else {}),
-                        "best": float(state["best"]), "elapsed": time.perf_counter() - t_start,
-                        "settings": settings,
-                    }, ckpt_path)
+                    save_checkpoint(si, done, optim=optim.state_dict(),
+                                    **({"ema": ema.state_dict()} if ema is not None else {}))
             state["iteration"] = 0
             if ema is not None:  # the stage ends with its averaged weights (the coarse net the fine stage uses)
                 net.load_state_dict(ema.module.state_dict())
             if stage == "coarse":
-                _atomic_torch_save({
-                    **{f"net_{s}": model.networks[s].state_dict() for s in STAGES},
-                    "stage_index": si + 1, "iteration": 0, "best": float(state["best"]),
-                    "elapsed": time.perf_counter() - t_start, "settings": settings,
-                }, ckpt_path)
+                save_checkpoint(si + 1, 0)
         if float(state["best"]) < -0.5:  # stopped before any validation: keep what we have
             rows = validate(model, val_cases, device) if val_cases else []
             _save_model(model, cfg, parent, train_cases, rows, out, int(state["iteration"]))
