@@ -205,6 +205,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from LiverSegExtension.model import STAGES
     from LiverSegExtension.training import TrainConfig, train
 
     if args.iterations < 1:
@@ -216,8 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--oversample {spec}: expected CASE=K with K a whole number of at least 1")
         oversample[name] = int(times)
     stages = [s for s in args.stages.split(",") if s]
-    if not stages or set(stages) - {"coarse", "fine"}:
-        raise UsageError(f"--stages {args.stages}: expected coarse, fine or coarse,fine")
+    if not stages or set(stages) - set(STAGES):
+        raise UsageError(f"--stages {args.stages}: expected one or more of {', '.join(STAGES)}")
     bar_state: dict = {}
 
     def progress(stage: str, it: int, total: int, loss: float) -> None:
@@ -232,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_cases=[v for v in args.val.split(",") if v], iterations=args.iterations,
         max_minutes=args.max_minutes, device=args.device, seed=args.seed, val_every=args.val_every,
         name=args.name, version=args.model_version, ema=args.ema, oversample=oversample,
-        stages=[s for s in ("coarse", "fine") if s in stages],
+        stages=[s for s in STAGES if s in stages],
     )
     train(cfg, progress=progress)
     return 0

@@ -108,6 +108,8 @@ def test_train_fine_stage_only_keeps_the_coarse_net(tmp_path, tiny_model_dir):
     data = make_dataset(tmp_path / "data", n=2)
     r = train_cli("--data", data, "--output", tmp_path / "m", "--stages", "fine", "--iterations", 1)
     assert r.returncode == 1 and "training only the fine stage needs --init" in r.stderr
+    r = train_cli("--data", data, "--output", tmp_path / "m", "--stages", "fin", "--iterations", 1)
+    assert r.returncode == 2 and "--stages fin: expected one or more of coarse, fine" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "m").exists()
 
     out = tmp_path / "fine-only"
