@@ -41,6 +41,10 @@ NECK_MM = 5.0  # parts joined to the liver through a neck thinner than twice thi
 # a liver whose centre lies this far to the patient's left of the body's centre is worth a warning.
 SIDE_CHECK_WIDTH_MM = 250.0
 WRONG_SIDE_MM = 20.0
+# Less than a fifth of a typical adult liver (1-2.5 L; the labelled ones here: 1.1-2.1 L): the scan shows
+# only part of the liver, or none, and what was found may not be liver (on CORT's pelvis alone: 102 mL of
+# muscle on the right flank; above its liver's dome: 43 mL).
+SMALL_LIVER_ML = 300.0
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -81,6 +85,16 @@ def liver_body(mask: np.ndarray, neck_voxels: int) -> np.ndarray:
     out = np.zeros_like(mask)
     out[box] = largest_component(sub & (nearest == int(sizes.argmax())))
     return out
+
+
+def size_warning(liver_ml: float, source: str) -> str | None:
+    """A warning when nothing, or less than a whole liver, was found, else None."""
+    if liver_ml == 0:
+        return f"{source}: no liver found"
+    if liver_ml < SMALL_LIVER_ML:
+        return (f"{source}: only {liver_ml:.0f} mL found, less than a whole liver: the scan may show part of "
+                "the liver or none of it (a scan of the chest or the pelvis?); check that it is liver")
+    return None
 
 
 def side_warning(volume: np.ndarray, liver: np.ndarray, x_spacing: float, source: str) -> str | None:
@@ -210,8 +224,12 @@ class LiverSegmenter:
             self._paste(image, fine_grid, self.clean(prob, liver), mask)
             lap("resample_back", t)
         step(1.0, "done")
+        liver_ml = volume_ml(mask, image.GetSpacing())
+        small = size_warning(liver_ml, source)
+        if small:  # then the side warning judged something that may not be liver: it would mislead
+            warnings = [small]
         seconds = time.perf_counter() - start
-        return SegmentationResult(mask, volume_ml(mask, image.GetSpacing()), seconds, timings, warnings)
+        return SegmentationResult(mask, liver_ml, seconds, timings, warnings)
 
     # -- stages --------------------------------------------------------------------------------
     def predict(self, stage: str, volume: np.ndarray) -> np.ndarray:

@@ -197,3 +197,25 @@ def test_liver_on_the_patients_left_is_warned_about(threshold_segmenter):
     assert dice(left.mask, liver) > 0.96  # the same voxels: nothing else betrays the swap
     [warning] = left.warnings
     assert warning.startswith("scan.nrrd: the liver found lies on the patient's left") and "orientation" in warning
+
+
+def test_a_scan_with_part_of_the_liver_or_none_is_warned_about(threshold_segmenter):
+    """Less than a whole liver (a scan of the chest or pelvis, or one cut through the liver) is still
+    segmented but comes with a warning, which replaces a side warning judged on it; no liver is said too."""
+    g = GRIDS["anisotropic"]
+    shape = shape_for(g["spacing"])
+    m = make_affine(g["spacing"], shape, g["rot"], g["left_handed"])
+    ct, liver = phantom(shape, m)
+    voxel_ml = float(np.prod(g["spacing"])) / 1000
+    k = int(np.searchsorted(np.cumsum(liver.sum(axis=(1, 2))) * voxel_ml, 60.0))  # the liver's lowest slices
+    cut = threshold_segmenter.segment_array(ct[:k].copy(), m)
+    assert 20 < liver[:k].sum() * voxel_ml < 60 and dice(cut.mask, liver[:k]) > 0.9
+    [warning] = cut.warnings
+    assert warning.startswith(f"input: only {cut.liver_ml:.0f} mL found, less than a whole liver")
+    # the same cut under a header that swaps left and right: the size warning only, not "swapped?"
+    swapped = threshold_segmenter.segment_image(image_from_array(ct[:k].copy(), np.diag([-1.0, 1, 1, 1]) @ m))
+    assert swapped.warnings == [warning]
+    none = ct.copy()
+    none[liver > 0] = ct[liver == 0].max()  # body only
+    empty = threshold_segmenter.segment_image(image_from_array(none, m), source="pelvis.nrrd")
+    assert empty.liver_ml == 0 and not empty.mask.any() and empty.warnings == ["pelvis.nrrd: no liver found"]

@@ -225,3 +225,18 @@ def test_liver_on_the_left_reaches_the_run_as_a_warning(tmp_path, scene, logic):
         assert run.liver_ml > 0
         assert bool(run.warnings) == warned, run.warnings
     assert run.warnings[0].startswith(f"{volume.GetName()}: the liver found lies on the patient's left")
+
+
+def test_a_scan_without_liver_gives_an_empty_segment_and_says_so(tmp_path, scene, logic):
+    """A CT with no liver in it (a pelvis scan, say): an empty Liver segment, not an error, and a warning."""
+    from LiverSegLib.mrml import segment_mask
+
+    spacing, shape = (2.0, 2.0, 4.0), (40, 100, 120)
+    m = make_affine(spacing, shape)
+    ct, liver = phantom(shape, m)
+    ct[liver > 0] = ct[liver == 0].max()
+    sitk.WriteImage(image_from_array(ct, m), str(tmp_path / "pelvis.nrrd"))
+    volume = load_volume(tmp_path / "pelvis.nrrd")
+    run = logic.process(volume, None, device="cpu")
+    assert run.liver_ml == 0 and run.warnings == [f"{volume.GetName()}: no liver found"]
+    assert not segment_mask(run.segmentation_node, run.segment_id, volume).any()
