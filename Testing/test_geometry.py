@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 from synthetic import LIVER_CENTER_RAS, LIVER_RADII, make_affine, phantom, ras_grid, rotation
 
+from LiverSegExtension import inference
 from LiverSegExtension.geometry import Grid, ijk_to_ras_of, image_from_array
 from LiverSegExtension.io import read_image, write_mask
 from LiverSegExtension.metrics import dice
@@ -199,7 +200,7 @@ def test_liver_on_the_patients_left_is_warned_about(threshold_segmenter):
     assert warning.startswith("scan.nrrd: the liver found lies on the patient's left") and "orientation" in warning
 
 
-def test_a_scan_with_part_of_the_liver_or_none_is_warned_about(threshold_segmenter):
+def test_a_scan_with_part_of_the_liver_or_none_is_warned_about(threshold_segmenter, monkeypatch):
     """Less than a whole liver (a scan of the chest or pelvis, or one cut through the liver) is still
     segmented but comes with a warning, which replaces a side warning judged on it; no liver is said too."""
     g = GRIDS["anisotropic"]
@@ -213,8 +214,11 @@ def test_a_scan_with_part_of_the_liver_or_none_is_warned_about(threshold_segment
     [warning] = cut.warnings
     assert warning.startswith(f"input: only {cut.liver_ml:.0f} mL found, less than a whole liver")
     # the same cut under a header that swaps left and right: the size warning only, not "swapped?"
-    swapped = threshold_segmenter.segment_image(image_from_array(ct[:k].copy(), np.diag([-1.0, 1, 1, 1]) @ m))
-    assert swapped.warnings == [warning]
+    swapped = image_from_array(ct[:k].copy(), np.diag([-1.0, 1, 1, 1]) @ m)
+    assert threshold_segmenter.segment_image(swapped).warnings == [warning]
+    monkeypatch.setattr(inference, "SMALL_LIVER_ML", 0.0)  # which it replaced
+    assert "patient's left" in threshold_segmenter.segment_image(swapped).warnings[0]
+    monkeypatch.undo()
     none = ct.copy()
     none[liver > 0] = ct[liver == 0].max()  # body only
     empty = threshold_segmenter.segment_image(image_from_array(none, m), source="pelvis.nrrd")
