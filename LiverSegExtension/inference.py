@@ -203,8 +203,7 @@ class LiverSegmenter:
         check_ct(image, source)
         step(0.0, "locating the liver")
         t = time.perf_counter()
-        warnings: list[str] = []
-        box = self._locate(image, warnings, source)
+        box, side = self._locate(image, source)
         t = lap("coarse", t)
         mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
         if box is not None:
@@ -225,11 +224,10 @@ class LiverSegmenter:
             lap("resample_back", t)
         step(1.0, "done")
         liver_ml = volume_ml(mask, image.GetSpacing())
-        small = size_warning(liver_ml, source)
-        if small:  # then the side warning judged something that may not be liver: it would mislead
-            warnings = [small]
+        # A size warning comes first: then the side was judged on something that may not be liver.
+        warning = size_warning(liver_ml, source) or side
         seconds = time.perf_counter() - start
-        return SegmentationResult(mask, liver_ml, seconds, timings, warnings)
+        return SegmentationResult(mask, liver_ml, seconds, timings, [warning] if warning else [])
 
     # -- stages --------------------------------------------------------------------------------
     def predict(self, stage: str, volume: np.ndarray) -> np.ndarray:
@@ -243,30 +241,28 @@ class LiverSegmenter:
             prob = torch.softmax(logits.float(), dim=1)[0, 1]
         return prob.cpu().numpy()
 
-    def _locate(self, image: sitk.Image, warnings: list[str], source: str = "input") -> tuple[np.ndarray, np.ndarray] | None:
-        """LPS box around the liver found at coarse resolution, or None when there is none.
+    def _locate(self, image: sitk.Image, source: str = "input") -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None]:
+        """(LPS box around the liver found at coarse resolution, or None when there is none; the
+        :func:`side_warning` of that liver, or None).
 
         A small scan (a crop around the liver, say) is cheap at fine resolution and too small for the
-        coarse grid to see much: it is all box. On a larger one, a liver found on the patient's left adds
-        a warning to ``warnings``.
+        coarse grid to see much: it is all box, and has no midline to judge the side by.
         """
         corners = physical_corners(image)
         if np.all(corners.max(axis=0) - corners.min(axis=0) <= SMALL_SCAN_MM):
-            return corners.min(axis=0), corners.max(axis=0)
+            return (corners.min(axis=0), corners.max(axis=0)), None
         grid = Grid.covering(corners.min(axis=0), corners.max(axis=0), self.model.stage("coarse")["spacing_mm"])
         volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, pixel_type=sitk.sitkFloat32))
         prob = self.predict("coarse", volume)
         liver = largest_component(prob > 0.5)
         if not liver.any():
-            return None
-        warning = side_warning(volume, liver, grid.spacing[0], source)
-        if warning:
-            warnings.append(warning)
+            return None, None
+        side = side_warning(volume, liver, grid.spacing[0], source)
         zyx = np.argwhere(liver)
         lo = grid.index_to_physical(zyx.min(axis=0)[::-1])
         hi = grid.index_to_physical(zyx.max(axis=0)[::-1])
         margin = float(self.model.stage("fine").get("margin_mm", 20.0)) + max(grid.spacing)
-        return lo - margin, hi + margin
+        return (lo - margin, hi + margin), side
 
     @staticmethod
     def _grow(image: sitk.Image, box: tuple[np.ndarray, np.ndarray], liver: np.ndarray):

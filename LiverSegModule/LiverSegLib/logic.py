@@ -31,7 +31,7 @@ class LiverSegRun:
     liver_ml: float
     seconds: float
     model_name: str
-    warnings: list[str] = field(default_factory=list)  # e.g. a liver found on the patient's left
+    warnings: list[str] = field(default_factory=list)  # e.g. no liver found, or one on the patient's left
 
 
 class LiverSegLogic(ScriptedLoadableModuleLogic):
