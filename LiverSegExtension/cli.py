@@ -153,12 +153,16 @@ def output_path(out_dir: Path, stem: str, fmt: str, taken: set[Path]) -> Path:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from LiverSegExtension.io import expand_inputs, read_case, summary_row, write_mask, write_summary
+    from LiverSegExtension.io import VOLUME_SUFFIXES, expand_inputs, read_case, summary_row, write_mask, write_summary
 
-    segmenter = _segmenter(args)
     out_dir: Path = args.output_dir
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: exists and is not a folder")
+    if not out_dir.exists() and out_dir.name.lower().endswith((*VOLUME_SUFFIXES, ".seg.nrrd")):
+        # `-o liver.nii.gz` would make a folder of that name: say what -o is instead.
+        raise UsageError(f"{out_dir}: --output-dir names a folder, not a mask file; each mask is written "
+                         f"into it as <input name>_liver.<format>")
+    segmenter = _segmenter(args)
     out_dir.mkdir(parents=True, exist_ok=True)
     show = not args.quiet and sys.stderr.isatty()
     if not args.quiet:

@@ -180,6 +180,10 @@ def test_device_and_usage_errors_exit_2(tiny_model_dir, tmp_path):
     assert r.returncode == 2 and "unknown device 'tpu'" in r.stderr
     assert run_cli("segment").returncode == 2
     assert run_cli("segment", "x.nii.gz", "-o", tmp_path, "--model", tmp_path / "no_model").returncode == 2
+    # -o names a folder: a mask file's name there is refused before anything is made, not turned into a folder.
+    r = run_cli("segment", "x.nii.gz", "-o", tmp_path / "liver.nii.gz", "--model", tiny_model_dir)
+    assert r.returncode == 2 and "liver.nii.gz: --output-dir names a folder, not a mask file" in r.stderr
+    assert not (tmp_path / "liver.nii.gz").exists()
 
 
 def test_resolve_device():
