@@ -77,11 +77,11 @@ def test_output_formats_and_seg_nrrd_terminology(ct_case, tiny_model_dir, tmp_pa
     src = folder / "fmt.nii.gz"
     sitk.WriteImage(image_from_array(ct, m), str(src))
     for fmt in ("nrrd", "seg.nrrd"):
-        out = tmp_path / fmt
+        out = tmp_path / fmt.replace(".", "_")  # a folder named like a mask file is refused
         r = run_cli("segment", src, "-o", out, "--model", tiny_model_dir, "--format", fmt, "-q")
         assert r.returncode == 0, r.stderr
         assert summary(out)[0]["output"].endswith(f"_liver.{fmt}")
-    seg = slicerio.read_segmentation(str(tmp_path / "seg.nrrd" / "fmt_liver.seg.nrrd"))
+    seg = slicerio.read_segmentation(str(tmp_path / "seg_nrrd" / "fmt_liver.seg.nrrd"))
     [segment] = seg["segments"]
     assert segment["name"] == "Liver"
     assert segment["terminology"]["category"] == ["SCT", "123037004", "Anatomical Structure"]
