@@ -184,8 +184,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             row["warning"] = "; ".join(result.warnings)
             for warning in result.warnings:  # shown even with --quiet: the mask may be wrong
                 print(f"liverseg: warning: {warning}", file=sys.stderr)
-            if result.liver_ml == 0:
-                row["status"], row["error"] = "empty", "no liver found"
+            if result.liver_ml == 0:  # not an error: the warning says so
+                row["status"] = "empty"
         except LiverSegError as exc:
             row.update(status="failed", output="", error=str(exc))
             _error(exc, args.debug)
