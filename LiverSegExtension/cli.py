@@ -158,7 +158,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     out_dir: Path = args.output_dir
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: exists and is not a folder")
-    if not out_dir.exists() and out_dir.name.lower().endswith((*VOLUME_SUFFIXES, ".seg.nrrd")):
+    if not out_dir.exists() and out_dir.name.lower().endswith(VOLUME_SUFFIXES):  # .seg.nrrd ends in .nrrd
         # `-o liver.nii.gz` would make a folder of that name: say what -o is instead.
         raise UsageError(f"{out_dir}: --output-dir names a folder, not a mask file; each mask is written "
                          f"into it as <input name>_liver.<format>")
