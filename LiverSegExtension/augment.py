@@ -4,7 +4,9 @@ No left-right (or any) flips: the liver has a side. Intensity and contrast-phase
 included), noise, blur (resolution), scale (livers of every size, and scans whose written spacing is wrong) and
 field-of-view changes (scans cropped tightly around the liver, or cutting it), and the artefacts of
 the reconstructed IRCAD HU (air aliased onto water) in both directions, so that the model ignores how
-air looks. Fine-stage crops centre on the liver's dome now and then, where masks leak into the heart.
+air looks. Fine-stage crops centre on the liver's dome now and then, where masks leak into the heart,
+and the liver's lowest part is now and then stretched downwards, as a Riedel's lobe or a long right lobe
+reaches (livers vary far more in shape than 16 training cases show).
 """
 
 from __future__ import annotations
@@ -163,10 +165,59 @@ class RandDomeCropd(Randomizable, MapTransform):
 # Skewed towards shrinking: a scan whose written spacing is smaller than the truth shows a small liver.
 SCALE_RANGE = ((-0.2, 0.45),) * 3
 DOME_CROP = 0.25  # share of fine-stage crops centred at the liver's dome
+INFERIOR_LOBE = 0.25  # share of fine-stage samples whose liver gets a longer lowest part
 
 
-def training_transforms(stage: str, window: tuple[float, float], patch: list[int]) -> Compose:
-    """The random pipeline for one stage; inputs are dicts of ``[1, z, y, x]`` HU image and label."""
+class RandInferiorLobed(Randomizable, MapTransform):
+    """Stretch the lowest part of the liver downwards, as in a Riedel's lobe: arrays ``[1, z, y, x]`` on an
+    axis-aligned grid of ``spacing`` mm, z towards the head, keys image then label.
+
+    Within a vertical Gaussian column (sigma ``sigma_mm``) around the centroid of the liver's lowest quarter,
+    the liver's lowest 35 % is stretched ``extend_mm`` further down, and what lay below it moves down too:
+    a tongue of liver over the kidney and colon. Above that part nothing moves. The image is interpolated
+    linearly, the label by nearest neighbour, so both move together."""
+
+    def __init__(self, keys: list[str], label_key: str = "label", prob: float = 0.25, spacing: float = 2.5,
+                 extend_mm: tuple[float, float] = (30.0, 100.0), sigma_mm: tuple[float, float] = (25.0, 45.0)) -> None:
+        MapTransform.__init__(self, keys)
+        self.label_key, self.prob, self.spacing = label_key, prob, spacing
+        self.extend_mm, self.sigma_mm = extend_mm, sigma_mm
+
+    def __call__(self, data: dict) -> dict:
+        if self.R.rand() >= self.prob:
+            return data
+        label = np.asarray(data[self.label_key])[0] > 0
+        if not label.any():
+            return data
+        zs = np.nonzero(label.any(axis=(1, 2)))[0]
+        z0, height = int(zs.min()), int(zs.max() - zs.min() + 1)
+        lowest = np.argwhere(label[z0 : z0 + max(1, height // 4)])
+        cy, cx = lowest[:, 1].mean(), lowest[:, 2].mean()
+        extend = self.R.uniform(*self.extend_mm) / self.spacing
+        sigma = self.R.uniform(*self.sigma_mm) / self.spacing
+        top = z0 + max(2, int(0.35 * height))
+        y0, y1 = max(0, int(cy - 3 * sigma)), min(label.shape[1], int(cy + 3 * sigma) + 1)
+        x0, x1 = max(0, int(cx - 3 * sigma)), min(label.shape[2], int(cx + 3 * sigma) + 1)
+        zz, yy, xx = np.meshgrid(np.arange(top + 1, dtype=np.float32), np.arange(y0, y1, dtype=np.float32),
+                                 np.arange(x0, x1, dtype=np.float32), indexing="ij")
+        weight = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+        # Where each output voxel samples from: [z0 - extend, top] onto [z0, top], and below it a shift.
+        new_bottom = z0 - extend
+        source = np.where(zz >= new_bottom, top - (top - zz) * (top - z0) / (top - new_bottom), zz + extend)
+        coords = np.stack([zz + weight * (source - zz), yy, xx])
+        d = dict(data)
+        for key, order in zip(self.keys, (1, 0)):
+            arr = d[key]
+            is_tensor = isinstance(arr, torch.Tensor)
+            out = np.array(arr.detach().cpu().numpy() if is_tensor else arr, dtype=np.float32, copy=True)
+            out[0, : top + 1, y0:y1, x0:x1] = ndimage.map_coordinates(out[0], coords, order=order, mode="nearest")
+            d[key] = torch.from_numpy(out).to(arr.dtype) if is_tensor else out.astype(np.asarray(arr).dtype)
+        return d
+
+
+def training_transforms(stage: str, window: tuple[float, float], patch: list[int], spacing_mm: float = 2.5) -> Compose:
+    """The random pipeline for one stage; inputs are dicts of ``[1, z, y, x]`` HU image and label on an
+    axis-aligned grid of ``spacing_mm``, z towards the head."""
     keys = ["image", "label"]
     # The affine reads a larger region than it writes, so that zooming out shows real anatomy, not padding.
     context = [int(p * 4 // 3) for p in patch]
@@ -176,7 +227,8 @@ def training_transforms(stage: str, window: tuple[float, float], patch: list[int
         last = []
     else:
         # One crop in four at the liver's dome; the rest by label, three in four of those on the liver.
-        crop = [OneOf([RandCropByPosNegLabeld(keys, "label", spatial_size=context, pos=3, neg=1, num_samples=1,
+        crop = [RandInferiorLobed(keys, "label", prob=INFERIOR_LOBE, spacing=spacing_mm),
+                OneOf([RandCropByPosNegLabeld(keys, "label", spatial_size=context, pos=3, neg=1, num_samples=1,
                                               allow_smaller=True),
                        RandDomeCropd(keys, context)], weights=[1.0 - DOME_CROP, DOME_CROP]),
                 SpatialPadd(keys, spatial_size=context, value=0)]

@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
             _log(f"[{stage}] preparing {len(train_cases)} training cases at {spec['spacing_mm']} mm")
             items = prepare(train_cases, spec["spacing_mm"])
             items = [item for item in items for _ in range(max(1, cfg.oversample.get(item["name"], 1)))]
-            transform = training_transforms(stage, window, spec["patch_size"])
+            transform = training_transforms(stage, window, spec["patch_size"], min(spec["spacing_mm"]))
             transform.set_random_state(seed=cfg.seed + si + int(state["iteration"]))
             lr = cfg.lr * (0.25 if parent else 1.0)
             optim = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)

@@ -118,3 +118,34 @@ def test_dome_crop_centres_on_the_top_of_the_liver_and_shows_what_lies_above():
     assert len(firsts) > 5
     empty = {"image": image, "label": np.zeros_like(label)}
     assert t(empty)["image"] is image  # no liver: nothing to centre on, left to the next crop
+
+
+def test_inferior_lobe_stretches_the_lowest_liver_down_and_moves_image_with_label():
+    from LiverSegExtension.augment import RandInferiorLobed
+
+    shape = (80, 60, 60)
+    z = np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None], shape)
+    label = np.zeros((1, *shape), dtype=np.uint8)
+    label[0, 40:70, 20:40, 15:45] = 1  # liver slices 40..69 (z to the head)
+    image = np.where(label[0] > 0, 1000.0, z)[None].astype(np.float32)  # liver 1000, elsewhere value = z
+    t = RandInferiorLobed(["image", "label"], prob=1.0, spacing=2.0, extend_mm=(40.0, 40.0), sigma_mm=(10.0, 10.0))
+    t.set_random_state(0)
+    out = t({"image": image, "label": label})
+    img, lab = np.asarray(out["image"])[0], np.asarray(out["label"])[0]
+    # The lowest 35 % of the liver (from z 40 to 50) reaches 20 slices (40 mm) lower in the column's
+    # centre, and what lies above it stays as it was.
+    assert np.nonzero(lab.any(axis=(1, 2)))[0].min() == pytest.approx(20, abs=1)
+    np.testing.assert_array_equal(lab[51:], label[0, 51:])
+    np.testing.assert_array_equal(img[51:], image[0, 51:])
+    # Image and label moved together: new liver voxels carry liver (linear against nearest interpolation
+    # differs only at the border), and below the new tip lies what lay below the old one, moved down.
+    new = (lab > 0) & (label[0] == 0)
+    assert new.sum() > 1000 and np.median(img[new]) == 1000 and np.mean(img[new] > 500) > 0.9
+    assert img[18, 30, 30] == pytest.approx(38, abs=1.5)
+    # Away from the column (beyond three sigmas) nothing moves; the liver stays one piece.
+    np.testing.assert_array_equal(lab[:, :, :14], label[0, :, :, :14])
+    from scipy import ndimage
+    assert ndimage.label(lab)[1] == 1
+    # No liver: nothing to stretch.
+    empty = {"image": image, "label": np.zeros_like(label)}
+    assert t(empty)["image"] is image
