@@ -33,6 +33,16 @@ from monai.transforms import (
 from scipy import ndimage
 
 
+def _drawn_liver(transform: Randomizable, prob: float, data: dict, label_key: str) -> np.ndarray | None:
+    """The ``[z, y, x]`` liver mask of ``data`` when ``transform`` is drawn (probability ``prob``) and the
+    sample has liver, else None. The draw comes first, so that samples with and without liver use the
+    random stream alike."""
+    if transform.R.rand() >= prob:
+        return None
+    label = np.asarray(data[label_key])[0] > 0
+    return label if label.any() else None
+
+
 class RandAirArtefactd(Randomizable, MapTransform):
     """Make air look like the reconstructed IRCAD HU (wrapped onto water), or make water-like voxels
     outside the liver look like real air. Works on HU, before windowing."""
@@ -114,10 +124,8 @@ class RandFieldOfViewd(Randomizable, MapTransform):
         self.label_key, self.prob, self.cut, self.margin = label_key, prob, cut, margin
 
     def __call__(self, data: dict) -> dict:
-        if self.R.rand() >= self.prob:
-            return data
-        label = np.asarray(data[self.label_key])[0] > 0
-        if not label.any():
+        label = _drawn_liver(self, self.prob, data, self.label_key)
+        if label is None:
             return data
         zyx = np.argwhere(label)
         lo = zyx.min(axis=0) - self.R.randint(-self.cut, self.margin + 1, size=3)
@@ -177,17 +185,15 @@ class RandInferiorLobed(Randomizable, MapTransform):
     a tongue of liver over the kidney and colon. Above that part nothing moves. The image is interpolated
     linearly, the label by nearest neighbour, so both move together."""
 
-    def __init__(self, keys: list[str], label_key: str = "label", prob: float = 0.25, spacing: float = 2.5,
+    def __init__(self, keys: list[str], spacing: float, label_key: str = "label", prob: float = 0.25,
                  extend_mm: tuple[float, float] = (30.0, 100.0), sigma_mm: tuple[float, float] = (25.0, 45.0)) -> None:
         MapTransform.__init__(self, keys)
         self.label_key, self.prob, self.spacing = label_key, prob, spacing
         self.extend_mm, self.sigma_mm = extend_mm, sigma_mm
 
     def __call__(self, data: dict) -> dict:
-        if self.R.rand() >= self.prob:
-            return data
-        label = np.asarray(data[self.label_key])[0] > 0
-        if not label.any():
+        label = _drawn_liver(self, self.prob, data, self.label_key)
+        if label is None:
             return data
         zs = np.nonzero(label.any(axis=(1, 2)))[0]
         z0, height = int(zs.min()), int(zs.max() - zs.min() + 1)
@@ -215,7 +221,7 @@ class RandInferiorLobed(Randomizable, MapTransform):
         return d
 
 
-def training_transforms(stage: str, window: tuple[float, float], patch: list[int], spacing_mm: float = 2.5) -> Compose:
+def training_transforms(stage: str, window: tuple[float, float], patch: list[int], spacing_mm: float) -> Compose:
     """The random pipeline for one stage; inputs are dicts of ``[1, z, y, x]`` HU image and label on an
     axis-aligned grid of ``spacing_mm``, z towards the head."""
     keys = ["image", "label"]
@@ -227,7 +233,7 @@ def training_transforms(stage: str, window: tuple[float, float], patch: list[int
         last = []
     else:
         # One crop in four at the liver's dome; the rest by label, three in four of those on the liver.
-        crop = [RandInferiorLobed(keys, "label", prob=INFERIOR_LOBE, spacing=spacing_mm),
+        crop = [RandInferiorLobed(keys, spacing_mm, "label", prob=INFERIOR_LOBE),
                 OneOf([RandCropByPosNegLabeld(keys, "label", spatial_size=context, pos=3, neg=1, num_samples=1,
                                               allow_smaller=True),
                        RandDomeCropd(keys, context)], weights=[1.0 - DOME_CROP, DOME_CROP]),

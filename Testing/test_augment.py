@@ -69,7 +69,7 @@ def test_field_of_view_leaves_patches_without_liver_alone():
 def test_patches_have_the_patch_size_even_from_scans_smaller_than_it(stage):
     """A crop around the liver (like lits_117_crop) is smaller than a patch: it is padded, never an error."""
     patch = [32, 32, 32]
-    t = training_transforms(stage, (-200.0, 300.0), patch)
+    t = training_transforms(stage, (-200.0, 300.0), patch, 2.5)
     t.set_random_state(0)
     hu = np.where(blob_case((24, 28, 30))["label"] > 0, 100.0, -50.0).astype(np.float32)
     case = {"image": hu, "label": (hu > 0).astype(np.uint8)}
@@ -128,7 +128,7 @@ def test_inferior_lobe_stretches_the_lowest_liver_down_and_moves_image_with_labe
     label = np.zeros((1, *shape), dtype=np.uint8)
     label[0, 40:70, 20:40, 15:45] = 1  # liver slices 40..69 (z to the head)
     image = np.where(label[0] > 0, 1000.0, z)[None].astype(np.float32)  # liver 1000, elsewhere value = z
-    t = RandInferiorLobed(["image", "label"], prob=1.0, spacing=2.0, extend_mm=(40.0, 40.0), sigma_mm=(10.0, 10.0))
+    t = RandInferiorLobed(["image", "label"], 2.0, prob=1.0, extend_mm=(40.0, 40.0), sigma_mm=(10.0, 10.0))
     t.set_random_state(0)
     out = t({"image": image, "label": label})
     img, lab = np.asarray(out["image"])[0], np.asarray(out["label"])[0]
