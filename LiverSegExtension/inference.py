@@ -45,6 +45,11 @@ WRONG_SIDE_MM = 20.0
 # only part of the liver, or none, and what was found may not be liver (on CORT's pelvis alone: 102 mL of
 # muscle on the right flank; above its liver's dome: 43 mL).
 SMALL_LIVER_ML = 300.0
+# The spine, seen from the liver found (LPS mm): on every correctly oriented scan here it lies 25-106 mm
+# behind the liver's centre and 5-119 mm to its left. Beyond these limits the header misstates the anatomy.
+SPINE_IN_FRONT_MM = 20.0
+SPINE_ON_RIGHT_MM = 10.0
+BONE_HU = 150.0  # a vertebra's spongy bone, on the 2.5 mm grid; the liver is left out however bright it is
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -115,6 +120,55 @@ def side_warning(volume: np.ndarray, liver: np.ndarray, x_spacing: float, source
         return None
     return (f"{source}: the liver found lies on the patient's left ({offset:.0f} mm left of the body's centre); "
             "check the image's orientation (left and right swapped?)")
+
+
+def spine_column(volume: np.ndarray, liver: np.ndarray, spacing: float) -> np.ndarray | None:
+    """The ``(y, x)`` voxel centre of the spine in an axial projection, or None when none is seen.
+
+    ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned grid of ``spacing`` mm. The spine is
+    the bone that runs through most slices: of the axial places where bone (outside the liver) lies in at
+    least 40 % of the slices (discs are not bone), the largest compact patch, no wider than a vertebra with its processes.
+    A CT table is wider, and is left out; so are small patches of a rib or a vessel.
+    """
+    bone = (volume > BONE_HU) & ~ndimage.binary_dilation(liver, iterations=2)
+    share = bone.mean(axis=0)
+    patches, n = ndimage.label(share >= 0.4)
+    best, best_weight = None, 0.0
+    for index, found in enumerate(ndimage.find_objects(patches), start=1):
+        extent = np.array([found[0].stop - found[0].start, found[1].stop - found[1].start]) * spacing
+        inside = patches == index
+        area = inside.sum() * spacing**2
+        if extent[0] > 150 or extent[1] > 120 or not 100 <= area <= 4000:
+            continue
+        weight = float(share[inside].sum())
+        if weight > best_weight:
+            best, best_weight = inside, weight
+    if best is None:
+        return None
+    return np.array(ndimage.center_of_mass(share * best))
+
+
+def spine_warning(volume: np.ndarray, liver: np.ndarray, spacing: float, source: str) -> str | None:
+    """A warning when the liver found does not lie in front of the spine and to its right, else None.
+
+    ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned LPS grid of ``spacing`` mm, so +y is
+    the patient's back and +x their left. Unlike :func:`side_warning` this needs no body around the liver:
+    crops are judged too. A header turned 180 degrees in-plane (lits_117_crop as written) puts the spine in
+    front of the liver; one that swaps left and right puts the liver on the spine's left.
+    """
+    if not liver.any():
+        return None
+    spine = spine_column(volume, liver, spacing)
+    if spine is None:
+        return None
+    behind, left = (spine - np.argwhere(liver)[:, 1:].mean(axis=0)) * spacing
+    if behind < -SPINE_IN_FRONT_MM:
+        return (f"{source}: the spine lies in front of the liver found ({-behind:.0f} mm); check the image's "
+                "orientation (front and back swapped, or the image turned?)")
+    if left < -SPINE_ON_RIGHT_MM:
+        return (f"{source}: the liver found lies on the patient's left of the spine ({-left:.0f} mm); check the "
+                "image's orientation (left and right swapped?)")
+    return None
 
 
 @dataclass
@@ -208,7 +262,7 @@ class LiverSegmenter:
         mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
         if box is not None:
             step(0.3, "segmenting the liver")
-            fine_grid, prob = self._segment_box(image, *box)
+            fine_grid, volume, prob = self._segment_box(image, *box)
             liver = self._body(prob)
             for _ in range(GROW_ROUNDS):  # the coarse box may cut the liver: grow the faces it touches
                 grown = self._grow(image, box, liver)
@@ -216,8 +270,10 @@ class LiverSegmenter:
                     break
                 step(0.5, "segmenting the liver (larger box)")
                 box = grown
-                fine_grid, prob = self._segment_box(image, *box)
+                fine_grid, volume, prob = self._segment_box(image, *box)
                 liver = self._body(prob)
+            spine = spine_warning(volume, liver, min(fine_grid.spacing), source)
+            side = spine or side
             t = lap("fine", t)
             step(0.8, "mapping back to the input grid")
             self._paste(image, fine_grid, self.clean(prob, liver), mask)
@@ -288,12 +344,13 @@ class LiverSegmenter:
                 grew = True
         return (lower, upper) if grew else None
 
-    def _segment_box(self, image: sitk.Image, lower: np.ndarray, upper: np.ndarray) -> tuple[Grid, np.ndarray]:
+    def _segment_box(self, image: sitk.Image, lower: np.ndarray, upper: np.ndarray) -> tuple[Grid, np.ndarray, np.ndarray]:
+        """(the fine grid over the box, the image (HU) on it, the liver probability on it)"""
         grid = Grid.covering(lower, upper, self.model.stage("fine")["spacing_mm"])
         lo, hi = index_box(image, lower, upper)
         crop = image[int(lo[0]) : int(hi[0]), int(lo[1]) : int(hi[1]), int(lo[2]) : int(hi[2])]
         volume = sitk.GetArrayFromImage(resample_to_grid(crop, grid, pixel_type=sitk.sitkFloat32))
-        return grid, self.predict("fine", volume)
+        return grid, volume, self.predict("fine", volume)
 
     def _body(self, prob: np.ndarray) -> np.ndarray:
         """The liver on the fine grid: :func:`liver_body` of the thresholded probabilities."""

@@ -54,7 +54,8 @@ def threshold_segmenter(tiny_model_dir):
 
     class ThresholdSegmenter(LiverSegmenter):
         def predict(self, stage: str, volume: np.ndarray) -> np.ndarray:
-            return (np.asarray(volume) > 95).astype(np.float32)  # phantom liver 160 HU, body 30 HU
+            volume = np.asarray(volume)  # phantom liver 160 HU, body 30 HU, bone (where a test adds it) 400 HU
+            return ((volume > 95) & (volume < 300)).astype(np.float32)
 
     return ThresholdSegmenter(tiny_model_dir, device="cpu")
 

@@ -200,6 +200,47 @@ def test_liver_on_the_patients_left_is_warned_about(threshold_segmenter):
     assert warning.startswith("scan.nrrd: the liver found lies on the patient's left") and "orientation" in warning
 
 
+def with_spine(ct: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The phantom with a spine: a bone column (400 HU, radius 12 mm) through every slice, behind the liver
+    and on its left (RAS x 10, y -50; the liver's centre lies at x 70, y 10)."""
+    ras = ras_grid(ct.shape, m)
+    out = ct.copy()
+    out[(ras[..., 0] - 10.0) ** 2 + (ras[..., 1] + 50.0) ** 2 <= 12.0**2] = 400
+    return out
+
+
+def test_a_header_that_turns_or_mirrors_the_anatomy_is_warned_about_by_the_spine(threshold_segmenter):
+    """The spine lies behind the liver and on its left. A header that turns the image 180 degrees in-plane,
+    or mirrors front and back, puts it in front of the liver found; on a crop around the liver, whose side
+    no body can tell, one that swaps left and right puts the liver on the spine's left. The mask follows
+    the header each time (the same voxels), so the warning is the only sign."""
+    g = GRIDS["left_handed_oblique_anisotropic"]
+    shape = shape_for(g["spacing"])
+    m = make_affine(g["spacing"], shape, g["rot"], g["left_handed"])
+    ct, liver = phantom(shape, m)
+    ct = with_spine(ct, m)
+    right = threshold_segmenter.segment_array(ct, m)
+    assert right.warnings == [] and dice(right.mask, liver) > 0.96
+    for flip in ([-1.0, -1.0, 1.0, 1.0], [1.0, -1.0, 1.0, 1.0]):  # turned 180 degrees; front and back mirrored
+        wrong = threshold_segmenter.segment_image(image_from_array(ct, np.diag(flip) @ m), source="scan.nrrd")
+        assert dice(wrong.mask, liver) > 0.96
+        [warning] = wrong.warnings
+        assert warning.startswith("scan.nrrd: the spine lies in front of the liver found (") and "orientation" in warning
+    # A 140 mm wide crop around the liver (and the spine's edge): no body to judge the side by.
+    crop_m = make_affine((2.0, 2.0, 2.0), (60, 100, 70))
+    crop_m[0, 3] += 70.0
+    crop, crop_liver = phantom((60, 100, 70), crop_m)
+    crop = with_spine(crop, crop_m)
+    assert threshold_segmenter.segment_array(crop, crop_m).warnings == []
+    swapped = threshold_segmenter.segment_array(crop, np.diag([-1.0, 1.0, 1.0, 1.0]) @ crop_m)
+    assert dice(swapped.mask, crop_liver) > 0.96
+    [warning] = swapped.warnings
+    assert warning.startswith("input: the liver found lies on the patient's left of the spine (")
+    # Without the spine nothing is judged on a crop: the check needs bone that runs through the slices.
+    bare = phantom((60, 100, 70), crop_m)[0]
+    assert threshold_segmenter.segment_array(bare, np.diag([-1.0, 1.0, 1.0, 1.0]) @ crop_m).warnings == []
+
+
 def test_a_scan_with_part_of_the_liver_or_none_is_warned_about(threshold_segmenter, monkeypatch):
     """Less than a whole liver (a scan of the chest or pelvis, or one cut through the liver) is still
     segmented but comes with a warning, which replaces a side warning judged on it; no liver is said too."""

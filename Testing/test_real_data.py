@@ -96,6 +96,24 @@ def test_shipped_model_on_the_lits_crop_with_its_header_corrected():
 
 
 @requires_bundled_model
+def test_shipped_model_warns_of_a_header_that_turns_the_anatomy():
+    """chaos_ct3 as it is: no warning. Under a header turned 180 degrees in-plane (as lits_117_crop's is), or
+    one that mirrors front and back, the liver found lies in front of the spine, and a warning says so."""
+    from LiverSegExtension.inference import LiverSegmenter
+
+    [case] = expand_inputs([SHARED / "dicom" / "chaos_ct3"])
+    image = read_case(case)
+    seg = LiverSegmenter(device="cpu")
+    assert seg.segment_image(image).warnings == []
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    for flip in ([-1, -1, 1], [1, -1, 1]):
+        turned = sitk.Image(image)
+        turned.SetDirection((np.diag(flip) @ direction).ravel().tolist())
+        [warning] = seg.segment_image(turned, source="chaos_ct3").warnings
+        assert warning.startswith("chaos_ct3: the spine lies in front of the liver found (")
+
+
+@requires_bundled_model
 @pytest.mark.xfail(strict=True, reason="known defect of liverseg v1.0.0: on CORT (native CT, other scanner, whole "
                    "trunk) the mask leaks from the liver dome into the heart (95 mL there); see the model card")
 def test_shipped_model_finds_no_liver_in_the_chest():
