@@ -257,7 +257,7 @@ class LiverSegmenter:
         check_ct(image, source)
         step(0.0, "locating the liver")
         t = time.perf_counter()
-        box, side = self._locate(image, source)
+        box, orientation = self._locate(image, source)  # the side of the coarse liver, if wrong
         t = lap("coarse", t)
         mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
         if box is not None:
@@ -272,16 +272,16 @@ class LiverSegmenter:
                 box = grown
                 fine_grid, volume, prob = self._segment_box(image, *box)
                 liver = self._body(prob)
-            spine = spine_warning(volume, liver, min(fine_grid.spacing), source)
-            side = spine or side
+            # The spine, where seen, judges the orientation better than the side does: crops too, and front-back.
+            orientation = spine_warning(volume, liver, min(fine_grid.spacing), source) or orientation
             t = lap("fine", t)
             step(0.8, "mapping back to the input grid")
             self._paste(image, fine_grid, self.clean(prob, liver), mask)
             lap("resample_back", t)
         step(1.0, "done")
         liver_ml = volume_ml(mask, image.GetSpacing())
-        # A size warning comes first: then the side was judged on something that may not be liver.
-        warning = size_warning(liver_ml, source) or side
+        # A size warning comes first: then the orientation was judged on something that may not be liver.
+        warning = size_warning(liver_ml, source) or orientation
         seconds = time.perf_counter() - start
         return SegmentationResult(mask, liver_ml, seconds, timings, [warning] if warning else [])
 
