@@ -127,12 +127,12 @@ def spine_column(volume: np.ndarray, liver: np.ndarray, spacing: float) -> np.nd
 
     ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned grid of ``spacing`` mm. The spine is
     the bone that runs through most slices: of the axial places where bone (outside the liver) lies in at
-    least 40 % of the slices (discs are not bone), the largest compact patch, no wider than a vertebra with its processes.
-    A CT table is wider, and is left out; so are small patches of a rib or a vessel.
+    least 40 % of the slices (discs are not bone), the largest compact patch no wider than a vertebra with
+    its processes. A CT table is wider, and is left out; so are small patches of a rib or a vessel.
     """
     bone = (volume > BONE_HU) & ~ndimage.binary_dilation(liver, iterations=2)
     share = bone.mean(axis=0)
-    patches, n = ndimage.label(share >= 0.4)
+    patches, _ = ndimage.label(share >= 0.4)
     best, best_weight = None, 0.0
     for index, found in enumerate(ndimage.find_objects(patches), start=1):
         extent = np.array([found[0].stop - found[0].start, found[1].stop - found[1].start]) * spacing
