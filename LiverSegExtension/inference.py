@@ -12,7 +12,7 @@ is ever made. Resampling goes through ITK, which respects oblique and left-hande
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,22 +122,23 @@ def side_warning(volume: np.ndarray, liver: np.ndarray, x_spacing: float, source
             "check the image's orientation (left and right swapped?)")
 
 
-def spine_column(volume: np.ndarray, liver: np.ndarray, spacing: float) -> np.ndarray | None:
+def spine_column(volume: np.ndarray, liver: np.ndarray, spacing: Sequence[float]) -> np.ndarray | None:
     """The ``(y, x)`` voxel centre of the spine in an axial projection, or None when none is seen.
 
-    ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned grid of ``spacing`` mm. The spine is
+    ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned grid of ``spacing`` (x, y, z) mm. The spine is
     the bone that runs through most slices: of the axial places where bone (outside the liver) lies in at
     least 40 % of the slices (discs are not bone), the largest compact patch no wider than a vertebra with
     its processes. A CT table is wider, and is left out; so are small patches of a rib or a vessel.
     """
+    sx, sy = float(spacing[0]), float(spacing[1])
     bone = (volume > BONE_HU) & ~ndimage.binary_dilation(liver, iterations=2)
     share = bone.mean(axis=0)
     patches, _ = ndimage.label(share >= 0.4)
     best, best_weight = None, 0.0
     for index, found in enumerate(ndimage.find_objects(patches), start=1):
-        extent = np.array([found[0].stop - found[0].start, found[1].stop - found[1].start]) * spacing
+        extent = np.array([(found[0].stop - found[0].start) * sy, (found[1].stop - found[1].start) * sx])
         inside = patches == index
-        area = inside.sum() * spacing**2
+        area = inside.sum() * sx * sy
         if extent[0] > 150 or extent[1] > 120 or not 100 <= area <= 4000:
             continue
         weight = float(share[inside].sum())
@@ -148,10 +149,10 @@ def spine_column(volume: np.ndarray, liver: np.ndarray, spacing: float) -> np.nd
     return np.array(ndimage.center_of_mass(share * best))
 
 
-def spine_warning(volume: np.ndarray, liver: np.ndarray, spacing: float, source: str) -> str | None:
+def spine_warning(volume: np.ndarray, liver: np.ndarray, spacing: Sequence[float], source: str) -> str | None:
     """A warning when the liver found does not lie in front of the spine and to its right, else None.
 
-    ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned LPS grid of ``spacing`` mm, so +y is
+    ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned LPS grid of ``spacing`` (x, y, z) mm, so +y is
     the patient's back and +x their left. Unlike :func:`side_warning` this needs no body around the liver:
     crops are judged too. A header turned 180 degrees in-plane (lits_117_crop as written) puts the spine in
     front of the liver; one that swaps left and right puts the liver on the spine's left.
@@ -161,7 +162,7 @@ def spine_warning(volume: np.ndarray, liver: np.ndarray, spacing: float, source:
     spine = spine_column(volume, liver, spacing)
     if spine is None:
         return None
-    behind, left = (spine - np.argwhere(liver)[:, 1:].mean(axis=0)) * spacing
+    behind, left = (spine - np.argwhere(liver)[:, 1:].mean(axis=0)) * [spacing[1], spacing[0]]
     if behind < -SPINE_IN_FRONT_MM:
         return (f"{source}: the spine lies in front of the liver found ({-behind:.0f} mm); check the image's "
                 "orientation (front and back swapped, or the image turned?)")
@@ -273,7 +274,7 @@ class LiverSegmenter:
                 fine_grid, volume, prob = self._segment_box(image, *box)
                 liver = self._body(prob)
             # The spine, where seen, judges the orientation better than the side does: crops too, and front-back.
-            orientation = spine_warning(volume, liver, min(fine_grid.spacing), source) or orientation
+            orientation = spine_warning(volume, liver, fine_grid.spacing, source) or orientation
             t = lap("fine", t)
             step(0.8, "mapping back to the input grid")
             self._paste(image, fine_grid, self.clean(prob, liver), mask)

@@ -241,6 +241,20 @@ def test_a_header_that_turns_or_mirrors_the_anatomy_is_warned_about_by_the_spine
     assert threshold_segmenter.segment_array(bare, np.diag([-1.0, 1.0, 1.0, 1.0]) @ crop_m).warnings == []
 
 
+def test_spine_check_measures_each_axis_in_its_own_spacing():
+    """On an anisotropic grid (x 1 mm, y 3 mm), 10 voxels front to back are 30 mm: beyond the 20 mm limit."""
+    volume = np.full((20, 40, 60), 30.0, dtype=np.float32)
+    liver = np.zeros(volume.shape, dtype=bool)
+    liver[:, 5:15, 5:35] = True  # centre: y 9.5, x 19.5
+    volume[:, 18:22, 18:30] = 400.0  # the spine: y 19.5, x 23.5, behind the liver and on its left
+    assert inference.spine_warning(volume, liver, (1.0, 3.0, 2.0), "s") is None
+    turned = inference.spine_warning(volume[:, ::-1], liver[:, ::-1], (1.0, 3.0, 2.0), "s")  # front-back mirrored
+    assert turned == ("s: the spine lies in front of the liver found (30 mm); check the image's orientation "
+                      "(front and back swapped, or the image turned?)")
+    mirrored = inference.spine_warning(volume[:, :, ::-1], liver[:, :, ::-1], (4.0, 3.0, 2.0), "s")  # x 4 mm
+    assert mirrored is not None and "left of the spine (16 mm)" in mirrored  # 4 voxels of 4 mm
+
+
 def test_a_scan_with_part_of_the_liver_or_none_is_warned_about(threshold_segmenter, monkeypatch):
     """Less than a whole liver (a scan of the chest or pelvis, or one cut through the liver) is still
     segmented but comes with a warning, which replaces a side warning judged on it; no liver is said too."""
