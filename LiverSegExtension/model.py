@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,18 @@ import torch
 from monai.networks.nets import UNet
 from safetensors.torch import load_file, save_file
 
+from LiverSegExtension.catalog import (  # noqa: F401 - the catalog needs no torch; re-exported here
+    CARD_FILE,
+    STAGES,
+    WEIGHTS_FILE,
+    bundled_models_dir,
+    default_model_dir,
+    list_models,
+    read_card,
+    user_models_dir,
+)
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import atomic_write
-
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "card.json"
-STAGES = ("coarse", "fine")
 
 #: Architecture and preprocessing of a new model; the card of a trained model records its own copy.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -47,43 +52,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-def bundled_models_dir() -> Path:
-    """Where the extension ships its models: ``Resources/Models`` beside the package (source tree or
-    installed extension), or the copy installed with the wheel."""
-    here = Path(__file__).resolve().parent
-    installed = Path(sys.prefix) / "share" / "liverseg" / "Models"  # pip install . puts it there
-    for candidate in (here.parent / "Resources" / "Models", installed):
-        if candidate.is_dir():
-            return candidate
-    return here.parent / "Resources" / "Models"
-
-
-def user_models_dir() -> Path:
-    """Where users keep their own (fine-tuned) models; ``LIVERSEG_MODELS_DIR`` overrides it."""
-    env = os.environ.get("LIVERSEG_MODELS_DIR")
-    return Path(env) if env else Path.home() / ".liverseg" / "models"
-
-
-def list_models() -> list[Path]:
-    """Model folders found in the bundled and user folders, bundled first, newest version first."""
-    found: list[Path] = []
-    for root in (bundled_models_dir(), user_models_dir()):
-        if root.is_dir():
-            dirs = [p for p in root.iterdir() if (p / CARD_FILE).is_file()]
-            found.extend(sorted(dirs, key=lambda p: p.name, reverse=True))
-    return found
-
-
-def default_model_dir() -> Path | None:
-    """The bundled model the engine uses when none is given, or None when no trained model is installed."""
-    root = bundled_models_dir()
-    if not root.is_dir():
-        return None
-    dirs = sorted((p for p in root.iterdir() if (p / CARD_FILE).is_file() and (p / WEIGHTS_FILE).is_file()),
-                  key=lambda p: p.name)
-    return dirs[-1] if dirs else None
-
-
 def build_network(network: dict[str, Any]) -> torch.nn.Module:
     if network.get("type") != "monai.networks.nets.UNet":
         raise LiverSegError(f"unsupported network type in model card: {network.get('type')!r}")
@@ -97,22 +65,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def read_card(folder: str | Path) -> dict[str, Any]:
-    """A model folder's card, checked for what inference needs (without reading the weights)."""
-    card_path = Path(folder) / CARD_FILE
-    try:
-        card = json.loads(card_path.read_text())
-        for s in STAGES:
-            card["stages"][s]["spacing_mm"]  # noqa: B018 - presence check
-            card["stages"][s]["network"]  # noqa: B018
-        card["intensity_window"]  # noqa: B018
-    except OSError as exc:
-        raise LiverSegError(f"{card_path}: cannot read the model card ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise LiverSegError(f"{card_path}: invalid model card ({exc})") from None
-    return card
 
 
 @dataclass

@@ -35,6 +35,12 @@ class LiverSeg(ScriptedLoadableModule):
             "The bundled model was trained on 3D-IRCADb-01 (IRCAD) data; see its model card for sources and "
             "licences (non-commercial research use)."
         )
+        # Slicer looks for Resources/Icons/LiverSeg.png beside this file; a source checkout keeps it at the top.
+        icon = resource_path("Icons", "LiverSeg.png")
+        if icon.is_file():
+            import qt
+
+            self.parent.icon = qt.QIcon(str(icon))
 
 
 @parameterNodeWrapper
@@ -49,7 +55,12 @@ class LiverSegParameterNode:
 
 
 class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: pick inputs, run on a worker thread with progress and Cancel, export corrections."""
+    """The panel: pick inputs, run the engine process with progress and Cancel, export corrections.
+
+    Nothing here imports torch: the panel must open in a Slicer where it is not installed yet.
+    """
+
+    DEVICES = (("Auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"), ("MPS", "mps"))
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -57,7 +68,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._guiObserver = None
-        self._job = None
+        self._run = None
         self._timer = None
 
     def setup(self) -> None:
@@ -71,11 +82,9 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = LiverSegLogic()
 
         self.ui.deviceComboBox.clear()
-        present = set(self.logic.availableDevices())
-        for label, value in (("Auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"), ("MPS", "mps")):
+        for label, value in self.DEVICES:
             self.ui.deviceComboBox.addItem(label, value)
-            enabled = value in ("auto", "cpu") or any(d.startswith(value) for d in present)
-            self.ui.deviceComboBox.model().item(self.ui.deviceComboBox.count - 1).setEnabled(enabled)
+        self._updateDevices()
         self._fillModels()
         self.ui.exportFolderPathLineEdit.currentPath = qt.QSettings().value(SETTINGS_EXPORT_FOLDER, "")
 
@@ -96,8 +105,11 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- parameter node --------------------------------------------------------------------------
     def cleanup(self) -> None:
         self.removeObservers()
-        if self._job is not None:
-            self._job.cancel()
+        self._cancelRun()
+        if self._timer is not None:
+            self._timer.stop()
+        if self.logic is not None:
+            self.logic.shutdown()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -109,6 +121,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._cancelRun()  # its nodes are going: the result would have nowhere to go
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -141,6 +154,13 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             card = self.logic.modelCard(path)
             self.ui.modelComboBox.addItem(f"{card.get('name', path.name)} v{card.get('version', '?')}", str(path))
 
+    def _updateDevices(self) -> None:
+        """GPUs are enabled once the engine process has found them (Slicer itself never imports torch)."""
+        present = self.logic.engineDevices()
+        for index, (_, value) in enumerate(self.DEVICES):
+            known = value in ("auto", "cpu") or (present is not None and any(d.startswith(value) for d in present))
+            self.ui.deviceComboBox.model().item(index).setEnabled(known)
+
     @staticmethod
     def _selectCombo(combo, value: str) -> None:
         index = combo.findData(value) if value else 0
@@ -149,14 +169,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, index: int) -> None:
         if self._parameterNode:
             self._parameterNode.modelPath = self.ui.modelComboBox.itemData(index) or ""
-        card = self.logic.modelCard(self.ui.modelComboBox.itemData(index))
-        dice = card.get("validation", {}).get("mean", {}).get("dice")
-        parent = card.get("parent_model")
-        self.ui.modelCardLabel.text = (
-            f"{card.get('name', '?')} v{card.get('version', '?')}"
-            + (f", validation Dice {dice:.3f}" if isinstance(dice, float) else "")
-            + (f", fine-tuned from {parent}" if parent else "")
-        ) if card else "No trained model installed"
+        self.ui.modelCardLabel.text = card_summary(self.logic.modelCard(self.ui.modelComboBox.itemData(index)))
 
     def onDeviceChanged(self, index: int) -> None:
         if self._parameterNode:
@@ -170,13 +183,16 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        running = self._job is not None
+        running = self._run is not None
         ready = bool(p and p.inputVolume) and self.ui.modelComboBox.count > 0
         self.ui.applyButton.enabled = ready and not running
         self.ui.applyButton.toolTip = "Segment the liver" if ready else "Select a CT volume (and install a model)"
         self.ui.cancelButton.enabled = running
+        for selector in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.modelComboBox,
+                         self.ui.deviceComboBox):
+            selector.enabled = not running  # the run's nodes are fixed when it starts
         folder = self.ui.exportFolderPathLineEdit.currentPath
-        self.ui.exportButton.enabled = bool(p and p.inputVolume and p.outputSegmentation and folder)
+        self.ui.exportButton.enabled = bool(p and p.inputVolume and p.outputSegmentation and folder) and not running
 
     # -- running -------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
@@ -185,48 +201,57 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("LiverSeg could not start.", waitCursor=True):
             ensure_dependencies(ask=True)
-            self._job = self.logic.start(p.inputVolume, p.modelPath or None, p.device)
+            self._run = self.logic.start(p.inputVolume, p.outputSegmentation, p.modelPath or None, p.device)
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Starting..."
+            self.ui.statusLabel.text = self._run.stage.capitalize() + "..."
             self._timer.start()
         self._updateButtons()
 
     def onCancelButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        if self._run is not None:
+            self._run.cancel()
             self.ui.statusLabel.text = "Cancelling..."
 
+    def _cancelRun(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+            self.onPoll()
+
     def onPoll(self) -> None:
+        """Timer tick (100 ms): take in the engine's progress; write the result once it is there."""
         from LiverSegExtension.errors import CancelledError, LiverSegError
 
-        job = self._job
-        if job is None:
+        run = self._run
+        if run is None:
             self._timer.stop()
             return
-        self.ui.progressBar.value = int(job.fraction * 100)
-        self.ui.statusLabel.text = job.stage.capitalize()
-        if not job.done:
+        done = run.poll()
+        self._updateDevices()
+        self.ui.progressBar.value = int(run.fraction * 100)
+        self.ui.statusLabel.text = run.stage.capitalize()
+        if not done:
             return
         self._timer.stop()
-        self._job = None
+        self._run = None
         p = self._parameterNode
         try:
-            run = self.logic.finish(job, p.inputVolume, p.outputSegmentation)
-            p.outputSegmentation = run.segmentation_node
-            run.segmentation_node.SetDisplayVisibility(True)
-            self.ui.statusLabel.text = f"Liver: {run.liver_ml:.0f} mL ({run.seconds:.1f} s, {run.model_name})"
-            if run.warnings:
+            result = self.logic.finish(run)
+            if p is not None:
+                p.outputSegmentation = result.segmentation_node
+            result.segmentation_node.SetDisplayVisibility(True)
+            self.ui.statusLabel.text = f"Liver: {result.liver_ml:.0f} mL ({result.seconds:.1f} s, {result.model_name})"
+            if result.warnings:
                 self.ui.statusLabel.text += " - check the warning"
-                slicer.util.warningDisplay("\n".join(run.warnings), windowTitle="LiverSeg")
+                slicer.util.warningDisplay("\n".join(result.warnings), windowTitle="LiverSeg")
         except CancelledError:
             self.ui.statusLabel.text = "Cancelled; the scene was not changed."
         except LiverSegError as exc:
-            self.ui.statusLabel.text = "Failed."
-            slicer.util.errorDisplay(str(exc))
-        except Exception as exc:
+            self.ui.statusLabel.text = "Failed; the scene was not changed."
+            slicer.util.errorDisplay(str(exc), detailedText=run.details or None)
+        except Exception as exc:  # a bug: say so, with the traceback in the details, and keep Slicer running
             self.ui.statusLabel.text = "Failed."
             logging.exception("LiverSeg failed")
-            slicer.util.errorDisplay(f"LiverSeg failed: {exc}", detailedText=job.details)
+            slicer.util.errorDisplay(f"LiverSeg failed: {exc}", detailedText=run.details or None)
         self._updateButtons()
 
     def onExportButton(self) -> None:
@@ -237,13 +262,35 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Exported as {name}."
 
 
+def card_summary(card: dict) -> str:
+    """One line about a model for the panel: name, version, validation Dice, parent."""
+    if not card:
+        return "No trained model installed"
+    dice = card.get("validation", {}).get("mean", {}).get("dice")
+    parent = card.get("parent_model")
+    if isinstance(parent, dict):
+        parent = f"{parent.get('name', '?')} v{parent.get('version', '?')}"
+    return (f"{card.get('name', '?')} v{card.get('version', '?')}"
+            + (f", validation Dice {dice:.3f}" if isinstance(dice, float) else "")
+            + (f", fine-tuned from {parent}" if parent else ""))
+
+
 class LiverSegTest(ScriptedLoadableModuleTest):
-    """Self-test: segment a CT through the logic and check segment, terminology, color and geometry."""
+    """Self-test: segment a CT in this process and through the engine process; check segment, terminology,
+    color, geometry, and that both give the same mask. Skipped, saying what to install, without torch."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear(0)
 
     def runTest(self) -> None:
+        from LiverSegLib.dependencies import missing_packages, torch_needed
+
+        missing = (["torch (the PyTorch extension)"] if torch_needed() else []) + missing_packages()
+        if missing:
+            message = ("LiverSeg self-test skipped: install " + ", ".join(missing)
+                       + " (click 'Segment Liver' once and accept the installation)")
+            self.delayDisplay(message)
+            self.skipTest(message)
         self.setUp()
         self.test_LiverSeg_segments_a_ct()
 
@@ -287,3 +334,15 @@ class LiverSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volume).shape)
         self.assertAlmostEqual(run.liver_ml, float(mask.sum()) * np.prod(volume.GetSpacing()) / 1000, delta=1.0)
         self.delayDisplay(f"Liver: {run.liver_ml:.0f} mL")
+
+        self.delayDisplay("The same CT through the engine process")
+        try:
+            background = logic.start(volume, None, None, "cpu")
+            self.assertTrue(background.wait(300), "the engine process did not finish in 5 minutes")
+            other = logic.finish(background)
+        finally:
+            logic.shutdown()
+        other_mask = segment_mask(other.segmentation_node, other.segment_id, volume)
+        overlap = 2 * float(np.logical_and(mask, other_mask).sum()) / max(1.0, float(mask.sum() + other_mask.sum()))
+        self.assertGreaterEqual(overlap if mask.any() else float(not other_mask.any()), 0.999)
+        self.assertEqual(other.warnings, run.warnings)

@@ -17,7 +17,7 @@ from synthetic import make_affine, phantom, rotation, write_dicom_series
 from LiverSegExtension.geometry import ijk_to_ras_of, image_from_array
 
 pytest.importorskip("slicer")
-BATCH = ROOT / "LiverSegModule" / "LiverSegBatch.py"
+BATCH = ROOT / "LiverSegModule" / "Scripts" / "LiverSegBatch.py"
 
 
 def run_batch(*args):

@@ -2,7 +2,7 @@
 
     python benchmarks/batch_soak.py [--cases 40] [--input ../shared/data/dicom/chaos_ct3] [--model DIR]
 
-Runs ``LiverSegModule/LiverSegBatch.py`` (plain Python with slicer-core, as CI does; in Slicer it is the
+Runs ``LiverSegModule/Scripts/LiverSegBatch.py`` (plain Python with slicer-core, as CI does; in Slicer it is the
 same script) on N links to one real CT, samples the process's resident memory every 0.2 s, and prints
 one JSON line: RSS after the first case, after the last, the peak, and seconds per case. A leak of the
 scene's nodes or of the model's buffers shows as RSS growing with the case count.
@@ -50,7 +50,7 @@ def main() -> int:
         suffix = "".join(args.input.suffixes) if args.input.is_file() else ""
         for n in range(args.cases):
             (inputs / f"case{n:03d}{suffix}").symlink_to(args.input.resolve())
-        cmd = [sys.executable, str(ROOT / "LiverSegModule" / "LiverSegBatch.py"), "-i", str(inputs), "-o", str(out)]
+        cmd = [sys.executable, str(ROOT / "LiverSegModule" / "Scripts" / "LiverSegBatch.py"), "-i", str(inputs), "-o", str(out)]
         cmd += ["--model", str(args.model)] if args.model else []
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         start = time.perf_counter()

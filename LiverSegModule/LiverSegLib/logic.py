@@ -1,13 +1,17 @@
 """``LiverSegLogic``: the module's logic, usable without the GUI (scripts, batch runs, self-tests).
 
-``process()`` runs synchronously; ``start()`` runs the engine on a worker thread and returns a Job,
-and ``finish()`` writes the result on the main thread. The scene is only changed once a mask exists:
-an error or a cancel leaves it as it was.
+``process()`` runs the engine synchronously in this process (scripts and the batch, where nothing
+waits on an event loop). ``start()`` hands the CT to the engine process (see ``engine.py``) and returns a
+:class:`SegmentRun` to poll; ``finish()`` writes its mask into the scene. The scene is only changed once
+a mask exists: an error or a cancel leaves it as it was. Nothing here imports torch: the engine does,
+in its own process (``start``) or once ``process`` is called.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +21,9 @@ try:
 except ImportError:  # plain Python with only slicer-core (batch runs): the base adds nothing we use there
     ScriptedLoadableModuleLogic = object  # type: ignore[misc,assignment]
 
-from LiverSegExtension.errors import CancelledError, LiverSegError
+from LiverSegExtension.errors import LiverSegError
 from LiverSegLib import mrml
-from LiverSegLib.jobs import Job
+from LiverSegLib.engine import EngineProcess, SegmentRun
 
 
 @dataclass
@@ -31,7 +35,7 @@ class LiverSegRun:
     liver_ml: float
     seconds: float
     model_name: str
-    warnings: list[str] = field(default_factory=list)  # e.g. no liver found, or one on the patient's left
+    warnings: list[str] = field(default_factory=list)  # e.g. no liver found, or a header that misstates the anatomy
 
 
 class LiverSegLogic(ScriptedLoadableModuleLogic):
@@ -40,6 +44,8 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)  # type: ignore[arg-type]
         self._segmenters: dict[tuple[str, str], Any] = {}
+        self._engine: EngineProcess | None = None
+        self._ids = itertools.count(1)
 
     # -- parameters ------------------------------------------------------------------------------
     def getParameterNode(self):
@@ -50,21 +56,21 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     # -- models and devices ------------------------------------------------------------------------
     @staticmethod
     def availableModels() -> list[Path]:
-        from LiverSegExtension.model import list_models
+        from LiverSegExtension.catalog import list_models
 
         return list_models()
 
-    @staticmethod
-    def availableDevices() -> list[str]:
-        from LiverSegExtension.devices import available_devices
-
-        return available_devices()
+    def engineDevices(self) -> list[str] | None:
+        """Devices present, as the engine process found them (None until it has started: Slicer itself
+        never imports torch)."""
+        ready = self._engine.ready if self._engine is not None else None
+        return list(ready["devices"]) if ready else None
 
     @staticmethod
     def modelCard(model_path: str | Path | None) -> dict[str, Any]:
         """The model's card for display; empty when there is no model or its card is unusable (the model
         selector must still open; running it then reports the engine's error)."""
-        from LiverSegExtension.model import default_model_dir, read_card
+        from LiverSegExtension.catalog import default_model_dir, read_card
 
         folder = Path(model_path) if model_path else default_model_dir()
         if folder is None:
@@ -75,13 +81,26 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             return {}
 
     def segmenter(self, model_path: str | Path | None = None, device: str = "auto"):
-        """A cached engine segmenter (loading a model takes a moment; reuse it across runs)."""
+        """A cached in-process segmenter (for ``process``; loading a model takes a moment)."""
         from LiverSegExtension.inference import LiverSegmenter
 
         key = (str(model_path or ""), device)
         if key not in self._segmenters:
             self._segmenters[key] = LiverSegmenter(model_path or None, device=device)
         return self._segmenters[key]
+
+    # -- the engine process ----------------------------------------------------------------------
+    def engine(self) -> EngineProcess:
+        """The warm engine process, started (again) when it is not running."""
+        if self._engine is None or not self._engine.running:
+            self._engine = EngineProcess().start()
+        return self._engine
+
+    def shutdown(self) -> None:
+        """End the engine process (module cleanup, Slicer exit)."""
+        if self._engine is not None:
+            self._engine.stop()
+            self._engine = None
 
     # -- running -------------------------------------------------------------------------------
     def _check_inputs(self, input_volume) -> None:
@@ -92,79 +111,108 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         if input_volume.GetImageData() is None:
             raise LiverSegError(f"{input_volume.GetName()}: the volume holds no voxels")
 
-    def start(self, input_volume, model_path: str | Path | None = None, device: str = "auto", cancel=None) -> Job:
-        """Begin segmenting on a worker thread; poll the Job, then call ``finish``.
+    def start(self, input_volume, output_segmentation=None, model_path: str | Path | None = None,
+              device: str = "auto") -> SegmentRun:
+        """Hand the volume to the engine process and return the run to poll (``run.poll()``), then
+        call ``finish(run)``. The nodes are fixed now: the result goes to these, whatever is selected later."""
+        import SimpleITK as sitk
 
-        ``cancel() -> bool`` (optional) is asked at every step, from the worker thread: it must not touch MRML.
-        """
-        self._check_inputs(input_volume)
         from LiverSegExtension.geometry import image_from_array
 
-        segmenter = self.segmenter(model_path, device)
-        # The ITK image is the worker's private copy of the voxels, made here on the main thread.
-        image = image_from_array(*mrml.volume_array_and_matrix(input_volume))
-        source = input_volume.GetName()
-
-        def work(progress, cancel):
-            try:
-                return segmenter.segment_image(image, progress=progress, cancel=cancel, source=source)
-            except MemoryError:
-                raise LiverSegError(f"{source}: out of memory; close other data or use a smaller volume") from None
-            except RuntimeError as exc:
-                if "out of memory" in str(exc).lower():
-                    raise LiverSegError(f"{source}: the device ran out of memory; try the CPU") from None
-                raise
-
-        job = Job(work, external_cancel=cancel)
-        job.source = source  # type: ignore[attr-defined]
-        job.model_name = segmenter.model.name  # type: ignore[attr-defined]
-        return job.start()
-
-    def finish(self, job: Job, input_volume, output_segmentation=None) -> LiverSegRun:
-        """Write a finished job's mask into the scene (main thread), or raise its error unchanged."""
-        job.wait()
-        if job.error is not None:
-            if isinstance(job.error, CancelledError):
-                logging.info("LiverSeg: cancelled")
-            elif isinstance(job.error, LiverSegError):
-                logging.error("LiverSeg: %s", job.error)
-            else:
-                logging.error("LiverSeg failed:\n%s", job.details)
-            raise job.error
-        result = job.result
-        scene = input_volume.GetScene()
-        created = output_segmentation is None
-        if created:
-            output_segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{input_volume.GetName()} liver")
+        self._check_inputs(input_volume)
+        workdir = Path(tempfile.mkdtemp(prefix="LiverSeg-"))  # private (0700), removed by finish or cancel
         try:
-            segment_id = mrml.write_liver_segment(output_segmentation, input_volume, result.mask)
+            ct_path = workdir / "ct.nrrd"
+            # Uncompressed: written and read at disk speed; the engine reads exactly this grid.
+            sitk.WriteImage(image_from_array(*mrml.volume_array_and_matrix(input_volume)), str(ct_path), False)
+            engine = self.engine()
+            request = {"cmd": "segment", "id": next(self._ids), "input": str(ct_path),
+                       "output": str(workdir / "mask.nrrd"), "model": str(model_path or ""), "device": device,
+                       "source": input_volume.GetName()}
+            engine.send(request)
+        except Exception:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return SegmentRun(engine, request, workdir, input_volume.GetScene(), input_volume.GetID(),
+                          output_segmentation.GetID() if output_segmentation is not None else None,
+                          input_volume.GetName())
+
+    def finish(self, run: SegmentRun) -> LiverSegRun:
+        """Write a finished run's mask into the scene (main thread), or raise its error."""
+        import SimpleITK as sitk
+
+        try:
+            run.poll()
+            if run.error is not None:
+                logging.log(logging.INFO if run.details == "" else logging.ERROR, "LiverSeg: %s%s", run.error,
+                            f"\n{run.details}" if run.details else "")
+                raise run.error
+            if not run.done:
+                raise LiverSegError(f"{run.source}: the run has not finished")
+            volume = run.scene.GetNodeByID(run.volume_id)
+            if volume is None:
+                raise LiverSegError(f"{run.source}: the input volume was removed during the run")
+            segmentation = None
+            if run.segmentation_id is not None:
+                segmentation = run.scene.GetNodeByID(run.segmentation_id)
+                if segmentation is None:
+                    raise LiverSegError(f"{run.source}: the output segmentation was removed during the run")
+            mask = sitk.GetArrayFromImage(sitk.ReadImage(str(run.output_path)))
+            result = run.result
+            return self._write_result(volume, segmentation, mask, result["liver_ml"], result["seconds"],
+                                      result["model_name"], list(result.get("warnings", [])))
+        finally:
+            run.cleanup()
+
+    def _write_result(self, volume, segmentation, mask, liver_ml: float, seconds: float, model_name: str,
+                      warnings: list[str]) -> LiverSegRun:
+        expected = mrml.volume_array_and_matrix(volume)[0].shape
+        if tuple(mask.shape) != tuple(expected):
+            raise LiverSegError(f"{volume.GetName()}: the mask ({'x'.join(map(str, mask.shape[::-1]))}) does not fit "
+                                f"the volume ({'x'.join(map(str, expected[::-1]))}); was the volume changed during the run?")
+        scene = volume.GetScene()
+        created = segmentation is None
+        if created:
+            segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} liver")
+        try:
+            segment_id = mrml.write_liver_segment(segmentation, volume, mask)
         except Exception:
             if created:
-                scene.RemoveNode(output_segmentation)
+                scene.RemoveNode(segmentation)
             raise
         # Keep the model's draft and name with the node (saved with the scene, so a restart of Slicer
         # loses neither): the export measures how much the annotator changed.
-        output_segmentation.SetAttribute("LiverSeg.Model", job.model_name)
-        output_segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, mrml.encode_mask(result.mask))
-        for warning in result.warnings:
+        segmentation.SetAttribute("LiverSeg.Model", model_name)
+        segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, mrml.encode_mask(mask))
+        for warning in warnings:
             logging.warning("LiverSeg: %s", warning)
-        return LiverSegRun(output_segmentation, segment_id, result.liver_ml, result.seconds, job.model_name,
-                           list(result.warnings))
+        return LiverSegRun(segmentation, segment_id, liver_ml, seconds, model_name, warnings)
 
     def process(self, inputVolume, outputSegmentation=None, device: str = "auto", modelPath: str | None = None,
                 progress=None, cancel=None) -> LiverSegRun:
-        """Segment ``inputVolume`` into ``outputSegmentation`` (a new node when None), synchronously.
+        """Segment ``inputVolume`` into ``outputSegmentation`` (a new node when None), synchronously, in this
+        process (it imports torch here).
 
-        ``progress(fraction, stage)`` is called on this thread; ``cancel() -> bool`` is asked at every step
-        of the engine, from the worker thread.
+        ``progress(fraction, stage)`` and ``cancel() -> bool`` are called at every step of the engine.
         """
-        job = self.start(inputVolume, modelPath, device, cancel=cancel)
-        while not job.wait(0.1):
-            if progress is not None:
-                progress(job.fraction, job.stage)
-        if progress is not None:
-            progress(job.fraction, job.stage)
-        return self.finish(job, inputVolume, outputSegmentation)
+        from LiverSegExtension.geometry import image_from_array
+
+        self._check_inputs(inputVolume)
+        segmenter = self.segmenter(modelPath, device)
+        source = inputVolume.GetName()
+        image = image_from_array(*mrml.volume_array_and_matrix(inputVolume))
+        try:
+            result = segmenter.segment_image(image, progress=progress, cancel=cancel, source=source)
+        except MemoryError:
+            raise LiverSegError(f"{source}: out of memory; close other data or use a smaller volume") from None
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise LiverSegError(f"{source}: the device ran out of memory; try the CPU") from None
+            raise
+        return self._write_result(inputVolume, outputSegmentation, result.mask, result.liver_ml, result.seconds,
+                                  segmenter.model.name, list(result.warnings))
 
     # -- export for training -------------------------------------------------------------------------
     def exportForTraining(self, inputVolume, segmentationNode, datasetFolder: str | Path, annotator: str = "",

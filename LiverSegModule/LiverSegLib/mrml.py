@@ -128,11 +128,29 @@ def place_beside(node, volume_node) -> None:
         sh.CreateItem(parent, node)
 
 
+def node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def remove_nodes_added_since(scene, before: set[str]) -> None:
+    """Remove every node added to ``scene`` since ``before`` (``node_ids``): an export's labelmap, and the
+    display, storage and color table nodes Slicer creates with it. Singletons (the subject hierarchy, say) are
+    shared by the whole scene and stay."""
+    for node_id in node_ids(scene) - before:
+        node = scene.GetNodeByID(node_id)
+        if node is not None and not node.GetSingletonTag():
+            scene.RemoveNode(node)
+
+
 def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """The segment as a uint8 ``[k, j, i]`` array on the volume's grid (what the annotator sees)."""
+    """The segment as a uint8 ``[k, j, i]`` array on the volume's grid (what the annotator sees).
+
+    Leaves no node behind (Slicer's ``arrayFromSegmentBinaryLabelmap`` removes its labelmap and color table too).
+    """
     scene = volume_node.GetScene()
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__liverseg_export__")
+    before = node_ids(scene)
     try:
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__liverseg_export__")
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segment_id)
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
@@ -142,4 +160,4 @@ def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
             raise RuntimeError(f"could not export segment {segment_id} to a labelmap")
         return (slicer.util.arrayFromVolume(labelmap) > 0).astype(np.uint8)
     finally:
-        scene.RemoveNode(labelmap)
+        remove_nodes_added_since(scene, before)

@@ -36,8 +36,11 @@ class _IOManager:
 
 
 class _App:
+    applicationName = "3D Slicer"
+
     def __init__(self, testing: bool) -> None:
         self._testing = testing
+        self.overrideCursors = 0  # qSlicerApplication's override-cursor stack (QApplication)
         self._io = _IOManager(self)
         self.volumesLogic = slicer.vtkSlicerVolumesLogic()
         self.segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
@@ -50,6 +53,12 @@ class _App:
 
     def processEvents(self) -> None:
         pass
+
+    def setOverrideCursor(self, cursor) -> None:
+        self.overrideCursors += 1
+
+    def restoreOverrideCursor(self) -> None:
+        self.overrideCursors -= 1
 
     def bind(self, scene) -> None:
         self.volumesLogic.SetMRMLScene(scene)

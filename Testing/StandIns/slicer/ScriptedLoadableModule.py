@@ -16,8 +16,17 @@ class ScriptedLoadableModule:
 
 
 class ScriptedLoadableModuleWidget:
+    """Like Slicer's: without a parent, the panel gets a qMRMLWidget with a vertical layout of its own."""
+
     def __init__(self, parent=None) -> None:
+        import qt
+
+        if parent is None:
+            parent = qt.qMRMLWidget()
+            parent.setLayout(qt.QVBoxLayout())
+            parent.setMRMLScene(slicer.mrmlScene)
         self.parent = parent
+        self.layout = self.parent.layout()
         self.moduleName = self.__class__.__name__[: -len("Widget")]
 
     def setup(self) -> None:  # the real one builds the reload/test panel

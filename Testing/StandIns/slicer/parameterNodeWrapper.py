@@ -36,7 +36,53 @@ def parameterNodeWrapper(cls):
             if not (isinstance(t, type) and "MRML" in t.__name__) and not parameterNode.GetParameter(n):
                 parameterNode.SetParameter(n, str(defaults[n]))
 
+    def connectGui(self, gui) -> int:
+        """Bind each widget of ``gui`` (an object whose attributes are widgets) that has the dynamic property
+        SlicerParameterName to that parameter, both ways, as Slicer's guiConnectors do for node combo boxes
+        (currentNodeChanged) and line edits (textChanged). Returns a tag for disconnectGui."""
+        import vtk
+
+        bound = []
+        for widget in list(vars(gui).values()):
+            name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+            if name not in hints:
+                continue
+            if hasattr(widget, "setCurrentNode"):
+                signal, to_gui = "currentNodeChanged(vtkMRMLNode*)", lambda w, v: w.setCurrentNode(v)
+            else:
+                signal, to_gui = "textChanged(QString)", lambda w, v: setattr(w, "text", str(v))
+
+            def to_parameter(value, name=name) -> None:
+                setattr(self, name, value)
+
+            widget.connect(signal, to_parameter)
+            bound.append((widget, name, signal, to_parameter, to_gui))
+
+        def update_gui(caller=None, event=None) -> None:
+            for widget, name, _, _, to_gui in bound:
+                to_gui(widget, getattr(self, name))
+
+        update_gui()
+        observer = self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, update_gui)
+        self._guis = {**getattr(self, "_guis", {}), observer: bound}
+        return observer
+
+    def disconnectGui(self, tag) -> None:
+        bound = getattr(self, "_guis", {}).pop(tag, None)
+        if bound is None:
+            return
+        self.parameterNode.RemoveObserver(tag)
+        for widget, _, signal, to_parameter, _ in bound:
+            widget.disconnect(signal, to_parameter)
+
     namespace = {n: make_property(n, t, defaults[n]) for n, t in hints.items()}
+    # Forwarded to the node, as the real wrapper does (widgets observe the wrapper itself).
+    namespace["AddObserver"] = lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(
+        event, callback, priority)
+    namespace["RemoveObserver"] = lambda self, tag: self.parameterNode.RemoveObserver(tag)
+    namespace["Modified"] = lambda self: self.parameterNode.Modified()
+    namespace["connectGui"] = connectGui
+    namespace["disconnectGui"] = disconnectGui
     namespace["__init__"] = __init__
     namespace["allParameters"] = property(lambda self: dict(hints))
     return type(cls.__name__, (), {**namespace, "__doc__": cls.__doc__, "__annotations__": hints})

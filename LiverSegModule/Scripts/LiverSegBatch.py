@@ -1,7 +1,10 @@
 """Headless batch segmentation with LiverSeg, through Slicer's own readers and writers.
 
-Inside Slicer:   Slicer --no-main-window --python-script LiverSegBatch.py -- --input PATH [PATH ...] --output-dir OUT
-Plain Python:    python LiverSegBatch.py --input PATH [PATH ...] --output-dir OUT     (pip install slicer-core)
+Inside Slicer:   Slicer --no-main-window --python-script Scripts/LiverSegBatch.py -- --input PATH [PATH ...] --output-dir OUT
+Plain Python:    python Scripts/LiverSegBatch.py --input PATH [PATH ...] --output-dir OUT     (pip install slicer-core)
+
+It lives in Scripts/, not beside LiverSeg.py: Slicer loads every top-level .py of a scripted-modules
+folder as a module at startup.
 
 Inputs are volume files, DICOM folders (one case per series) and folders searched for both. Each case
 gives OUT/<name>.seg.nrrd (segment "Liver" with its terminology) and, with --labelmap, OUT/<name>_liver.nii.gz
@@ -18,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # LiverSegLib (and, from a checkout, the engine)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # LiverSegLib (and, from a checkout, the engine)
 
 import LiverSegLib  # noqa: E402,F401 - makes the engine importable
 import slicer  # noqa: E402
@@ -157,7 +160,7 @@ def run(argv: list[str]) -> int:
     shard_i, shard_n = parse_shard(args.shard)
 
     from LiverSegLib.logic import LiverSegLogic
-    from LiverSegLib.mrml import find_liver_segment
+    from LiverSegLib.mrml import find_liver_segment, node_ids, remove_nodes_added_since
 
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +180,7 @@ def run(argv: list[str]) -> int:
         row = summary_row(str(case.source), str(seg_path))
         start = time.perf_counter()
         wanted = [seg_path] + ([lab_path] if args.labelmap else [])
-        nodes = []
+        before = node_ids(ctx.scene)
         # With --skip-existing no existing output is touched: an existing .seg.nrrd (perhaps corrected by
         # hand) is kept and a missing labelmap is made from it, not from a new run of the model.
         keep_seg = args.skip_existing and seg_path.exists()
@@ -186,27 +189,21 @@ def run(argv: list[str]) -> int:
                 row["status"] = "skipped"
             elif keep_seg:
                 volume = ctx.load(case)
-                nodes.append(volume)
                 segmentation = ctx.segmentations.LoadSegmentationFromFile(str(seg_path), False, case.name)
                 if segmentation is None:
                     raise LiverSegError(f"{seg_path}: could not be read to make the missing labelmap")
-                nodes.append(segmentation)
                 segment_id = find_liver_segment(segmentation)
                 if segment_id is None:
                     raise LiverSegError(f"{seg_path}: has no segment named 'Liver' to make the labelmap from")
                 labelmap = export_labelmap(ctx, segmentation, segment_id, volume)
-                nodes.append(labelmap)
                 write_node(labelmap, lab_path, False)
                 row["liver_ml"] = f"{labelmap_ml(labelmap):.1f}"
             else:
                 volume = ctx.load(case)
-                nodes.append(volume)
                 result = logic.process(volume, None, device=args.device, modelPath=args.model)
-                nodes.append(result.segmentation_node)
                 write_node(result.segmentation_node, seg_path, args.overwrite)
                 if args.labelmap and not (args.skip_existing and lab_path.exists()):
                     labelmap = export_labelmap(ctx, result.segmentation_node, result.segment_id, volume)
-                    nodes.append(labelmap)
                     write_node(labelmap, lab_path, args.overwrite)
                 row["liver_ml"] = f"{result.liver_ml:.1f}"
                 row["warning"] = "; ".join(result.warnings)
@@ -215,16 +212,8 @@ def run(argv: list[str]) -> int:
         except Exception as exc:  # one bad case must not stop the batch
             logging.debug("case failed", exc_info=True)
             row.update(status="failed", output="", error=f"{case.source}: unexpected error: {exc}")
-        finally:
-            for node in nodes:  # keep memory flat over long batches
-                for i in range(node.GetNumberOfDisplayNodes() if hasattr(node, "GetNumberOfDisplayNodes") else 0):
-                    display = node.GetNthDisplayNode(i)
-                    if display is not None:
-                        ctx.scene.RemoveNode(display)
-                storage = node.GetStorageNode()
-                if storage is not None:
-                    ctx.scene.RemoveNode(storage)
-                ctx.scene.RemoveNode(node)
+        finally:  # keep memory flat over long batches: every node the case added goes, color tables too
+            remove_nodes_added_since(ctx.scene, before)
         row["seconds"] = f"{time.perf_counter() - start:.2f}"
         rows.append(row)
         write_summary(summary_path, rows)

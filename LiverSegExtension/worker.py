@@ -1,0 +1,120 @@
+"""The engine as a long-lived process that speaks JSON lines: ``python -m LiverSegExtension.worker``.
+
+A door that must not run torch in its own process (3D Slicer: its main thread holds the GIL in the Qt
+event loop, so a Python thread there starves, and Slicer ships no torch) starts this with its own Python,
+writes one request per line on stdin and reads one message per line on stdout. Volumes travel as files.
+
+Requests::
+
+    {"cmd": "segment", "id": 1, "input": "ct.nrrd", "output": "mask.nrrd", "model": "", "device": "auto",
+     "source": "CT name"}
+    {"cmd": "quit"}
+
+Messages: ``{"event": "ready", "devices": [...], "torch": "2.x", "pid": N}`` once torch is imported, then per
+request ``progress`` (``fraction``, ``stage``), and one ``result`` (``liver_ml``, ``seconds``, ``warnings``,
+``model_name``, ``timings``) or ``error`` (``message``, ``user``: whether it is the user's to fix, ``details``).
+The mask is written to ``output`` (uint8, on the input file's grid) before ``result`` is sent. Stdout carries
+only these lines: whatever a library prints goes to stderr. The process ends at ``quit`` or when stdin closes
+(its parent died), so it never outlives the door that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any, TextIO
+
+PROTOCOL = 1
+
+
+class _Channel:
+    """The protocol's stdout: a private copy of fd 1, which is then pointed at stderr for everyone else."""
+
+    def __init__(self) -> None:
+        self._out: TextIO = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+        os.dup2(2, 1)  # C libraries (ITK, OpenMP) that print to fd 1 land on stderr
+        sys.stdout = sys.stderr
+
+    def send(self, event: str, **fields: Any) -> None:
+        self._out.write(json.dumps({"event": event, **fields}) + "\n")
+        self._out.flush()
+
+
+def _segment(request: dict, channel: _Channel, segmenters: dict) -> None:
+    import SimpleITK as sitk
+
+    from LiverSegExtension.errors import LiverSegError
+    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.io import atomic_write, mask_image, read_image
+
+    rid = request.get("id")
+    source = str(request.get("source") or request.get("input"))
+
+    def progress(fraction: float, stage: str) -> None:
+        channel.send("progress", id=rid, fraction=round(float(fraction), 3), stage=stage)
+
+    try:
+        key = (request.get("model") or "", request.get("device") or "auto")
+        if key not in segmenters:
+            progress(0.0, "loading the model")
+            segmenters[key] = LiverSegmenter(key[0] or None, device=key[1])
+        segmenter = segmenters[key]
+        image = read_image(request["input"])
+        result = segmenter.segment_image(image, progress=progress, source=source)
+        # Uncompressed: a private file on a local disk, read back at once; compression would cost seconds.
+        mask = mask_image(result.mask, image)
+        atomic_write(request["output"], lambda tmp: sitk.WriteImage(mask, tmp, useCompression=False), overwrite=True)
+        channel.send("result", id=rid, liver_ml=result.liver_ml, seconds=result.seconds, warnings=result.warnings,
+                     model_name=segmenter.model.name, timings=result.timings)
+    except LiverSegError as exc:
+        channel.send("error", id=rid, message=str(exc), user=True)
+    except MemoryError:
+        channel.send("error", id=rid, message=f"{source}: out of memory; close other programs or use a smaller volume",
+                     user=True)
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            channel.send("error", id=rid, message=f"{source}: the device ran out of memory; try the CPU", user=True)
+        else:
+            channel.send("error", id=rid, message=f"{source}: unexpected error: {exc}", user=False,
+                         details=traceback.format_exc())
+    except Exception as exc:  # reported to the door, which shows it; the process serves the next request
+        channel.send("error", id=rid, message=f"{source}: unexpected error: {exc}", user=False,
+                     details=traceback.format_exc())
+
+
+def main() -> int:
+    channel = _Channel()
+    try:
+        import torch
+
+        import LiverSegExtension.inference  # noqa: F401 - monai too: "ready" means the first request is quick
+        from LiverSegExtension.devices import available_devices
+
+        channel.send("ready", protocol=PROTOCOL, pid=os.getpid(), torch=torch.__version__, devices=available_devices())
+    except ImportError as exc:  # the door installs the packages; say which one is missing
+        channel.send("error", id=None, message=f"the LiverSeg engine cannot start: {exc}", user=True)
+        return 1
+    segmenters: dict = {}
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            request = json.loads(line)
+        except json.JSONDecodeError:
+            channel.send("error", id=None, message=f"not a request: {line[:80]}", user=False)
+            continue
+        command = request.get("cmd")
+        if command == "quit":
+            break
+        if command == "segment":
+            _segment(request, channel, segmenters)
+        else:
+            channel.send("error", id=request.get("id"), message=f"unknown command {command!r}", user=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

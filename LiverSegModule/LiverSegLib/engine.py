@@ -1,0 +1,215 @@
+"""The engine in a process of its own, so that Slicer never freezes and never imports torch.
+
+Slicer's main thread holds the GIL while it sits in the Qt event loop, so a Python worker thread would
+only advance while the main thread runs Python. Instead Slicer's own Python (``PythonSlicer``) runs
+``python -m LiverSegExtension.worker`` through ``qt.QProcess``; requests go to its stdin and JSON lines
+come back on its stdout (see that module for the protocol). The process stays up between runs, so only
+the first run pays for importing torch; a cancel kills it at once, and the next run starts a new one.
+
+Everything here is polled from the main thread (a QTimer in the panel, :meth:`SegmentRun.wait` in
+scripts): no callback ever runs on another thread, and MRML is touched only by the caller.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import LiverSegExtension
+from LiverSegExtension.errors import CancelledError, LiverSegError
+
+ENGINE_ROOT = Path(LiverSegExtension.__file__).resolve().parent.parent  # the folder holding the engine package
+WORKER_ARGUMENTS = ["-u", "-m", "LiverSegExtension.worker"]
+STDERR_LINES = 40  # what is kept of the engine's stderr, for the details of an error
+
+
+def python_executable() -> str:
+    """Slicer's Python launcher (on Slicer's PATH, it sets up Slicer's library paths), else this Python."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def _bytes(data: Any) -> bytes:
+    """The bytes of what QProcess returns (a QByteArray in PythonQt)."""
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    return bytes(data.data()) if hasattr(data, "data") else bytes(data)
+
+
+class EngineProcess:
+    """One engine process: start it, send it requests, read what it says; kill or stop it."""
+
+    def __init__(self, python: str | None = None) -> None:
+        self.python = python or python_executable()
+        self.ready: dict | None = None  # the engine's "ready" message: torch version, devices present
+        self._process = None
+        self._buffer = b""
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+
+    def start(self) -> EngineProcess:
+        import qt
+
+        process = qt.QProcess()
+        process.setProgram(self.python)
+        process.setArguments(WORKER_ARGUMENTS)
+        process.setWorkingDirectory(str(ENGINE_ROOT))  # ``-m`` imports the engine from there
+        process.start()
+        if not process.waitForStarted(15000):
+            raise LiverSegError(f"the LiverSeg engine could not be started with {self.python}")
+        self._process = process
+        logging.info("LiverSeg: engine process %s started", self.pid)
+        return self
+
+    @property
+    def running(self) -> bool:
+        import qt
+
+        return self._process is not None and self._process.state() != qt.QProcess.NotRunning
+
+    @property
+    def pid(self) -> int | None:
+        return int(self._process.processId()) if self._process is not None else None
+
+    def send(self, request: dict) -> None:
+        self._process.write((json.dumps(request) + "\n").encode("utf-8"))
+
+    def read(self) -> list[dict]:
+        """The messages that arrived since the last call (never blocks)."""
+        if self._process is None:
+            return []
+        for line in _bytes(self._process.readAllStandardError()).decode("utf-8", "replace").splitlines():
+            self._stderr.append(line)
+            logging.debug("LiverSeg engine: %s", line)
+        self._buffer += _bytes(self._process.readAllStandardOutput())
+        *lines, self._buffer = self._buffer.split(b"\n")
+        messages = []
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                logging.debug("LiverSeg engine (not a message): %r", line[:200])
+                continue
+            if message.get("event") == "ready":
+                self.ready = message
+            messages.append(message)
+        return messages
+
+    def wait_for_output(self, msecs: int) -> None:
+        """Block until the engine writes something or ``msecs`` pass (scripts; the panel polls instead)."""
+        if self.running:
+            self._process.waitForReadyRead(msecs)
+
+    def description(self) -> str:
+        """How the process ended, with the last lines it wrote to stderr."""
+        import qt
+
+        if self._process is None:
+            return "never started"
+        if self.running:
+            return "still running"
+        crashed = self._process.exitStatus() == qt.QProcess.CrashExit
+        what = "it was killed or crashed (out of memory?)" if crashed else f"exit code {self._process.exitCode()}"
+        tail = [line for line in self._stderr if line.strip()][-3:]
+        return what + (": " + " | ".join(tail) if tail else "")
+
+    @property
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr)
+
+    def kill(self) -> None:
+        """End the process now (cancel, scene close); waits at most a second for it to go."""
+        if self.running:
+            self._process.kill()
+            self._process.waitForFinished(1000)
+
+    def stop(self) -> None:
+        """Ask the process to quit, kill it if it does not within a few seconds."""
+        if self.running:
+            self.send({"cmd": "quit"})
+            if not self._process.waitForFinished(3000):
+                self.kill()
+
+
+class SegmentRun:
+    """One segmentation request to the engine process: its progress and, when done, its outcome.
+
+    The input and output node IDs are fixed here, when the run starts: what the panel selects later does
+    not change where the result goes.
+    """
+
+    def __init__(self, engine: EngineProcess, request: dict, workdir: Path, scene, volume_id: str,
+                 segmentation_id: str | None, source: str) -> None:
+        self.engine, self.request, self.workdir, self.scene = engine, request, workdir, scene
+        self.volume_id, self.segmentation_id, self.source = volume_id, segmentation_id, source
+        self.fraction = 0.0
+        self.stage = "starting the engine" if engine.ready is None else "queued"
+        self.result: dict | None = None
+        self.error: LiverSegError | None = None
+        self.details = ""  # a traceback from the engine, for an unexpected error
+
+    @property
+    def id(self) -> int:
+        return int(self.request["id"])
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.request["output"])
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def poll(self) -> bool:
+        """Take in what the engine said; True once the run has a result or an error."""
+        if self.done:
+            return True
+        alive = self.engine.running  # before reading: whatever it wrote before it ended is read below
+        for message in self.engine.read():
+            if message.get("id") not in (self.id, None) or self.done:
+                continue
+            event = message.get("event")
+            if event == "ready":
+                self.stage = "engine ready"
+            elif event == "progress":
+                self.fraction, self.stage = float(message["fraction"]), str(message["stage"])
+            elif event == "result":
+                self.result, self.fraction, self.stage = message, 1.0, "done"
+            elif event == "error":
+                self.error = LiverSegError(message.get("message", "the engine failed"))
+                self.details = message.get("details", "")
+        if not self.done and not alive:
+            self.error = LiverSegError(f"{self.source}: the LiverSeg engine stopped before it finished "
+                                       f"({self.engine.description()}); the scene was not changed")
+            self.details = self.engine.stderr_tail
+        return self.done
+
+    def cancel(self) -> None:
+        """Stop now: the engine process is killed (the next run starts a new one)."""
+        if not self.done:
+            self.error = CancelledError()
+            self.engine.kill()
+
+    def wait(self, timeout_s: float | None = None, progress=None) -> bool:
+        """Block until done (scripts and tests), calling ``progress(fraction, stage)`` on each change."""
+        import time
+
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        last = None
+        while not self.poll():
+            if progress is not None and (self.fraction, self.stage) != last:
+                last = (self.fraction, self.stage)
+                progress(*last)
+            if end is not None and time.monotonic() > end:
+                return False
+            self.engine.wait_for_output(100)
+        if progress is not None:
+            progress(self.fraction, self.stage)
+        return True
+
+    def cleanup(self) -> None:
+        """Remove the private folder that held the CT and the mask."""
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,535 @@
+"""Stand-in for the ``qt`` module of Slicer's PythonQt (test-only; the module never imports it).
+
+Covers only what LiverSeg's panel and engine client call, with PythonQt's idioms: ``connect("signal(args)",
+slot)`` (a slot may take fewer arguments than the signal sends), properties read and written as attributes,
+``QUiLoader`` building the widgets a ``.ui`` file names (with its properties and ``<connections>``), and a
+``QProcess`` that runs a real child process. There is no event loop: tests call the panel's timer slot.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import select
+import subprocess
+import xml.etree.ElementTree as ET
+from typing import Any, Callable
+
+
+def _signal_name(signature: str) -> str:
+    return signature.split("(", 1)[0].strip()
+
+
+class QByteArray:
+    """PythonQt's QByteArray: ``data()`` gives the bytes."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._data = bytes(data)
+
+    def data(self) -> bytes:
+        return self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class QObject:
+    """QObject: objectName (``name`` in PythonQt), children, dynamic properties, signals by name."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        self.name = ""
+        self._children: list[QObject] = []
+        self._properties: dict[str, Any] = {}
+        self._slots: dict[str, list[Callable]] = {}
+        if parent is not None:
+            parent._children.append(self)
+
+    def children(self) -> list[QObject]:
+        return list(self._children)
+
+    def property(self, name: str) -> Any:
+        return self._properties.get(name)
+
+    def setProperty(self, name: str, value: Any) -> None:
+        self._properties[name] = value
+
+    def connect(self, signal: str, slot: Callable) -> None:
+        self._slots.setdefault(_signal_name(signal), []).append(slot)
+
+    def disconnect(self, signal: str, slot: Callable) -> None:
+        slots = self._slots.get(_signal_name(signal), [])
+        if slot in slots:
+            slots.remove(slot)
+
+    def emit(self, signal: str, *args: Any) -> None:
+        for slot in list(self._slots.get(signal, [])):
+            try:  # PythonQt calls a slot with as many of the signal's arguments as it takes
+                params = inspect.signature(slot).parameters.values()
+                if any(p.kind == p.VAR_POSITIONAL for p in params):
+                    count = len(args)
+                else:
+                    count = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+            except (TypeError, ValueError):
+                count = len(args)
+            slot(*args[:count])
+
+
+class QLayout(QObject):
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(None)
+        self._owner = parent
+
+    def addWidget(self, widget: QWidget, *args: Any) -> None:
+        if self._owner is not None:
+            self._owner._children.append(widget)
+
+
+QVBoxLayout = QHBoxLayout = QFormLayout = QGridLayout = QLayout
+
+
+class QWidget(QObject):
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.enabled = True
+        self.visible = True
+        self.toolTip = ""
+        self.isEntered = False  # qSlicerAbstractModuleWidget's property, on the panel's parent widget
+        self._layout: QLayout | None = None
+
+    def setLayout(self, layout: QLayout) -> None:
+        layout._owner = self
+        self._layout = layout
+
+    def layout(self) -> QLayout | None:
+        return self._layout
+
+    def show(self) -> None:
+        self.visible = True
+
+    def setEnabled(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+
+
+class QLabel(QWidget):
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.text = ""
+        self.wordWrap = False
+
+
+class QAbstractButton(QWidget):
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.text = ""
+        self.checkable = False
+        self.checked = False
+
+    def click(self) -> None:
+        """QAbstractButton.click(): emits clicked(bool) when enabled."""
+        if self.enabled:
+            self.emit("clicked", self.checked)
+
+
+class QPushButton(QAbstractButton):
+    pass
+
+
+class QCheckBox(QAbstractButton):
+    pass
+
+
+class QProgressBar(QWidget):
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.value = 0
+        self.minimum, self.maximum = 0, 100
+
+
+class QLineEdit(QWidget):
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._text = ""
+        self.placeholderText = ""
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    @text.setter
+    def text(self, value: str) -> None:
+        if value != self._text:
+            self._text = value
+            self.emit("textChanged", value)
+
+
+class _StandardItem:
+    """QStandardItem, as ``combo.model().item(i)`` returns it."""
+
+    def __init__(self) -> None:
+        self._enabled = True
+
+    def setEnabled(self, enabled: bool) -> None:
+        self._enabled = bool(enabled)
+
+    def isEnabled(self) -> bool:
+        return self._enabled
+
+
+class _ItemModel:
+    def __init__(self, combo: QComboBox) -> None:
+        self._combo = combo
+
+    def item(self, row: int) -> _StandardItem:
+        return self._combo._items[row][2]
+
+
+class QComboBox(QWidget):
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._items: list[tuple[str, Any, _StandardItem]] = []
+        self._current = -1
+
+    @property
+    def count(self) -> int:
+        return len(self._items)
+
+    @property
+    def currentIndex(self) -> int:
+        return self._current
+
+    @currentIndex.setter
+    def currentIndex(self, index: int) -> None:
+        self.setCurrentIndex(index)
+
+    @property
+    def currentText(self) -> str:
+        return self._items[self._current][0] if self._current >= 0 else ""
+
+    def setCurrentIndex(self, index: int) -> None:
+        index = index if 0 <= index < len(self._items) else -1
+        if index != self._current:
+            self._current = index
+            self.emit("currentIndexChanged", index)
+
+    def addItem(self, text: str, data: Any = None) -> None:
+        self._items.append((text, data, _StandardItem()))
+        if self._current < 0:
+            self.setCurrentIndex(0)
+
+    def clear(self) -> None:
+        self._items = []
+        self.setCurrentIndex(-1)
+
+    def itemData(self, index: int) -> Any:
+        return self._items[index][1] if 0 <= index < len(self._items) else None
+
+    def itemText(self, index: int) -> str:
+        return self._items[index][0] if 0 <= index < len(self._items) else ""
+
+    def findData(self, data: Any) -> int:
+        return next((i for i, item in enumerate(self._items) if item[1] == data), -1)
+
+    def model(self) -> _ItemModel:
+        return _ItemModel(self)
+
+
+class ctkCollapsibleButton(QAbstractButton):
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.collapsed = False
+
+
+class ctkPathLineEdit(QWidget):
+    Dirs, Files = 1, 2
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._path = ""
+        self.filters = 0
+
+    @property
+    def currentPath(self) -> str:
+        return self._path
+
+    @currentPath.setter
+    def currentPath(self, value: str) -> None:
+        value = str(value or "")
+        if value != self._path:
+            self._path = value
+            self.emit("currentPathChanged", value)
+
+
+class qMRMLWidget(QWidget):
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._scene = None
+
+    def setMRMLScene(self, scene) -> None:
+        self._scene = scene
+        self.emit("mrmlSceneChanged", scene)
+
+    def mrmlScene(self):
+        return self._scene
+
+
+class qMRMLNodeComboBox(qMRMLWidget):
+    """qMRMLNodeComboBox: the nodes of ``nodeTypes`` in its scene; ``currentNodeChanged(vtkMRMLNode*)``."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.nodeTypes: list[str] = []
+        self.noneEnabled = False
+        self.addEnabled = False
+        self.removeEnabled = False
+        self._node = None
+
+    def currentNode(self):
+        return self._node
+
+    def setCurrentNode(self, node) -> None:
+        if node is not None and self.nodeTypes and not any(node.IsA(t) for t in self.nodeTypes):
+            node = None
+        if node is not self._node:
+            self._node = node
+            self.emit("currentNodeChanged", node)
+
+    @property
+    def currentNodeID(self) -> str:
+        return self._node.GetID() if self._node is not None else ""
+
+
+class QIcon:
+    def __init__(self, path: str = "") -> None:
+        self.path = str(path)
+
+
+class QFile:
+    ReadOnly = 1
+
+    def __init__(self, path: str) -> None:
+        self._path = str(path)
+
+    def exists(self) -> bool:
+        return os.path.isfile(self._path)
+
+    def open(self, mode: int) -> bool:
+        return self.exists()
+
+    def fileName(self) -> str:
+        return self._path
+
+
+_WIDGET_CLASSES = {cls.__name__: cls for cls in (
+    QWidget, QLabel, QPushButton, QCheckBox, QProgressBar, QLineEdit, QComboBox, ctkCollapsibleButton,
+    ctkPathLineEdit, qMRMLWidget, qMRMLNodeComboBox)}
+
+
+def _property_value(element: ET.Element) -> Any:
+    for child in element:
+        tag = child.tag
+        if tag in ("string", "cstring"):
+            return child.text or ""
+        if tag == "bool":
+            return child.text == "true"
+        if tag == "number":
+            return int(child.text)
+        if tag == "double":
+            return float(child.text)
+        if tag == "stringlist":
+            return [s.text or "" for s in child.findall("string")]
+        if tag == "enum":
+            return child.text
+    return None
+
+
+class QUiLoader:
+    """QUiLoader.load: the widget tree of a .ui file, with its properties and signal-slot connections."""
+
+    def load(self, qfile: QFile) -> QWidget:
+        root = ET.parse(qfile.fileName()).getroot()
+        named: dict[str, QObject] = {}
+
+        def build(element: ET.Element, parent: QObject | None) -> QWidget:
+            cls = element.get("class")
+            if cls not in _WIDGET_CLASSES:
+                raise RuntimeError(f"the Qt stand-in has no widget class {cls}")
+            widget = _WIDGET_CLASSES[cls](parent)
+            widget.name = element.get("name") or ""
+            named[widget.name] = widget
+            for prop in element.findall("property"):
+                value = _property_value(prop)
+                if prop.get("stdset") == "0":
+                    widget.setProperty(prop.get("name"), value)
+                elif prop.get("name") not in ("geometry", "sizePolicy"):
+                    setattr(widget, prop.get("name"), value)
+            for layout_or_widget in element:
+                walk(layout_or_widget, widget)
+            return widget
+
+        def walk(element: ET.Element, parent: QObject) -> None:
+            if element.tag == "widget":
+                build(element, parent)
+            elif element.tag in ("layout", "item"):
+                for child in element:
+                    walk(child, parent)
+
+        top = build(root.find("widget"), None)
+        for connection in root.iter("connection"):
+            sender, receiver = named[connection.findtext("sender")], named[connection.findtext("receiver")]
+            slot = getattr(receiver, _signal_name(connection.findtext("slot")))
+            sender.connect(connection.findtext("signal"), slot)
+        return top
+
+
+class QSettings:
+    """QSettings over one in-memory store shared by every instance (like one settings file)."""
+
+    _store: dict[str, Any] = {}
+
+    def value(self, key: str, default: Any = None) -> Any:
+        return self._store.get(key, default)
+
+    def setValue(self, key: str, value: Any) -> None:
+        self._store[key] = value
+
+
+class QTimer(QObject):
+    """QTimer without an event loop: tests call the connected slot themselves while ``isActive()``."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.interval = 0
+        self._active = False
+
+    def setInterval(self, msec: int) -> None:
+        self.interval = msec
+
+    def start(self, msec: int | None = None) -> None:
+        self._active = True
+
+    def stop(self) -> None:
+        self._active = False
+
+    def isActive(self) -> bool:
+        return self._active
+
+    def timeout(self) -> None:
+        """What the event loop does when the interval has passed."""
+        if self._active:
+            self.emit("timeout")
+
+
+class QProcess(QObject):
+    """QProcess over a real child process (subprocess.Popen): start, write to stdin, non-blocking reads of
+    stdout and stderr, waitFor*, kill, state, exit code and status."""
+
+    NotRunning, Starting, Running = 0, 1, 2
+    NormalExit, CrashExit = 0, 1
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._program, self._arguments, self._cwd = "", [], None
+        self._popen: subprocess.Popen | None = None
+        self._out, self._err = b"", b""
+
+    def setProgram(self, program: str) -> None:
+        self._program = program
+
+    def setArguments(self, arguments: list[str]) -> None:
+        self._arguments = list(arguments)
+
+    def setWorkingDirectory(self, folder: str) -> None:
+        self._cwd = folder
+
+    def start(self) -> None:
+        try:
+            self._popen = subprocess.Popen([self._program, *self._arguments], cwd=self._cwd, stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        except OSError:
+            self._popen = None
+            return
+        for stream in (self._popen.stdout, self._popen.stderr):
+            os.set_blocking(stream.fileno(), False)
+
+    def waitForStarted(self, msecs: int = 30000) -> bool:
+        return self._popen is not None
+
+    def state(self) -> int:
+        if self._popen is None or self._popen.poll() is not None:
+            return self.NotRunning
+        return self.Running
+
+    def processId(self) -> int:
+        return self._popen.pid if self._popen is not None else 0
+
+    def write(self, data: bytes) -> int:
+        try:
+            self._popen.stdin.write(bytes(data))
+            self._popen.stdin.flush()
+            return len(data)
+        except (OSError, ValueError, AttributeError):
+            return -1
+
+    def _pump(self) -> bool:
+        got = False
+        if self._popen is None:
+            return got
+        for stream, name in ((self._popen.stdout, "_out"), (self._popen.stderr, "_err")):
+            while True:
+                try:
+                    chunk = os.read(stream.fileno(), 1 << 16)
+                except (BlockingIOError, OSError, ValueError):
+                    break
+                if not chunk:
+                    break
+                setattr(self, name, getattr(self, name) + chunk)
+                got = got or name == "_out"
+        return got
+
+    def readAllStandardOutput(self) -> QByteArray:
+        self._pump()
+        data, self._out = self._out, b""
+        return QByteArray(data)
+
+    def readAllStandardError(self) -> QByteArray:
+        self._pump()
+        data, self._err = self._err, b""
+        return QByteArray(data)
+
+    def waitForReadyRead(self, msecs: int = 30000) -> bool:
+        if self._out or self._pump():
+            return True
+        if self._popen is None:
+            return False
+        ready, _, _ = select.select([self._popen.stdout], [], [], max(0, msecs) / 1000)
+        return bool(ready) and self._pump()
+
+    def waitForFinished(self, msecs: int = 30000) -> bool:
+        if self._popen is None:
+            return False
+        try:
+            self._popen.wait(None if msecs < 0 else msecs / 1000)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill(self) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.kill()
+
+    def exitCode(self) -> int:
+        code = self._popen.returncode if self._popen is not None else None
+        return code if code is not None and code >= 0 else 0
+
+    def exitStatus(self) -> int:
+        code = self._popen.returncode if self._popen is not None else None
+        return self.CrashExit if code is not None and code < 0 else self.NormalExit
+
+
+class QMessageBox:
+    Ok, Cancel, Yes, No, Retry, Close = 0x400, 0x400000, 0x4000, 0x10000, 0x80000, 0x200000
+    NoIcon, Information, Warning, Critical, Question = 0, 1, 2, 3, 4
+
+
+class Qt:
+    WaitCursor = 3
