@@ -99,6 +99,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self.onPoll)
+        slicer.app.connect("aboutToQuit()", self.logic.shutdown)  # the engine process ends with Slicer
         self.initializeParameterNode()
         self.onModelChanged(self.ui.modelComboBox.currentIndex)  # the card of the preselected model
 

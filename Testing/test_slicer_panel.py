@@ -168,9 +168,10 @@ def test_panel_runs_the_engine_process_on_the_nodes_chosen_at_start(scene):
         poll_until_done(widget)
         assert widget.logic._engine.pid == pid
         assert widget._parameterNode.outputSegmentation.GetID() == seg.GetID()  # updated in place
+        slicer.app.quit()  # Slicer exits: the engine goes with it
+        assert not alive(pid)
     finally:
         widget.cleanup()
-    assert not alive(pid)
 
 
 @requires_bundled_model

@@ -54,6 +54,15 @@ class _App:
     def processEvents(self) -> None:
         pass
 
+    def connect(self, signal: str, slot) -> None:
+        """QCoreApplication's signals (aboutToQuit()); fired by ``quit``."""
+        self.__dict__.setdefault("slots", []).append((signal, slot))
+
+    def quit(self) -> None:
+        for signal, slot in self.__dict__.pop("slots", []):
+            if signal.startswith("aboutToQuit"):
+                slot()
+
     def setOverrideCursor(self, cursor) -> None:
         self.overrideCursors += 1
 
