@@ -373,3 +373,33 @@ def test_self_test_skips_and_says_what_to_install_without_the_packages(scene, mo
     monkeypatch.setattr(dependencies, "importable", lambda name: name not in ("torch", "monai"))
     with pytest.raises(unittest.SkipTest, match="install torch .*monai"):
         LiverSegTest().runTest()
+
+
+@requires_bundled_model
+def test_a_batch_case_leaves_no_node_behind(tmp_path, monkeypatch):
+    """The batch's scene holds after each case exactly what it held before (labelmaps' color tables too)."""
+    import importlib.util
+
+    import SimpleITK as sitk
+
+    from LiverSegExtension.geometry import image_from_array
+
+    m = make_affine((3.0, 3.0, 5.0), (40, 100, 110), left_handed=True)
+    ct, _ = phantom((40, 100, 110), m)
+    sitk.WriteImage(image_from_array(ct, m), str(tmp_path / "ct.nii.gz"))
+    spec = importlib.util.spec_from_file_location("LiverSegBatch", ROOT / "LiverSegModule" / "Scripts" / "LiverSegBatch.py")
+    batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch)
+    contexts = []
+    original = batch.SceneContext.__init__
+
+    def record(self) -> None:
+        original(self)
+        contexts.append((self, nodes_by_class(self.scene)))
+
+    monkeypatch.setattr(batch.SceneContext, "__init__", record)
+    assert batch.run(["--input", str(tmp_path / "ct.nii.gz"), str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "out"),
+                      "--labelmap", "--device", "cpu"]) == 0
+    ((ctx, before),) = contexts
+    assert (tmp_path / "out" / "ct_2_liver.nii.gz").is_file()
+    assert nodes_by_class(ctx.scene) == before
