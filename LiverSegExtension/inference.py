@@ -240,7 +240,22 @@ class LiverSegmenter:
         cancel: CancelCallback | None = None,
         source: str = "input",
     ) -> SegmentationResult:
-        """Segment a SimpleITK CT image; the mask is ``[k, j, i]`` on exactly the image's grid."""
+        """Segment a SimpleITK CT image; the mask is ``[k, j, i]`` on exactly the image's grid.
+
+        Running out of memory (host or device) is the user's to fix: it becomes a LiverSegError saying so,
+        for every door alike.
+        """
+        try:
+            return self._segment_image(image, progress, cancel, source)
+        except MemoryError:
+            raise LiverSegError(f"{source}: out of memory; close other programs or use a smaller volume") from None
+        except RuntimeError as exc:  # torch's allocation failures on CUDA and MPS
+            if "out of memory" in str(exc).lower():
+                raise LiverSegError(f"{source}: the device ran out of memory; try the CPU") from None
+            raise
+
+    def _segment_image(self, image: sitk.Image, progress: ProgressCallback | None, cancel: CancelCallback | None,
+                       source: str) -> SegmentationResult:
         start = time.perf_counter()
         timings: dict[str, float] = {}
 

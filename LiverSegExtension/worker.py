@@ -70,15 +70,6 @@ def _segment(request: dict, channel: _Channel, segmenters: dict) -> None:
                      model_name=segmenter.model.name, timings=result.timings)
     except LiverSegError as exc:
         channel.send("error", id=rid, message=str(exc), user=True)
-    except MemoryError:
-        channel.send("error", id=rid, message=f"{source}: out of memory; close other programs or use a smaller volume",
-                     user=True)
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower():
-            channel.send("error", id=rid, message=f"{source}: the device ran out of memory; try the CPU", user=True)
-        else:
-            channel.send("error", id=rid, message=f"{source}: unexpected error: {exc}", user=False,
-                         details=traceback.format_exc())
     except Exception as exc:  # reported to the door, which shows it; the process serves the next request
         channel.send("error", id=rid, message=f"{source}: unexpected error: {exc}", user=False,
                      details=traceback.format_exc())

@@ -103,14 +103,17 @@ def add_ct(name: str, shape=(50, 110, 120), spacing=(3.0, 3.0, 5.0), left_handed
     return slicer.util.addVolumeFromArray(ct, ijkToRAS=m, name=name)
 
 
-def build_widget():
+@pytest.fixture()
+def panel(scene):
+    """The panel as Slicer builds it (setup, then enter); cleaned up as Slicer does when it closes."""
     import LiverSeg
 
     widget = LiverSeg.LiverSegWidget()
     widget.setup()
     widget.parent.isEntered = True
     widget.enter()
-    return widget
+    yield widget
+    widget.cleanup()
 
 
 def poll_until_done(widget, timeout_s: float = 300.0, during=None) -> list[tuple[int, str]]:
@@ -136,88 +139,84 @@ def alive(pid: int) -> bool:
 
 
 @requires_bundled_model
-def test_panel_runs_the_engine_process_on_the_nodes_chosen_at_start(scene):
+def test_panel_runs_the_engine_process_on_the_nodes_chosen_at_start(scene, panel):
     from LiverSeg import LiverSegLogic
     from LiverSegLib.mrml import segment_mask
 
     first, second = add_ct("first", left_handed=True), add_ct("second", shape=(40, 100, 100))
-    widget = build_widget()
-    try:
-        widget.ui.inputVolumeSelector.setCurrentNode(first)
-        widget.ui.applyButton.click()
-        assert widget._run is not None
-        assert not widget.ui.applyButton.enabled and widget.ui.cancelButton.enabled
-        assert not widget.ui.inputVolumeSelector.enabled and not widget.ui.outputSegmentationSelector.enabled
-        pid = widget.logic._engine.pid
-        widget._parameterNode.inputVolume = second  # the selection changes while the engine works
-        seen = poll_until_done(widget)
-        assert any(0 < value < 100 for value, _ in seen), seen  # progress arrived before the end
-        assert any("Segmenting the liver" in text for _, text in seen)
-        seg = widget._parameterNode.outputSegmentation
-        assert seg is not None and seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()).GetID() == first.GetID()
-        assert widget.ui.statusLabel.text.startswith("Liver: ")
-        assert widget.ui.applyButton.enabled and widget.ui.inputVolumeSelector.enabled
-        # The engine process gives exactly what the engine gives in this process.
-        segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName("Liver")
-        through_process = segment_mask(seg, segment_id, first)
-        here = LiverSegLogic().process(first, None, device="cpu")
-        in_process = segment_mask(here.segmentation_node, here.segment_id, first)
-        assert in_process.any() and dice(through_process, in_process) >= 0.999
-        # A second click reuses the warm engine.
-        widget.ui.applyButton.click()
-        poll_until_done(widget)
-        assert widget.logic._engine.pid == pid
-        assert widget._parameterNode.outputSegmentation.GetID() == seg.GetID()  # updated in place
-        slicer.app.quit()  # Slicer exits: the engine goes with it
-        assert not alive(pid)
-    finally:
-        widget.cleanup()
+    panel.ui.inputVolumeSelector.setCurrentNode(first)
+    panel.ui.applyButton.click()
+    assert panel._run is not None
+    assert not panel.ui.applyButton.enabled and panel.ui.cancelButton.enabled
+    assert not panel.ui.inputVolumeSelector.enabled and not panel.ui.outputSegmentationSelector.enabled
+    pid = panel.logic._engine.pid
+    panel._parameterNode.inputVolume = second  # the selection changes while the engine works
+    seen = poll_until_done(panel)
+    assert any(0 < value < 100 for value, _ in seen), seen  # progress arrived before the end
+    assert any("Segmenting the liver" in text for _, text in seen)
+    seg = panel._parameterNode.outputSegmentation
+    assert seg is not None and seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()).GetID() == first.GetID()
+    assert panel.ui.statusLabel.text.startswith("Liver: ")
+    assert panel.ui.applyButton.enabled and panel.ui.inputVolumeSelector.enabled
+    # The engine process gives exactly what the engine gives in this process.
+    segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    through_process = segment_mask(seg, segment_id, first)
+    here = LiverSegLogic().process(first, None, device="cpu")
+    in_process = segment_mask(here.segmentation_node, here.segment_id, first)
+    assert in_process.any() and dice(through_process, in_process) >= 0.999
+    # A second click reuses the warm engine.
+    panel.ui.applyButton.click()
+    poll_until_done(panel)
+    assert panel.logic._engine.pid == pid
+    assert panel._parameterNode.outputSegmentation.GetID() == seg.GetID()  # updated in place
+    slicer.app.quit()  # Slicer exits: the engine goes with it
+    assert not alive(pid)
 
 
 @requires_bundled_model
-def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_engine(scene):
+def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_engine(scene, panel):
     volume = add_ct("ct")
-    widget = build_widget()
-    try:
-        widget.ui.inputVolumeSelector.setCurrentNode(volume)
-        before = scene.GetNumberOfNodes()
-        widget.ui.applyButton.click()
-        pid = widget.logic._engine.pid
+    panel.ui.inputVolumeSelector.setCurrentNode(volume)
+    before = scene.GetNumberOfNodes()
+    panel.ui.applyButton.click()
+    pid = panel.logic._engine.pid
+    stages = []
 
-        def cancel_on_first_progress(seen) -> None:
-            if widget._run is not None and widget._run.stage not in ("starting the engine", "queued"):
-                widget.ui.cancelButton.click()
+    def cancel_while_segmenting(seen) -> None:  # at the engine's first step of this run
+        if panel._run is not None and panel._run.stage in ("loading the model", "locating the liver"):
+            stages.append(panel._run.stage)
+            panel.ui.cancelButton.click()
 
-        poll_until_done(widget, during=cancel_on_first_progress)
-        assert widget.ui.statusLabel.text == "Cancelled; the scene was not changed."
-        assert scene.GetNumberOfNodes() == before
-        assert not alive(pid)
-        assert widget.ui.applyButton.enabled and not widget.ui.cancelButton.enabled
-    finally:
-        widget.cleanup()
+    poll_until_done(panel, during=cancel_while_segmenting)
+    assert stages, "the run ended before any step of it was seen"
+    assert panel.ui.statusLabel.text == "Cancelled; the scene was not changed."
+    assert scene.GetNumberOfNodes() == before
+    assert not alive(pid)
+    assert panel.ui.applyButton.enabled and not panel.ui.cancelButton.enabled
 
 
 @requires_bundled_model
-def test_a_killed_engine_gives_an_error_and_leaves_the_scene_unchanged(scene, caplog):
+def test_a_killed_engine_gives_an_error_and_leaves_the_scene_unchanged(scene):
     from LiverSeg import LiverSegLogic
 
     volume = add_ct("ct")
     logic = LiverSegLogic()
     before = scene.GetNumberOfNodes()
-    run = logic.start(volume, None, None, "cpu")
-    pid = logic._engine.pid
-    workdir = run.workdir
-    os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
-    assert run.wait(60)
-    with pytest.raises(LiverSegError, match="the LiverSeg engine stopped before it finished .*killed or crashed"):
-        logic.finish(run)
-    assert scene.GetNumberOfNodes() == before
-    assert not workdir.exists()  # the private CT copy is gone
-    # The next run starts a new engine and works.
-    run = logic.start(volume, None, None, "cpu")
-    assert run.wait(300) and logic._engine.pid != pid
-    assert logic.finish(run).segmentation_node is not None
-    logic.shutdown()
+    try:
+        run = logic.start(volume, None, None, "cpu")
+        pid = logic._engine.pid
+        os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        assert run.wait(60)
+        with pytest.raises(LiverSegError, match="the LiverSeg engine stopped before it finished .*killed or crashed"):
+            logic.finish(run)
+        assert scene.GetNumberOfNodes() == before
+        assert not run.workdir.exists()  # the private CT copy is gone
+        # The next run starts a new engine and works.
+        run = logic.start(volume, None, None, "cpu")
+        assert run.wait(300) and logic._engine.pid != pid
+        assert logic.finish(run).segmentation_node is not None
+    finally:
+        logic.shutdown()
 
 
 @requires_bundled_model
@@ -403,3 +402,24 @@ def test_a_batch_case_leaves_no_node_behind(tmp_path, monkeypatch):
     ((ctx, before),) = contexts
     assert (tmp_path / "out" / "ct_2_liver.nii.gz").is_file()
     assert nodes_by_class(ctx.scene) == before
+
+
+@pytest.mark.parametrize("error, said", [(MemoryError(), "out of memory; close other programs"),
+                                         (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                          "the device ran out of memory; try the CPU")])
+def test_running_out_of_memory_is_a_short_error_and_changes_nothing(scene, threshold_segmenter, monkeypatch,
+                                                                   error, said):
+    """The engine turns allocation failures into a user error, for every door (here the logic's)."""
+    from LiverSeg import LiverSegLogic
+
+    def predict(stage, volume):
+        raise error
+
+    monkeypatch.setattr(threshold_segmenter, "predict", predict)
+    logic = LiverSegLogic()
+    logic._segmenters[("", "cpu")] = threshold_segmenter
+    volume = add_ct("ct", shape=(40, 80, 80))
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(LiverSegError, match=f"ct: {said}"):
+        logic.process(volume, None, device="cpu")
+    assert scene.GetNumberOfNodes() == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,8 +132,6 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                        "source": input_volume.GetName()}
             engine.send(request)
         except Exception:
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         return SegmentRun(engine, request, workdir, input_volume.GetScene(), input_volume.GetID(),
@@ -146,8 +145,8 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         try:
             run.poll()
             if run.error is not None:
-                logging.log(logging.INFO if run.details == "" else logging.ERROR, "LiverSeg: %s%s", run.error,
-                            f"\n{run.details}" if run.details else "")
+                if run.details:  # an unexpected error in the engine: keep its traceback in the log
+                    logging.error("LiverSeg: %s\n%s", run.error, run.details)
                 raise run.error
             if not run.done:
                 raise LiverSegError(f"{run.source}: the run has not finished")
@@ -159,7 +158,8 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                 segmentation = run.scene.GetNodeByID(run.segmentation_id)
                 if segmentation is None:
                     raise LiverSegError(f"{run.source}: the output segmentation was removed during the run")
-            mask = sitk.GetArrayFromImage(sitk.ReadImage(str(run.output_path)))
+            image = sitk.ReadImage(str(run.output_path))
+            mask = sitk.GetArrayViewFromImage(image)  # no copy: ``image`` outlives the writing below
             result = run.result
             return self._write_result(volume, segmentation, mask, result["liver_ml"], result["seconds"],
                                       result["model_name"], list(result.get("warnings", [])))
@@ -203,14 +203,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         segmenter = self.segmenter(modelPath, device)
         source = inputVolume.GetName()
         image = image_from_array(*mrml.volume_array_and_matrix(inputVolume))
-        try:
-            result = segmenter.segment_image(image, progress=progress, cancel=cancel, source=source)
-        except MemoryError:
-            raise LiverSegError(f"{source}: out of memory; close other data or use a smaller volume") from None
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():
-                raise LiverSegError(f"{source}: the device ran out of memory; try the CPU") from None
-            raise
+        result = segmenter.segment_image(image, progress=progress, cancel=cancel, source=source)
         return self._write_result(inputVolume, outputSegmentation, result.mask, result.liver_ml, result.seconds,
                                   segmenter.model.name, list(result.warnings))
 

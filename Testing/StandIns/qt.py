@@ -240,8 +240,6 @@ class ctkCollapsibleButton(QAbstractButton):
 
 
 class ctkPathLineEdit(QWidget):
-    Dirs, Files = 1, 2
-
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._path = ""
