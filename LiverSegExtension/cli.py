@@ -209,7 +209,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from LiverSegExtension.model import STAGES
+    from LiverSegExtension.catalog import STAGES
     from LiverSegExtension.training import TrainConfig, train
 
     if args.iterations < 1:

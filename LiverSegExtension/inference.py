@@ -23,11 +23,12 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import FillHoles, ScaleIntensityRange
 from scipy import ndimage
 
+from LiverSegExtension.catalog import default_model_dir
 from LiverSegExtension.devices import resolve_device
 from LiverSegExtension.errors import CancelledError, LiverSegError
 from LiverSegExtension.geometry import Grid, image_from_array, index_box, physical_corners, resample_to_grid
 from LiverSegExtension.metrics import volume_ml
-from LiverSegExtension.model import LiverModel, default_model_dir
+from LiverSegExtension.model import LiverModel
 
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]

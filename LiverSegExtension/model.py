@@ -18,16 +18,7 @@ import torch
 from monai.networks.nets import UNet
 from safetensors.torch import load_file, save_file
 
-from LiverSegExtension.catalog import (  # noqa: F401 - the catalog needs no torch; re-exported here
-    CARD_FILE,
-    STAGES,
-    WEIGHTS_FILE,
-    bundled_models_dir,
-    default_model_dir,
-    list_models,
-    read_card,
-    user_models_dir,
-)
+from LiverSegExtension.catalog import CARD_FILE, STAGES, WEIGHTS_FILE, read_card
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import atomic_write
 

@@ -28,13 +28,14 @@ from monai.utils import set_determinism
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from LiverSegExtension.augment import training_transforms
+from LiverSegExtension.catalog import STAGES
 from LiverSegExtension.data import Case, load_msd, to_grid
 from LiverSegExtension.devices import resolve_device
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.inference import LiverSegmenter
 from LiverSegExtension.io import atomic_write, read_image
 from LiverSegExtension.metrics import case_metrics
-from LiverSegExtension.model import STAGES, LiverModel
+from LiverSegExtension.model import LiverModel
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "training_log.csv"

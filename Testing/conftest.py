@@ -21,7 +21,7 @@ requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data not
 
 
 def bundled_model():
-    from LiverSegExtension.model import default_model_dir
+    from LiverSegExtension.catalog import default_model_dir
 
     return default_model_dir()
 

@@ -99,7 +99,7 @@ def test_segment_array_progress_and_cancel(tiny_model_dir):
 def test_user_models_folder_is_listed(tiny_model_dir, tmp_path, monkeypatch):
     import shutil
 
-    from LiverSegExtension.model import list_models
+    from LiverSegExtension.catalog import list_models
 
     shutil.copytree(tiny_model_dir, tmp_path / "tiny-test-v0.0.1")
     (tmp_path / "not-a-model").mkdir()
