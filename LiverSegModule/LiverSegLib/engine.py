@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +196,6 @@ class SegmentRun:
 
     def wait(self, timeout_s: float | None = None, progress=None) -> bool:
         """Block until done (scripts and tests), calling ``progress(fraction, stage)`` on each change."""
-        import time
-
         end = None if timeout_s is None else time.monotonic() + timeout_s
         last = None
         while not self.poll():
