@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import Grid, physical_corners, resample_to_grid
+from LiverSegExtension.io import read_image
 
 
 @dataclass
@@ -18,6 +20,21 @@ class Case:
     name: str
     image: Path
     label: Path
+    provenance: dict[str, Any] | None = None  # the dataset's ``cases`` entry: where image and label came from
+    # A header fix named by a model card: (direction as written, direction to use). Applied only to a file
+    # whose direction is the one written, so an already corrected copy is read as it is.
+    direction_fix: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    dataset: Path | None = None  # the dataset folder (holding dataset.json) the case was listed in
+
+    def read(self) -> tuple[sitk.Image, sitk.Image]:
+        """Image and label, with the header fix applied to both."""
+        image, label = read_image(self.image), read_image(self.label)
+        if self.direction_fix is not None:
+            wrong, right = self.direction_fix
+            for im in (image, label):
+                if np.allclose(im.GetDirection(), wrong, atol=1e-4):
+                    im.SetDirection(right)
+        return image, label
 
 
 def case_name(path: Path) -> str:
@@ -35,15 +52,18 @@ def load_msd(folder: str | Path) -> list[Case]:
     if not meta.is_file():
         raise LiverSegError(f"{folder}: not a Medical Segmentation Decathlon dataset (no dataset.json)")
     try:
-        entries = json.loads(meta.read_text()).get("training", [])
+        content = json.loads(meta.read_text())
+        entries = content.get("training", [])
     except json.JSONDecodeError as exc:
         raise LiverSegError(f"{meta}: invalid JSON ({exc})") from None
+    provenance = content.get("cases") if isinstance(content.get("cases"), dict) else {}
     cases = []
     for entry in entries:
         image, label = folder / entry["image"], folder / entry["label"]
         if not image.is_file() or not label.is_file():
             raise LiverSegError(f"{meta}: case {entry['image']} lists a missing image or label file")
-        cases.append(Case(case_name(image), image, label))
+        name = case_name(image)
+        cases.append(Case(name, image, label, provenance=provenance.get(name), dataset=folder.resolve()))
     if not cases:
         raise LiverSegError(f"{meta}: the dataset lists no training cases")
     return cases

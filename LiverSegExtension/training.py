@@ -28,12 +28,12 @@ from monai.utils import set_determinism
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from LiverSegExtension.augment import training_transforms
-from LiverSegExtension.catalog import STAGES
+from LiverSegExtension.catalog import STAGES, next_version
 from LiverSegExtension.data import Case, load_msd, to_grid
 from LiverSegExtension.devices import resolve_device
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.inference import LiverSegmenter
-from LiverSegExtension.io import atomic_write, read_image
+from LiverSegExtension.io import atomic_write
 from LiverSegExtension.metrics import case_metrics
 from LiverSegExtension.model import LiverModel
 
@@ -53,7 +53,8 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 100
     batch_size: int = 2
-    lr: float = 2e-3
+    lr: float | None = None  # peak learning rate; default 2e-3, or a quarter of that when starting from ``init``
+    warmup: float = 0.0  # share of each stage's iterations over which the learning rate rises linearly from 0
     ema: float = 0.998  # decay of the weights' moving average (0: validate and save the raw weights)
     oversample: dict[str, int] = field(default_factory=dict)  # case name -> times it is drawn as often
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # the others are kept from ``init``
@@ -67,7 +68,7 @@ def _run_settings(cfg: TrainConfig, train_cases: list[Case], val_cases: list[Cas
         "training cases": sorted(c.name for c in train_cases),
         "validation cases": sorted(c.name for c in val_cases),
         "oversample": {k: int(v) for k, v in sorted(cfg.oversample.items())},
-        "stages": list(cfg.stages), "seed": int(cfg.seed), "ema": float(cfg.ema), "lr": float(cfg.lr),
+        "stages": list(cfg.stages), "seed": int(cfg.seed), "ema": float(cfg.ema), "lr": _lr(cfg),
         "batch size": int(cfg.batch_size),
     }
 
@@ -76,10 +77,40 @@ def _check_resume(path: Path, saved: dict[str, Any] | None, now: dict[str, Any])
     """Refuse to resume a checkpoint under other settings: the result would belong to neither run."""
     if saved is None:  # written before settings were recorded
         return
-    differ = [f"{key} {saved.get(key)} then, {now[key]} now" for key in now if saved.get(key) != now[key]]
+    differ = [_difference(key, saved.get(key), now[key]) for key in now if saved.get(key) != now[key]]
     if differ:
         raise LiverSegError(f"{path}: written by a run with other settings ({'; '.join(differ)}); "
                             "resume with the same ones, or train into a new --output")
+
+
+def _lr(cfg: TrainConfig) -> float:
+    return float(cfg.lr) if cfg.lr is not None else (5e-4 if cfg.init else 2e-3)
+
+
+def _difference(key: str, then: Any, now: Any) -> str:
+    """One setting that differs, saying only what changed (for case lists: which cases came or went)."""
+    if isinstance(then, list) and isinstance(now, list):
+        added, gone = [c for c in now if c not in then], [c for c in then if c not in now]
+        parts = ([f"{', '.join(added)} added"] if added else []) + ([f"{', '.join(gone)} gone"] if gone else [])
+        return f"{key}: {'; '.join(parts) or 'order differs'}"
+    return f"{key} {then} then, {now} now"
+
+
+def finished_run(out: Path, cfg: TrainConfig) -> bool:
+    """Whether ``out`` holds a run that completed under this budget (a rerun must not train again)."""
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return False
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not one of ours, or cut short
+        raise LiverSegError(f"{path}: not a LiverSeg training checkpoint ({str(exc).splitlines()[0][:120]}); "
+                            "move it away or train into a new --output") from None
+    return isinstance(ckpt, dict) and ckpt.get("finished") == _budget(cfg)
+
+
+def _budget(cfg: TrainConfig) -> dict[str, Any]:
+    return {"iterations": int(cfg.iterations), "max_minutes": cfg.max_minutes}
 
 
 def _log(msg: str) -> None:
@@ -102,8 +133,7 @@ def prepare(cases: list[Case], spacing: list[float]) -> list[dict[str, np.ndarra
     """Each case on the stage's grid, as ``[1, z, y, x]`` arrays ready for the transforms."""
     items = []
     for c in cases:
-        image = read_image(c.image)
-        label = read_image(c.label)
+        image, label = c.read()
         hu, lab = to_grid(image, label, spacing)
         items.append({"image": hu[None], "label": lab[None], "name": c.name})
     return items
@@ -111,7 +141,11 @@ def prepare(cases: list[Case], spacing: list[float]) -> list[dict[str, np.ndarra
 
 def load_validation(val: list[Case]) -> list[tuple[str, sitk.Image, np.ndarray]]:
     """Validation cases read once: (name, CT, reference mask)."""
-    return [(c.name, read_image(c.image), sitk.GetArrayFromImage(read_image(c.label)) > 0) for c in val]
+    loaded = []
+    for c in val:
+        image, label = c.read()
+        loaded.append((c.name, image, sitk.GetArrayFromImage(label) > 0))
+    return loaded
 
 
 def validate(model: LiverModel, val: list[tuple[str, sitk.Image, np.ndarray]], device: torch.device) -> list[dict[str, Any]]:
@@ -163,32 +197,41 @@ def _stage_net(model: LiverModel, stage: str, net: torch.nn.Module) -> Iterator[
         model.networks[stage] = kept
 
 
-def _next_version(parent: str | None) -> str:
-    if not parent:
-        return "1.0.0"
-    major, minor, *_ = (parent.split(".") + ["0", "0"])[:3]
-    return f"{major}.{int(minor) + 1}.0"
+Progress = Callable[[dict[str, Any]], None]
 
 
-def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | None = None) -> Path:
-    """Train (or fine-tune from ``cfg.init``) and return the output model folder."""
+def train(cfg: TrainConfig, progress: Progress | None = None,
+          split: tuple[list[Case], list[Case]] | None = None) -> Path:
+    """Train (or fine-tune from ``cfg.init``) and return the output model folder.
+
+    ``split`` gives the training and validation cases directly (the fine-tuning plan); otherwise they
+    come from ``cfg.data`` and ``cfg.val_cases``. ``progress`` gets a dict per iteration: ``stage``,
+    ``iteration``, ``total``, ``loss``, ``elapsed_s`` (and ``val_dice`` after a validation).
+    """
     device = resolve_device(cfg.device)
     set_determinism(seed=cfg.seed)
     rng = random.Random(cfg.seed)
-    cases: list[Case] = [c for d in cfg.data for c in load_msd(d)]
-    train_cases, val_cases = split_cases(cases, cfg.val_cases)
+    if split is None:
+        cases: list[Case] = [c for d in cfg.data for c in load_msd(d)]
+        train_cases, val_cases = split_cases(cases, cfg.val_cases)
+    else:
+        train_cases, val_cases = split
     if set(STAGES) - set(cfg.stages) and cfg.init is None:
         raise LiverSegError(f"training only the {', '.join(cfg.stages)} stage needs --init: the others are kept from it")
     unknown = sorted(set(cfg.oversample) - {c.name for c in train_cases})
     if unknown:
         raise LiverSegError(f"oversampled case(s) not among the training cases: {', '.join(unknown)}")
     settings = _run_settings(cfg, train_cases, val_cases)
-    val_cases = load_validation(val_cases)
     out = cfg.output
+    if finished_run(out, cfg):
+        _log(f"{out}: this run is already finished ({cfg.iterations} iterations); "
+             "give more --iterations to go on, or train into a new --output")
+        return out
+    val_cases = load_validation(val_cases)
     out.mkdir(parents=True, exist_ok=True)
 
     parent = LiverModel.load(cfg.init) if cfg.init else None
-    model = LiverModel.new(parent.card if parent else None)
+    model = LiverModel.new(architecture(parent.card) if parent else None)
     if parent:
         for s in STAGES:
             model.networks[s].load_state_dict(parent.networks[s].state_dict())
@@ -231,6 +274,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                 "settings": settings, **extra}
         atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp), overwrite=True)
 
+    reached = int(state["iteration"])  # the last iteration done, for a model saved after a stop
     try:
         for si in range(int(state["stage_index"]), len(STAGES)):
             stage = STAGES[si]
@@ -244,7 +288,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
             items = [item for item in items for _ in range(max(1, cfg.oversample.get(item["name"], 1)))]
             transform = training_transforms(stage, window, spec["patch_size"], min(spec["spacing_mm"]))
             transform.set_random_state(seed=cfg.seed + si + int(state["iteration"]))
-            lr = cfg.lr * (0.25 if parent else 1.0)
+            lr = _lr(cfg)
             optim = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
             start_it = int(state["iteration"]) if si == int(state["stage_index"]) else 0
             ema = _new_ema(net, cfg.ema)
@@ -259,13 +303,15 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
             batch = cfg.batch_size * (2 if stage == "coarse" else 1)
             running = None
             it = start_it
+            reached = start_it
             for it in range(start_it, n_it):
                 elapsed = time.perf_counter() - t_start
                 if elapsed > stage_budget:
                     _log(f"[{stage}] time budget reached at iteration {it}")
                     break
                 for g in optim.param_groups:  # cosine decay over the stage
-                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / n_it))
+                    ramp = min(1.0, (it + 1) / (cfg.warmup * n_it)) if cfg.warmup > 0 else 1.0
+                    g["lr"] = lr * ramp * 0.5 * (1 + math.cos(math.pi * it / n_it))
                 x, y = _batch(items, transform, batch, rng, device)
                 optim.zero_grad(set_to_none=True)
                 loss = loss_fn(net(x), y)
@@ -275,8 +321,10 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                     ema.update_parameters(net)
                 running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
                 if progress:
-                    progress(stage, it + 1, n_it, running)
+                    progress({"stage": stage, "iteration": it + 1, "total": n_it, "loss": running,
+                              "elapsed_s": time.perf_counter() - t_start})
                 done = it + 1
+                reached = done
                 val_dice = ""
                 is_last = done == n_it
                 if stage == "fine" and (done % cfg.val_every == 0 or is_last):
@@ -287,9 +335,12 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                         val_dice = f"{mean:.4f}"
                         _log(f"[{stage}] it {done}: loss {running:.4f}, val Dice {mean:.4f} "
                              + " ".join(f"{r['case']}={r['dice']:.3f}" for r in rows))
-                    else:
-                        rows, mean = [], -running
-                    if mean > float(state["best"]):
+                        if progress:
+                            progress({"stage": stage, "iteration": done, "total": n_it, "loss": running,
+                                      "elapsed_s": time.perf_counter() - t_start, "val_dice": mean})
+                    else:  # nothing to validate on: the latest weights are the model
+                        rows, mean = [], 0.0
+                    if not val_cases or mean > float(state["best"]):
                         state["best"] = mean
                         best_rows = rows
                         with _stage_net(model, stage, averaged):
@@ -311,8 +362,12 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
                 save_checkpoint(si + 1, 0)
         if float(state["best"]) < -0.5:  # stopped before any validation: keep what we have
             rows = validate(model, val_cases, device) if val_cases else []
-            _save_model(model, cfg, parent, train_cases, rows, out, int(state["iteration"]))
+            _save_model(model, cfg, parent, train_cases, rows, out, reached)
             best_rows = rows
+        if ckpt_path.is_file():  # the last checkpoint, marked as a finished run of this budget
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            ckpt["finished"] = _budget(cfg)
+            atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp), overwrite=True)
     finally:
         log_file.close()
         if board is not None:
@@ -323,25 +378,62 @@ def train(cfg: TrainConfig, progress: Callable[[str, int, int, float], None] | N
     return out
 
 
+#: What a fine-tuned model takes from its parent's card as its own: architecture, preprocessing, terms of use.
+ARCHITECTURE_KEYS = ("name", "version", "intensity_window", "stages", "licence", "intended_use")
+#: What was measured on the parent, not on the new model: kept under ``inherited_from_parent``, marked so.
+INHERITED_KEYS = ("cpu_time", "known_issues")
+
+
+def architecture(card: dict[str, Any]) -> dict[str, Any]:
+    return {k: card[k] for k in ARCHITECTURE_KEYS if k in card}
+
+
+def training_data_entries(cases: list[Case]) -> list[dict[str, Any]]:
+    """The card's ``training_data``: each dataset by name and absolute path with its cases and header fixes
+    (what a fine-tune of this model looks for to replay its training data)."""
+    by_folder: dict[str, dict[str, Any]] = {}
+    for c in cases:
+        folder = c.dataset or c.image.resolve().parent.parent
+        entry = by_folder.setdefault(str(folder), {"name": folder.name, "path": str(folder), "cases": []})
+        entry["cases"].append(c.name)
+        if c.direction_fix is not None:
+            entry.setdefault("header_fixes", {})[c.name] = {"from": list(c.direction_fix[0]),
+                                                             "to": list(c.direction_fix[1])}
+    return list(by_folder.values())
+
+
 def _save_model(model: LiverModel, cfg: TrainConfig, parent: LiverModel | None, train_cases: list[Case],
                 rows: list[dict[str, Any]], out: Path, iteration: int) -> None:
-    version = cfg.version or _next_version(parent.card.get("version") if parent else None)
+    version = cfg.version or next_version(parent.card.get("version") if parent else None)
     parent_cases = set(parent.card.get("training", {}).get("cases", [])) if parent else set()
+    added = [c for c in train_cases if c.name not in parent_cases] if parent else []
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "hd95_mm", "msd_mm")} if rows else {}
-    extra = {
+    extra: dict[str, Any] = {
         "name": cfg.name or (parent.card.get("name") if parent else None) or "liverseg",
         "version": version,
-        "parent_model": f"{parent.card.get('name')} v{parent.card.get('version')}" if parent else None,
-        "added_cases": [c.name for c in train_cases if c.name not in parent_cases] if parent else [],
+        "parent_model": parent.name if parent else None,
+        "parent": ({"name": parent.card.get("name"), "version": parent.card.get("version"),
+                    "weights_sha256": parent.card.get("weights_sha256"), "path": str(Path(cfg.init).resolve())}
+                   if parent else None),
+        "added_cases": [c.name for c in added],
+        "added_case_sources": {c.name: {"dataset": str(c.dataset or c.image.parent.parent), **(c.provenance or {})}
+                               for c in added},
         "training": {
-            "datasets": [str(d) for d in cfg.data],
+            "datasets": sorted({str(c.dataset or c.image.resolve().parent.parent) for c in train_cases}),
             "cases": [c.name for c in train_cases],
             "iterations_fine": iteration,
             "seed": cfg.seed,
             "device": cfg.device,
             "oversample": dict(cfg.oversample),
             "stages": list(cfg.stages),
+            "recipe": {"iterations": cfg.iterations, "max_minutes": cfg.max_minutes, "lr": _lr(cfg), "warmup": cfg.warmup,
+                       "batch_size": cfg.batch_size, "ema": cfg.ema, "val_every": cfg.val_every},
         },
+        "training_data": training_data_entries(train_cases),
         "validation": {"cases": rows, "mean": mean},
     }
+    if parent:
+        inherited = {k: parent.card[k] for k in INHERITED_KEYS if k in parent.card}
+        if inherited:
+            extra["inherited_from_parent"] = {"note": f"measured on {parent.name}, not on this model", **inherited}
     model.save(out, extra)

@@ -8,11 +8,17 @@ Requests::
 
     {"cmd": "segment", "id": 1, "input": "ct.nrrd", "output": "mask.nrrd", "model": "", "device": "auto",
      "source": "CT name"}
+    {"cmd": "train", "id": 2, "init": "model folder", "data": ["dataset folder"], "output": "new model folder",
+     "device": "auto", "iterations": 200, "seed": 0, "version": "1.1.0"}
     {"cmd": "quit"}
 
 Messages: ``{"event": "ready", "devices": [...], "torch": "2.x", "pid": N}`` once torch is imported, then per
 request ``progress`` (``fraction``, ``stage``), and one ``result`` (``liver_ml``, ``seconds``, ``warnings``,
 ``model_name``, ``timings``) or ``error`` (``message``, ``user``: whether it is the user's to fix, ``details``).
+A ``train`` request is a fine-tune (``finetune.fine_tune``): its ``progress`` also carries ``iteration``,
+``total``, ``loss`` and, while the guard scores, ``model``, ``case`` and ``val_dice``; ``note`` messages
+(``text``) say what the plan found; its ``result`` has ``model_dir``, ``accepted``, ``reason`` and ``rows``
+(the parent-versus-new comparison).
 The mask is written to ``output`` (uint8, on the input file's grid) before ``result`` is sent. Stdout carries
 only these lines: whatever a library prints goes to stderr. The process ends at ``quit`` or when stdin closes
 (its parent died), so it never outlives the door that started it.
@@ -75,6 +81,44 @@ def _segment(request: dict, channel: _Channel, segmenters: dict) -> None:
                      details=traceback.format_exc())
 
 
+def _train(request: dict, channel: _Channel) -> None:
+    from pathlib import Path
+
+    from LiverSegExtension.errors import LiverSegError
+    from LiverSegExtension.finetune import fine_tune, recipe
+
+    rid = request.get("id")
+    parent_pid = os.getppid()
+
+    def progress(info: dict) -> None:
+        if os.name != "nt" and os.getppid() != parent_pid:  # the door died mid-training: stop, do not linger
+            os._exit(1)
+        if info["stage"] == "guard":  # two passes (parent, then new) over the guard's cases
+            done = info["iteration"] + (info["total"] if info.get("model") == "new" else 0)
+            fraction = 0.85 + 0.15 * done / (2 * info["total"])
+            stage = f"comparing: {info.get('model')} model on {info.get('case')}, Dice {info['val_dice']:.3f}"
+        else:
+            fraction = 0.85 * info["iteration"] / info["total"]
+            stage = f"training ({info['stage']}): iteration {info['iteration']} of {info['total']}, loss {info['loss']:.3f}"
+        if info["stage"] == "guard" or info["iteration"] % 5 == 0 or info["iteration"] == info["total"]:
+            channel.send("progress", id=rid, fraction=round(fraction, 3), stage=stage,
+                         **{k: v for k, v in info.items() if k != "stage"}, step=info["stage"])
+
+    try:
+        cfg = recipe([Path(d) for d in request["data"]], Path(request["output"]), Path(request["init"]),
+                     iterations=request.get("iterations"), stages=request.get("stages"),
+                     device=request.get("device") or "auto", seed=int(request.get("seed") or 0),
+                     version=request.get("version"))
+        result = fine_tune(cfg, progress=progress, log=lambda text: channel.send("note", id=rid, text=text))
+        channel.send("result", id=rid, model_dir=str(result.model_dir), accepted=result.accepted,
+                     reason=result.reason, rows=result.rows)
+    except LiverSegError as exc:
+        channel.send("error", id=rid, message=str(exc), user=True)
+    except Exception as exc:
+        channel.send("error", id=rid, message=f"fine-tuning failed: unexpected error: {exc}", user=False,
+                     details=traceback.format_exc())
+
+
 def main() -> int:
     channel = _Channel()
     try:
@@ -102,6 +146,8 @@ def main() -> int:
             break
         if command == "segment":
             _segment(request, channel, segmenters)
+        elif command == "train":
+            _train(request, channel)
         else:
             channel.send("error", id=request.get("id"), message=f"unknown command {command!r}", user=False)
     return 0

@@ -69,6 +69,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._guiObserver = None
         self._run = None
+        self._trainRun = None
         self._timer = None
 
     def setup(self) -> None:
@@ -96,6 +97,8 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.exportFolderPathLineEdit.connect("currentPathChanged(QString)", self.onExportFolderChanged)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.trainCancelButton.connect("clicked(bool)", self.onTrainCancelButton)
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self.onPoll)
@@ -107,6 +110,9 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.removeObservers()
         self._cancelRun()
+        if self._trainRun is not None:
+            self._trainRun.cancel()
+            self._trainRun = None
         if self._timer is not None:
             self._timer.stop()
         if self.logic is not None:
@@ -149,11 +155,13 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
 
     # -- GUI state -----------------------------------------------------------------------------------
-    def _fillModels(self) -> None:
+    def _fillModels(self, select: str | None = None) -> None:
         self.ui.modelComboBox.clear()
         for path in self.logic.availableModels():
             card = self.logic.modelCard(path)
             self.ui.modelComboBox.addItem(f"{card.get('name', path.name)} v{card.get('version', '?')}", str(path))
+        if select is not None:
+            self._selectCombo(self.ui.modelComboBox, select)
 
     def _updateDevices(self) -> None:
         """GPUs are enabled once the engine process has found them (Slicer itself never imports torch)."""
@@ -194,6 +202,15 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.enabled = not running  # the run's nodes are fixed when it starts
         folder = self.ui.exportFolderPathLineEdit.currentPath
         self.ui.exportButton.enabled = bool(p and p.inputVolume and p.outputSegmentation and folder) and not running
+        count = self.logic.datasetCaseCount(folder)
+        if not folder:
+            self.ui.fineTuneDatasetInfoLabel.text = 'Choose the dataset folder under "Export for training".'
+        else:
+            self.ui.fineTuneDatasetInfoLabel.text = f"{count or 'no'} case(s) in {folder}"
+        training = self._trainRun is not None
+        self.ui.trainButton.enabled = bool(count) and self.ui.modelComboBox.count > 0 and not training
+        self.ui.trainCancelButton.enabled = training
+        self.ui.trainIterationsSpinBox.enabled = not training
 
     # -- running -------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
@@ -219,20 +236,25 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onPoll()
 
     def onPoll(self) -> None:
-        """Timer tick (100 ms): take in the engine's progress; write the result once it is there."""
+        """Timer tick (100 ms): take in the engines' progress (segmentation, fine-tune)."""
+        if self._trainRun is not None:
+            self._pollTraining()
+        if self._run is not None:
+            self._pollSegmentation()
+        if self._run is None and self._trainRun is None:
+            self._timer.stop()
+
+    def _pollSegmentation(self) -> None:
+        """Write the segmentation's result once it is there."""
         from LiverSegExtension.errors import CancelledError, LiverSegError
 
         run = self._run
-        if run is None:
-            self._timer.stop()
-            return
         done = run.poll()
         self._updateDevices()
         self.ui.progressBar.value = int(run.fraction * 100)
         self.ui.statusLabel.text = run.stage.capitalize()
         if not done:
             return
-        self._timer.stop()
         self._run = None
         p = self._parameterNode
         try:
@@ -261,17 +283,93 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             name = self.logic.exportForTraining(p.inputVolume, p.outputSegmentation,
                                                 self.ui.exportFolderPathLineEdit.currentPath, annotator=p.annotator)
             self.ui.statusLabel.text = f"Exported as {name}."
+        self._updateButtons()
+
+    # -- fine-tuning -------------------------------------------------------------------------------------
+    def onTrainButton(self) -> None:
+        from LiverSegLib.dependencies import ensure_dependencies
+
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("LiverSeg could not start fine-tuning.", waitCursor=True):
+            ensure_dependencies(ask=True)
+            self._trainRun = self.logic.startFineTune(self.ui.exportFolderPathLineEdit.currentPath,
+                                                      p.modelPath or None, p.device,
+                                                      iterations=int(self.ui.trainIterationsSpinBox.value))
+            self.ui.trainProgressBar.value = 0
+            self.ui.trainStatusLabel.text = "Starting..."
+            self.ui.trainResultLabel.text = ""
+            self._timer.start()
+        self._updateButtons()
+
+    def onTrainCancelButton(self) -> None:
+        if self._trainRun is not None:
+            self._trainRun.cancel()
+            self._pollTraining()
+
+    def _pollTraining(self) -> None:
+        """Show the fine-tune's progress; at the end, the parent-versus-new table and the verdict."""
+        from LiverSegExtension.errors import CancelledError, LiverSegError
+
+        run = self._trainRun
+        done = run.poll()
+        self.ui.trainProgressBar.value = int(run.fraction * 100)
+        self.ui.trainStatusLabel.text = run.stage[:1].upper() + run.stage[1:]
+        if not done:
+            return
+        self._trainRun = None
+        try:
+            result = self.logic.finishFineTune(run)
+            self.ui.trainResultLabel.text = comparison_html(result, run.notes)
+            if result["accepted"]:
+                self._fillModels(select=result["model_dir"])
+                self.ui.trainStatusLabel.text = f"Accepted: {result['model_dir']} is now selected."
+            else:
+                self.ui.trainStatusLabel.text = (f"Rejected: the new model is kept in {result['model_dir']} for "
+                                                 "inspection and not offered.")
+        except CancelledError:
+            self.ui.trainStatusLabel.text = "Cancelled; no model was added."
+        except LiverSegError as exc:
+            self.ui.trainStatusLabel.text = "Fine-tuning failed; no model was added."
+            slicer.util.errorDisplay(str(exc), detailedText=run.details or None)
+        except Exception as exc:  # a bug: say so and keep Slicer running
+            self.ui.trainStatusLabel.text = "Fine-tuning failed."
+            logging.exception("LiverSeg fine-tuning failed")
+            slicer.util.errorDisplay(f"LiverSeg fine-tuning failed: {exc}", detailedText=run.details or None)
+        self._updateButtons()
 
 
 def card_summary(card: dict) -> str:
-    """One line about a model for the panel: name, version, validation Dice, parent."""
+    """About a model for the panel: name, version, validation Dice; for a fine-tune, its parent, the cases
+    it added and its Dice against the parent's on the same cases."""
     if not card:
         return "No trained model installed"
-    dice = card.get("validation", {}).get("mean", {}).get("dice")
+    validation = card.get("validation", {})
+    dice = validation.get("mean", {}).get("dice")
+    parent_dice = validation.get("parent_mean", {}).get("dice")
     parent = card.get("parent_model")
-    return (f"{card.get('name', '?')} v{card.get('version', '?')}"
-            + (f", validation Dice {dice:.3f}" if isinstance(dice, float) else "")
-            + (f", fine-tuned from {parent}" if parent else ""))
+    added = card.get("added_cases") or []
+    text = f"{card.get('name', '?')} v{card.get('version', '?')}"
+    if isinstance(dice, float) and isinstance(parent_dice, float):
+        text += f", validation Dice {dice:.3f} (parent {parent_dice:.3f}, same cases)"
+    elif isinstance(dice, float):
+        text += f", validation Dice {dice:.3f}"
+    if parent:
+        text += f", fine-tuned from {parent}" + (f" on {len(added)} added case(s)" if added else "")
+    return text
+
+
+def comparison_html(result: dict, notes: list[str]) -> str:
+    """The fine-tune's parent-versus-new table and verdict, as rich text for a QLabel."""
+    from html import escape
+
+    cells = "".join(
+        f"<tr><td>{escape(r['case'])}</td><td>{escape(r['group'])}</td><td>{r['dice_parent']:.3f}</td>"
+        f"<td>{r['dice_new']:.3f}</td><td>{r['hd95_mm_parent']:.1f}</td><td>{r['hd95_mm_new']:.1f}</td></tr>"
+        for r in result.get("rows", []))
+    table = ("<table><tr><th>case</th><th>group</th><th>Dice parent</th><th>Dice new</th><th>HD95 parent</th>"
+             f"<th>HD95 new</th></tr>{cells}</table>") if cells else ""
+    verdict = f"<p><b>{escape(result['reason'])}</b></p>"
+    return table + verdict + "".join(f"<p>{escape(n)}</p>" for n in notes)
 
 
 class LiverSegTest(ScriptedLoadableModuleTest):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -98,14 +99,30 @@ def test_export_corrected_segment_then_fine_tune(tmp_path, scene, tiny_model_dir
             assert not any(p.encode() in data for p in PHI), f
     assert cli("dataset", "check", dataset).returncode == 0
 
-    # Fine-tune from the model that made the draft, on the exported case (2 iterations).
-    new_model = tmp_path / "tiny-test-v0.1.0"
+    # Fine-tune from the model that made the draft, on the exported case (2 iterations). With one correction
+    # (nothing held back) and a parent whose card names no data, there is nothing to check the new model on:
+    # it is rejected, kept for inspection, and not listed for the panel.
+    models = tmp_path / "models"
+    new_model = models / "tiny-test-v0.1.0"
     r = cli("train", "--init", tiny_model_dir, "--data", dataset, "--output", new_model, "--iterations", 2,
-            "--val-every", 2, "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+            "--device", "cpu", env={**os.environ, "LIVERSEG_DATA_DIR": str(tmp_path / "nowhere")})
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"liverseg: {new_model}: rejected: no case to compare the models on (no held-back correction, parent's "
+        "validation data not found): name --val cases or make the parent's data available")
     card = json.loads((new_model / "card.json").read_text())
     assert card["parent_model"] == "tiny-test v0.0.1" and card["version"] == "0.1.0"
-    assert card["added_cases"] == [name]
+    assert card["added_cases"] == [name] and card["verdict"]["accepted"] is False
+    assert card["added_case_sources"][name]["annotator"] == "A. Reader"
+    assert card["parent"]["weights_sha256"] == json.loads((tiny_model_dir / "card.json").read_text())["weights_sha256"]
+    from LiverSegExtension.catalog import list_models
+
+    os.environ["LIVERSEG_MODELS_DIR"] = str(models)
+    try:
+        assert new_model not in list_models() and new_model in list_models(include_rejected=True)
+        assert str(new_model) not in [str(p) for p in LiverSegLogic().availableModels()]
+    finally:
+        del os.environ["LIVERSEG_MODELS_DIR"]
     rerun = LiverSegLogic().process(volume, seg, device="cpu", modelPath=str(new_model))
     assert rerun.model_name == "tiny-test v0.1.0" and rerun.segment_id == run.segment_id
 

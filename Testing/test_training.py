@@ -6,8 +6,10 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 from conftest import ROOT
@@ -38,13 +40,14 @@ def train_cli(*args):
                           capture_output=True, text=True, timeout=900)
 
 
-def test_train_resume_and_segment(tmp_path, tiny_model_dir):
+def test_fine_tune_resume_finish_and_segment(tmp_path, tiny_model_dir):
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "model"
     # Small architecture: start from the tiny model's card (fine-tuning path), 2 then 4 iterations.
     r = train_cli("--data", data, "--output", out, "--init", tiny_model_dir, "--val", "case2", "--iterations", 2,
-                  "--val-every", 2, "--seed", "1", "--device", "cpu", "--oversample", "case1=3")
+                  "--seed", "1", "--device", "cpu", "--oversample", "case1=3")
     assert r.returncode == 0, r.stderr
+    assert "(-0 s)" not in r.stderr and "[fine] 2/2 loss" in r.stderr
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["oversample"] == {"case1": 3}
     assert card["parent_model"] == "tiny-test v0.0.1" and card["version"] == "0.1.0"
@@ -52,7 +55,7 @@ def test_train_resume_and_segment(tmp_path, tiny_model_dir):
     assert card["validation"]["cases"][0]["case"] == "case2"
     ckpt_rows = list(csv.DictReader(open(out / "training_log.csv")))
     assert ckpt_rows[-1]["stage"] == "fine" and ckpt_rows[-1]["iteration"] == "2"
-    # The saved model is the moving average of the weights (its only validation: iteration 2), not the raw ones.
+    # The saved model is the moving average of the weights at the last iteration, not the raw ones.
     first = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     saved = LiverModel.load(out).networks["fine"].state_dict()
     name = next(k for k in saved if k.endswith("weight"))
@@ -62,30 +65,62 @@ def test_train_resume_and_segment(tmp_path, tiny_model_dir):
     # Resuming under other settings (here: without the oversampling) is refused, and nothing is touched.
     before = (out / "checkpoint.pt").read_bytes(), (out / "training_log.csv").read_text()
     r = train_cli("--data", data, "--output", out, "--init", tiny_model_dir, "--val", "case2", "--iterations", 4,
-                  "--val-every", 2, "--seed", "1", "--device", "cpu")
+                  "--seed", "1", "--device", "cpu")
     assert r.returncode == 1 and "written by a run with other settings (oversample {'case1': 3} then, {} now)" in r.stderr
     assert "Traceback" not in r.stderr
     assert ((out / "checkpoint.pt").read_bytes(), (out / "training_log.csv").read_text()) == before
 
     r = train_cli("--data", data, "--output", out, "--init", tiny_model_dir, "--val", "case2", "--iterations", 4,
-                  "--val-every", 2, "--seed", "1", "--device", "cpu", "--oversample", "case1=3")
+                  "--seed", "1", "--device", "cpu", "--oversample", "case1=3")
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout + r.stderr
     rows = list(csv.DictReader(open(out / "training_log.csv")))
     fine_iters = [int(r["iteration"]) for r in rows if r["stage"] == "fine"]
     assert fine_iters == [2, 4], "the resumed run must continue at iteration 3, not start over"
 
-    # The average is carried across the resume (4 updates, not 2); the best of the two validations is kept.
+    # The average is carried across the resume (4 updates, not 2); the model is the average at iteration 4.
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert int(ckpt["ema"]["n_averaged"]) == 4
-    best = json.loads((out / "card.json").read_text())["training"]["iterations_fine"]
+    assert json.loads((out / "card.json").read_text())["training"]["iterations_fine"] == 4
     saved = LiverModel.load(out).networks["fine"].state_dict()
-    assert torch.equal(saved[name], (ckpt if best == 4 else first)["ema"][f"module.{name}"])
+    assert torch.equal(saved[name], ckpt["ema"][f"module.{name}"])
+
+    # The same command again: the run is finished, so it says so and trains nothing.
+    before = (out / "checkpoint.pt").read_bytes(), (out / "training_log.csv").read_text()
+    r = train_cli("--data", data, "--output", out, "--init", tiny_model_dir, "--val", "case2", "--iterations", 4,
+                  "--seed", "1", "--device", "cpu", "--oversample", "case1=3")
+    assert r.returncode == 0 and "already finished" in r.stderr, r.stderr
+    assert ((out / "checkpoint.pt").read_bytes(), (out / "training_log.csv").read_text()) == before
 
     seg = subprocess.run([sys.executable, "-m", "LiverSegExtension.cli", "segment", data / "imagesTr" / "case0.nii.gz",
                           "-o", tmp_path / "seg", "--model", out, "-q"], cwd=ROOT, capture_output=True, text=True)
     assert seg.returncode == 0, seg.stderr
     assert (tmp_path / "seg" / "case0_liver.nii.gz").is_file()
+
+
+def test_training_with_validation_keeps_the_best_weights(tmp_path, tiny_model_dir):
+    """Without the guard (training, not fine-tuning), validation every N iterations picks the weights kept."""
+    from LiverSegExtension.training import TrainConfig, train
+
+    data = make_dataset(tmp_path / "data")
+    out = train(TrainConfig(data=[data], output=tmp_path / "m", init=tiny_model_dir, val_cases=["case2"],
+                            iterations=4, val_every=2, device="cpu", seed=3))
+    rows = [r for r in csv.DictReader(open(out / "training_log.csv")) if r["val_dice"]]
+    assert [int(r["iteration"]) for r in rows] == [2, 4]
+    card = json.loads((out / "card.json").read_text())
+    kept = next(r for r in rows if int(r["iteration"]) == card["training"]["iterations_fine"])
+    assert float(kept["val_dice"]) >= max(float(r["val_dice"]) for r in rows) - 1e-4
+    assert card["validation"]["mean"]["dice"] == pytest.approx(float(kept["val_dice"]), abs=1e-4)
+
+
+def test_resume_refusal_names_only_what_differs():
+    from LiverSegExtension.errors import LiverSegError
+    from LiverSegExtension.training import _check_resume
+
+    then = {"training cases": ["a", "b"], "seed": 1}
+    with pytest.raises(LiverSegError) as err:
+        _check_resume(Path("ckpt.pt"), then, {"training cases": ["a", "b", "liverseg_new"], "seed": 1})
+    assert "training cases: liverseg_new added" in str(err.value) and "'a'" not in str(err.value)
 
 
 def test_unknown_validation_case_is_a_clear_error(tmp_path):

@@ -135,7 +135,27 @@ class EngineProcess:
                 self.kill()
 
 
-class SegmentRun:
+class _EngineRun:
+    """What a request to an engine process shares: its output, whether it is done, waiting for it."""
+
+    request: dict
+    result: dict | None
+    error: LiverSegError | None
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.request["output"])
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def wait(self, timeout_s: float | None = None, progress=None) -> bool:
+        """Block until done (scripts and tests), calling ``progress(fraction, stage)`` on each change."""
+        return wait_for(self, timeout_s, progress)
+
+
+class SegmentRun(_EngineRun):
     """One segmentation request to the engine process: its progress and, when done, its outcome.
 
     The input and output node IDs are fixed here, when the run starts: what the panel selects later does
@@ -155,14 +175,6 @@ class SegmentRun:
     @property
     def id(self) -> int:
         return int(self.request["id"])
-
-    @property
-    def output_path(self) -> Path:
-        return Path(self.request["output"])
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None or self.error is not None
 
     def poll(self) -> bool:
         """Take in what the engine said; True once the run has a result or an error."""
@@ -194,21 +206,76 @@ class SegmentRun:
             self.error = CancelledError()
             self.engine.kill()
 
-    def wait(self, timeout_s: float | None = None, progress=None) -> bool:
-        """Block until done (scripts and tests), calling ``progress(fraction, stage)`` on each change."""
-        end = None if timeout_s is None else time.monotonic() + timeout_s
-        last = None
-        while not self.poll():
-            if progress is not None and (self.fraction, self.stage) != last:
-                last = (self.fraction, self.stage)
-                progress(*last)
-            if end is not None and time.monotonic() > end:
-                return False
-            self.engine.wait_for_output(100)
-        if progress is not None:
-            progress(self.fraction, self.stage)
-        return True
-
     def cleanup(self) -> None:
         """Remove the private folder that held the CT and the mask."""
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class TrainRun(_EngineRun):
+    """One fine-tune in an engine process of its own (segmentation keeps its own engine meanwhile).
+
+    ``progress`` messages carry the training iteration, loss and, while the new model is compared with its
+    parent, the Dice of each case; ``notes`` say what the plan found (replayed data, held-back cases). A
+    cancel kills the process and removes the new model's folder if this run created it.
+    """
+
+    def __init__(self, engine: EngineProcess, request: dict) -> None:
+        self.engine, self.request = engine, request
+        self.created = not Path(request["output"]).exists()
+        self.fraction = 0.0
+        self.stage = "starting the engine"
+        self.info: dict = {}  # the last progress message
+        self.notes: list[str] = []
+        self.result: dict | None = None
+        self.error: LiverSegError | None = None
+        self.details = ""
+
+    def poll(self) -> bool:
+        """Take in what the engine said; True once the run has a result or an error."""
+        if self.done:
+            return True
+        alive = self.engine.running
+        for message in self.engine.read():
+            event = message.get("event")
+            if event == "ready":
+                self.stage = "preparing the training cases"
+            elif event == "note":
+                self.notes.append(str(message.get("text", "")))
+            elif event == "progress":
+                self.fraction, self.stage, self.info = float(message["fraction"]), str(message["stage"]), message
+            elif event == "result":
+                self.result, self.fraction, self.stage = message, 1.0, "done"
+            elif event == "error":
+                self.error = LiverSegError(message.get("message", "the engine failed"))
+                self.details = message.get("details", "")
+            if self.done:
+                break
+        if self.done or not alive:
+            self.engine.stop()  # this process served one fine-tune
+            if not self.done:
+                self.error = LiverSegError(f"fine-tuning stopped before it finished ({self.engine.description()})")
+                self.details = self.engine.stderr_tail
+        return self.done
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.error = CancelledError()
+            self.engine.kill()
+            if self.created:
+                shutil.rmtree(self.output_path, ignore_errors=True)
+
+
+def wait_for(run: _EngineRun, timeout_s: float | None = None, progress=None) -> bool:
+    """Poll ``run`` until it is done or ``timeout_s`` pass (False then), reporting each change of progress."""
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    last = None
+    while not run.poll():
+        if progress is not None and (run.fraction, run.stage) != last:
+            last = (run.fraction, run.stage)
+            progress(*last)
+        if end is not None and time.monotonic() > end:
+            return False
+        run.engine.wait_for_output(100)
+    if progress is not None:
+        progress(run.fraction, run.stage)
+    return True

@@ -24,7 +24,7 @@ except ImportError:  # plain Python with only slicer-core (batch runs): the base
 
 from LiverSegExtension.errors import LiverSegError
 from LiverSegLib import mrml
-from LiverSegLib.engine import EngineProcess, SegmentRun
+from LiverSegLib.engine import EngineProcess, SegmentRun, TrainRun
 
 
 @dataclass
@@ -46,6 +46,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)  # type: ignore[arg-type]
         self._segmenters: dict[tuple[str, str], Any] = {}
         self._engine: EngineProcess | None = None
+        self._training: list[TrainRun] = []  # fine-tunes started here, each in its own engine process
         self._ids = itertools.count(1)
 
     # -- parameters ------------------------------------------------------------------------------
@@ -98,10 +99,13 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         return self._engine
 
     def shutdown(self) -> None:
-        """End the engine process (module cleanup, Slicer exit)."""
+        """End the engine processes (module cleanup, Slicer exit): a fine-tune still running is cancelled."""
         if self._engine is not None:
             self._engine.stop()
             self._engine = None
+        for run in self._training:
+            run.cancel()
+        self._training = []
 
     # -- running -------------------------------------------------------------------------------
     def _check_inputs(self, input_volume) -> None:
@@ -206,6 +210,62 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         result = segmenter.segment_image(image, progress=progress, cancel=cancel, source=source)
         return self._write_result(inputVolume, outputSegmentation, result.mask, result.liver_ml, result.seconds,
                                   segmenter.model.name, list(result.warnings))
+
+    # -- fine-tuning ---------------------------------------------------------------------------------
+    @staticmethod
+    def datasetCaseCount(datasetFolder: str | Path | None) -> int | None:
+        """How many training cases ``dataset.json`` lists (None: no dataset there, or unreadable)."""
+        import json
+
+        if not datasetFolder:
+            return None
+        try:
+            entries = json.loads((Path(datasetFolder) / "dataset.json").read_text()).get("training")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return len(entries) if isinstance(entries, list) else None
+
+    def startFineTune(self, datasetFolder: str | Path, modelPath: str | Path | None = None, device: str = "auto",
+                      iterations: int | None = None, outputFolder: str | Path | None = None) -> TrainRun:
+        """Fine-tune the model on the dataset's cases in an engine process of its own (the recipe and the
+        regression guard of ``LiverSegExtension.finetune``); poll the run, then ``finishFineTune(run)``.
+        The new model goes to a free ``<name>-v<version>`` folder of the user's models unless given."""
+        from LiverSegExtension.catalog import default_model_dir, new_model_dir, read_card
+
+        count = self.datasetCaseCount(datasetFolder)
+        if not count:
+            raise LiverSegError(f"{datasetFolder}: no training cases there (export corrected cases first)")
+        parent = Path(modelPath) if modelPath else default_model_dir()
+        if parent is None:
+            raise LiverSegError("no model to fine-tune: install a trained model first")
+        card = read_card(parent)
+        if outputFolder:
+            output, version = Path(outputFolder), None
+        else:
+            output, version = new_model_dir(card)
+        request = {"cmd": "train", "id": next(self._ids), "init": str(parent), "data": [str(datasetFolder)],
+                   "output": str(output), "device": device, "iterations": iterations, "version": version}
+        engine = EngineProcess().start()
+        try:
+            engine.send(request)
+        except Exception:
+            engine.kill()
+            raise
+        run = TrainRun(engine, request)
+        self._training = [r for r in self._training if not r.done] + [run]
+        return run
+
+    @staticmethod
+    def finishFineTune(run: TrainRun) -> dict[str, Any]:
+        """A finished fine-tune's result (``model_dir``, ``accepted``, ``reason``, ``rows``), or its error."""
+        run.poll()
+        if run.error is not None:
+            if run.details:
+                logging.error("LiverSeg: %s\n%s", run.error, run.details)
+            raise run.error
+        if not run.done:
+            raise LiverSegError("the fine-tune has not finished")
+        return run.result
 
     # -- export for training -------------------------------------------------------------------------
     def exportForTraining(self, inputVolume, segmentationNode, datasetFolder: str | Path, annotator: str = "",

@@ -145,6 +145,26 @@ class QProgressBar(QWidget):
         self.minimum, self.maximum = 0, 100
 
 
+class QSpinBox(QWidget):
+    """QSpinBox: ``value`` (clamped to ``minimum``..``maximum``, the .ui's properties), valueChanged(int)."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.minimum, self.maximum = 0, 99
+        self._value = 0
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @value.setter
+    def value(self, value: int) -> None:
+        value = max(int(self.minimum), min(int(self.maximum), int(value)))
+        if value != self._value:
+            self._value = value
+            self.emit("valueChanged(int)", value)
+
+
 class QLineEdit(QWidget):
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -318,7 +338,7 @@ class QFile:
 
 
 _WIDGET_CLASSES = {cls.__name__: cls for cls in (
-    QWidget, QLabel, QPushButton, QCheckBox, QProgressBar, QLineEdit, QComboBox, ctkCollapsibleButton,
+    QWidget, QLabel, QPushButton, QCheckBox, QProgressBar, QSpinBox, QLineEdit, QComboBox, ctkCollapsibleButton,
     ctkPathLineEdit, qMRMLWidget, qMRMLNodeComboBox)}
 
 
