@@ -166,30 +166,22 @@ def plan(parent_card: dict[str, Any], corrections: list[Path], val_names: list[s
     return Plan(train=train + replayed, guard=guard, groups=groups, oversample=oversample, notes=notes)
 
 
-def score(model_dir: Path, cases: list[Case], device: str, progress: Progress | None = None,
-          label: str = "") -> dict[str, dict[str, Any]]:
-    """Segment each case with the model and score it against its label."""
-    import SimpleITK as sitk
-
-    from LiverSegExtension.inference import LiverSegmenter
-    from LiverSegExtension.metrics import case_metrics
-
-    segmenter = LiverSegmenter(model_dir, device=device)
-    rows = {}
-    for i, c in enumerate(cases):
-        image, label_image = c.read()
-        result = segmenter.segment_image(image, source=c.name)
-        rows[c.name] = case_metrics(result.mask, sitk.GetArrayFromImage(label_image) > 0, image.GetSpacing()[::-1])
-        if progress:
-            progress({"stage": "guard", "iteration": i + 1, "total": len(cases), "model": label, "case": c.name,
-                      "val_dice": rows[c.name]["dice"]})
-    return rows
-
-
 def compare(parent_dir: Path, child_dir: Path, p: Plan, device: str, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Both models on the plan's guard cases: one row per case, parent and new side by side."""
-    before = score(parent_dir, p.guard, device, progress, "parent")
-    after = score(child_dir, p.guard, device, progress, "new")
+    from LiverSegExtension.model import LiverModel
+    from LiverSegExtension.training import load_validation, validate
+
+    cases = load_validation(p.guard)  # read once, scored by both models
+
+    def score(model_dir: Path, label: str) -> dict[str, dict[str, Any]]:
+        def report(i: int, r: dict[str, Any]) -> None:
+            if progress:
+                progress({"stage": "guard", "iteration": i + 1, "total": len(cases), "model": label,
+                          "case": r["case"], "val_dice": r["dice"]})
+
+        return {r["case"]: r for r in validate(LiverModel.load(model_dir), cases, device, report)}
+
+    before, after = score(parent_dir, "parent"), score(child_dir, "new")
     rows = []
     for c in p.guard:
         a, b = before[c.name], after[c.name]

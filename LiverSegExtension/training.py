@@ -148,14 +148,18 @@ def load_validation(val: list[Case]) -> list[tuple[str, sitk.Image, np.ndarray]]
     return loaded
 
 
-def validate(model: LiverModel, val: list[tuple[str, sitk.Image, np.ndarray]], device: torch.device) -> list[dict[str, Any]]:
-    """Run the full coarse-to-fine pipeline on each validation case at its own resolution."""
+def validate(model: LiverModel, val: list[tuple[str, sitk.Image, np.ndarray]], device: torch.device | str,
+             progress: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run the full coarse-to-fine pipeline on each validation case at its own resolution;
+    ``progress(i, row)`` after each case."""
     segmenter = LiverSegmenter(model, device=device)
     rows = []
-    for name, image, ref in val:
+    for i, (name, image, ref) in enumerate(val):
         result = segmenter.segment_image(image, source=name)
         m = case_metrics(result.mask, ref, image.GetSpacing()[::-1])
         rows.append({"case": name, **m, "seconds": result.seconds})
+        if progress:
+            progress(i, rows[-1])
     for net in model.networks.values():
         net.train()
     return rows

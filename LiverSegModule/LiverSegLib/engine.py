@@ -154,6 +154,20 @@ class _EngineRun:
         """Block until done (scripts and tests), calling ``progress(fraction, stage)`` on each change."""
         return wait_for(self, timeout_s, progress)
 
+    def _take(self, message: dict) -> bool:
+        """Take in a progress, result or error message (False for any other)."""
+        event = message.get("event")
+        if event == "progress":
+            self.fraction, self.stage, self.info = float(message["fraction"]), str(message["stage"]), message
+        elif event == "result":
+            self.result, self.fraction, self.stage = message, 1.0, "done"
+        elif event == "error":
+            self.error = LiverSegError(message.get("message", "the engine failed"))
+            self.details = message.get("details", "")
+        else:
+            return False
+        return True
+
 
 class SegmentRun(_EngineRun):
     """One segmentation request to the engine process: its progress and, when done, its outcome.
@@ -168,6 +182,7 @@ class SegmentRun(_EngineRun):
         self.volume_id, self.segmentation_id, self.source = volume_id, segmentation_id, source
         self.fraction = 0.0
         self.stage = "starting the engine" if engine.ready is None else "queued"
+        self.info: dict = {}  # the last progress message
         self.result: dict | None = None
         self.error: LiverSegError | None = None
         self.details = ""  # a traceback from the engine, for an unexpected error
@@ -187,13 +202,8 @@ class SegmentRun(_EngineRun):
             event = message.get("event")
             if event == "ready":
                 self.stage = "engine ready"
-            elif event == "progress":
-                self.fraction, self.stage = float(message["fraction"]), str(message["stage"])
-            elif event == "result":
-                self.result, self.fraction, self.stage = message, 1.0, "done"
-            elif event == "error":
-                self.error = LiverSegError(message.get("message", "the engine failed"))
-                self.details = message.get("details", "")
+            else:
+                self._take(message)
         if not self.done and not alive:
             self.error = LiverSegError(f"{self.source}: the LiverSeg engine stopped before it finished "
                                        f"({self.engine.description()}); the scene was not changed")
@@ -241,13 +251,8 @@ class TrainRun(_EngineRun):
                 self.stage = "preparing the training cases"
             elif event == "note":
                 self.notes.append(str(message.get("text", "")))
-            elif event == "progress":
-                self.fraction, self.stage, self.info = float(message["fraction"]), str(message["stage"]), message
-            elif event == "result":
-                self.result, self.fraction, self.stage = message, 1.0, "done"
-            elif event == "error":
-                self.error = LiverSegError(message.get("message", "the engine failed"))
-                self.details = message.get("details", "")
+            else:
+                self._take(message)
             if self.done:
                 break
         if self.done or not alive:
