@@ -16,6 +16,7 @@ from pathlib import Path
 from LiverSegExtension import __version__
 from LiverSegExtension.catalog import FINE_TUNE_EMA, FINE_TUNE_ITERATIONS, FINE_TUNE_LR
 from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.io import OUTPUT_FORMATS, STATUSES, result_status
 
 log = logging.getLogger("liverseg")
 
@@ -29,12 +30,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"liverseg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("segment", help="segment the liver in CT volumes or DICOM folders")
-    s.add_argument("inputs", nargs="+", metavar="CT", help="volume files (.nii[.gz], .nrrd, .mha, .mhd) or DICOM folders")
-    s.add_argument("--output-dir", "-o", required=True, type=Path)
-    s.add_argument("--format", choices=["nii.gz", "nrrd", "seg.nrrd"], default="nii.gz")
+    s = sub.add_parser("segment", help="segment the liver in CT volumes or DICOM folders",
+                       description="Segment the liver. Each case gives OUT/<name>_liver.<format> on the input's "
+                                   "own grid and a row in OUT/summary.csv (rows of earlier runs are kept).")
+    s.add_argument("inputs", nargs="+", metavar="CT",
+                   help="volume files (.nii[.gz], .nrrd, .mha, .mhd), DICOM folders, or folders to search for both")
+    s.add_argument("--output-dir", "-o", required=True, type=Path, metavar="OUT",
+                   help="folder for the masks and summary.csv (made if missing); not a file name")
+    s.add_argument("--format", choices=list(OUTPUT_FORMATS), default="nii.gz",
+                   help="mask file format (default: nii.gz; seg.nrrd is a Slicer segmentation)")
     _common(s)
     s.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    s.add_argument("--skip-existing", action="store_true",
+                   help="resume: skip, silently, cases whose output exists and is complete (without it they are "
+                        "skipped with a note; an incomplete one fails)")
+    s.add_argument("--shard", metavar="I/N", help="segment cases I, I+N, I+2N... (1-based) of the sorted case "
+                                                   "list, for job arrays; the summary is summary_shardIofN.csv")
 
     t = sub.add_parser(
         "train", help="train, or fine-tune a model on corrected cases (with --init)",
@@ -71,11 +82,22 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="Dice, HD95, surface distance and volume error per case")
     e.add_argument("--pred", type=Path, help="folder of predicted masks")
-    e.add_argument("--ref", type=Path, help="folder of reference masks (same file names)")
+    e.add_argument("--ref", type=Path, help="folder of reference masks: <name>.<ext>, scored against "
+                                             "<name>[_liver].<ext> in --pred (any format segment writes)")
     e.add_argument("--data", type=Path, help="MSD dataset to segment and score (with --model)")
-    e.add_argument("--cases", default="", help="with --data: comma-separated case names (default: all)")
+    e.add_argument("--cases", default="", help="comma-separated case names to score (default: all)")
     e.add_argument("--output", type=Path, help="CSV file to write; a Markdown table goes beside it (.md)")
     _common(e)
+
+    v = sub.add_parser("view", help="a PNG of a CT with its liver mask (axial, coronal, sagittal)",
+                       description="Draw the CT with the liver tinted and outlined: three labelled panels through the "
+                                   "slices where the liver is largest, cropped to the body.")
+    v.add_argument("ct", type=Path, metavar="CT", help="the CT (any input segment reads)")
+    v.add_argument("mask", type=Path, metavar="MASK", help="its liver mask (any format segment writes)")
+    v.add_argument("--output", "-o", type=Path, required=True, metavar="PICTURE.png")
+    v.add_argument("--height", type=int, default=400, help="panel height in pixels (default: 400)")
+    v.add_argument("--overwrite", action="store_true", help="replace the picture if it exists")
+    v.add_argument("--debug", action="store_true", help="show tracebacks")
 
     d = sub.add_parser("dataset", help="build and check MSD-layout training datasets")
     dsub = d.add_subparsers(dest="dataset_command", required=True)
@@ -102,6 +124,9 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    from LiverSegExtension.io import quiet_native_logs
+
+    quiet_native_logs(args.debug)
     try:
         if args.command == "segment":
             return cmd_segment(args)
@@ -109,6 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "view":
+            from LiverSegExtension.view import render
+
+            print(render(args.ct, args.mask, args.output, args.height, args.overwrite))
+            return 0
         return cmd_dataset(args)
     except KeyboardInterrupt:
         print("liverseg: interrupted", file=sys.stderr)
@@ -157,50 +187,59 @@ class _Progress:
             self.bar.close()
 
 
-def output_path(out_dir: Path, stem: str, fmt: str, taken: set[Path]) -> Path:
-    path = out_dir / f"{stem}_liver.{fmt}"
-    n = 2
-    while path in taken:
-        path = out_dir / f"{stem}_{n}_liver.{fmt}"
-        n += 1
-    taken.add(path)
-    return path
-
-
 def cmd_segment(args: argparse.Namespace) -> int:
-    from LiverSegExtension.io import VOLUME_SUFFIXES, expand_inputs, read_case, summary_row, write_mask, write_summary
+    from LiverSegExtension import io
 
     out_dir: Path = args.output_dir
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: exists and is not a folder")
-    if not out_dir.exists() and out_dir.name.lower().endswith(VOLUME_SUFFIXES):  # .seg.nrrd ends in .nrrd
+    if not out_dir.exists() and out_dir.name.lower().endswith(io.VOLUME_SUFFIXES):  # .seg.nrrd ends in .nrrd
         # `-o liver.nii.gz` would make a folder of that name: say what -o is instead.
         raise UsageError(f"{out_dir}: --output-dir names a folder, not a mask file; each mask is written "
                          f"into it as <input name>_liver.<format>")
-    segmenter = _segmenter(args)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite and args.skip_existing:
+        raise UsageError("--overwrite and --skip-existing contradict each other; give one")
+    try:
+        io.check_writable_folder(out_dir)
+    except LiverSegError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        shard_i, shard_n = io.parse_shard(args.shard)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    cases = io.expand_inputs(args.inputs)
+    if args.shard:
+        cases = io.shard(cases, shard_i, shard_n)
+    summary = out_dir / ("summary.csv" if not args.shard else f"summary_shard{shard_i}of{shard_n}.csv")
+    targets = [io.mask_path(out_dir, name, args.format) for name in io.output_names(cases)]
+    segmenter = None
+    if args.overwrite or not all(t.exists() for t in targets):  # a bad --model is a usage error, before any case
+        segmenter = _segmenter(args)
+        if not args.quiet:
+            print(f"liverseg: model {segmenter.model.name} on {segmenter.device}", file=sys.stderr)
     show = not args.quiet and sys.stderr.isatty()
-    if not args.quiet:
-        print(f"liverseg: model {segmenter.model.name} on {segmenter.device}", file=sys.stderr)
     rows: list[dict] = []
-    taken: set[Path] = set()
-    for case in expand_inputs(args.inputs):
-        target = output_path(out_dir, case.stem, args.format, taken)
-        row = summary_row(case.label, str(target))
+    for case, target in zip(cases, targets):
+        row = io.summary_row(case.label, str(target))
         start = time.perf_counter()
-        bar = _Progress(case.stem, show)
+        bar = None
         try:
-            if target.exists() and not args.overwrite:
-                raise LiverSegError(f"{target}: already exists (use --overwrite to replace it)")
-            image = read_case(case)
-            result = segmenter.segment_image(image, progress=bar, source=case.label)
-            write_mask(result.mask, image, target, overwrite=args.overwrite)
-            row["liver_ml"] = f"{result.liver_ml:.1f}"
-            row["warning"] = "; ".join(result.warnings)
-            for warning in result.warnings:  # shown even with --quiet: the mask may be wrong
-                print(f"liverseg: warning: {warning}", file=sys.stderr)
-            if result.liver_ml == 0:  # not an error: the warning says so
-                row["status"] = "empty"
+            if target.exists() and not args.overwrite:  # decided before any work
+                if not io.complete_output(target):
+                    raise LiverSegError(f"{target}: exists but is incomplete or unreadable; --overwrite replaces it")
+                row["status"] = "skipped"
+                if not args.skip_existing and not args.quiet:
+                    print(f"liverseg: {target}: exists, kept (--overwrite replaces it)", file=sys.stderr)
+            else:
+                bar = _Progress(case.stem, show)
+                image = io.read_case(case)
+                assert segmenter is not None
+                result = segmenter.segment_image(image, progress=bar, source=case.label)
+                io.write_mask(result.mask, image, target, overwrite=args.overwrite)
+                row.update(liver_ml=f"{result.liver_ml:.1f}", warning="; ".join(result.warnings),
+                           status=result_status(result.liver_ml, result.warnings))
+                for warning in result.warnings:  # shown even with --quiet: the mask may be wrong
+                    print(f"liverseg: warning: {warning}", file=sys.stderr)
         except LiverSegError as exc:
             row.update(status="failed", output="", error=str(exc))
             _error(exc, args.debug)
@@ -210,16 +249,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if args.debug:
                 traceback.print_exc()
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         row["seconds"] = f"{time.perf_counter() - start:.2f}"
         rows.append(row)
-        write_summary(out_dir / "summary.csv", rows)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        io.write_summary(summary, [row])
         if not args.quiet and not show:
-            print(f"{row['status']:6s} {case.label} {row['liver_ml']} mL {row['seconds']} s", file=sys.stderr)
+            detail = f"{row['liver_ml']} mL" if row["liver_ml"] else ""
+            print(f"{row['status']:7s} {case.label} {detail} ({row['seconds']} s)".replace("  (", " ("),
+                  file=sys.stderr)
     failed = sum(r["status"] == "failed" for r in rows)
     if not args.quiet:
-        done = len(rows) - failed
-        print(f"liverseg: {done} of {len(rows)} case(s) done; summary in {out_dir / 'summary.csv'}", file=sys.stderr)
+        counts = ", ".join(f"{sum(r['status'] == k for r in rows)} {k}" for k in STATUSES
+                           if any(r["status"] == k for r in rows))
+        print(f"liverseg: {len(rows)} case(s): {counts or 'none'}; summary in {summary}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -276,18 +320,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from LiverSegExtension.evaluation import evaluate_dataset, evaluate_folders, write_report
 
+    cases = [c for c in args.cases.split(",") if c]
+    missing: list[str] = []
+    if args.data and (args.pred or args.ref):
+        raise UsageError("give --pred and --ref folders, or --data, not both")
     if args.data:
-        rows = evaluate_dataset(args.data, args.model, [c for c in args.cases.split(",") if c], args.device)
+        rows = evaluate_dataset(args.data, args.model, cases, args.device)
     elif args.pred and args.ref:
-        rows = evaluate_folders(args.pred, args.ref)
+        rows, missing = evaluate_folders(args.pred, args.ref, cases)
     else:
         raise UsageError("give --pred and --ref folders, or --data (and optionally --model)")
-    print(write_report(rows, args.output))
+    if args.output is not None and not args.output.parent.is_dir():
+        raise UsageError(f"{args.output}: its folder {args.output.parent} does not exist")
+    if rows:
+        print(write_report(rows, args.output), end="")
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        print(f"liverseg: {len(missing)} reference(s) without a prediction, not scored: {shown}", file=sys.stderr)
+    if not rows:
+        raise LiverSegError(f"{args.pred}: no prediction matches a reference in {args.ref}")
     return 1 if any(r.get("error") for r in rows) else 0
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from LiverSegExtension.dataset import add_case, check_dataset
+    from LiverSegExtension.dataset import add_case, check_dataset, dataset_entries
 
     if args.dataset_command == "add":
         name = add_case(args.dataset, args.image, args.label, provenance={"annotator": args.annotator or None})
@@ -296,7 +352,11 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     problems = check_dataset(args.dataset)
     for p in problems:
         print(p)
-    print(f"{args.dataset}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    try:
+        count = f"{len(dataset_entries(args.dataset))} case(s)"
+    except LiverSegError:
+        count = "no usable dataset.json"
+    print(f"{args.dataset}: {count}, {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
 
 

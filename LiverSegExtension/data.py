@@ -51,11 +51,10 @@ def load_msd(folder: str | Path) -> list[Case]:
     meta = folder / "dataset.json"
     if not meta.is_file():
         raise LiverSegError(f"{folder}: not a Medical Segmentation Decathlon dataset (no dataset.json)")
-    try:
-        content = json.loads(meta.read_text())
-        entries = content.get("training", [])
-    except json.JSONDecodeError as exc:
-        raise LiverSegError(f"{meta}: invalid JSON ({exc})") from None
+    from LiverSegExtension.dataset import dataset_entries
+
+    entries = dataset_entries(folder)  # checked: JSON, entries, no path outside the folder
+    content = json.loads(meta.read_text())
     provenance = content.get("cases") if isinstance(content.get("cases"), dict) else {}
     cases = []
     for entry in entries:

@@ -8,12 +8,11 @@ an inter-process lock, so a crash leaves a valid dataset and concurrent exports 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,40 +22,10 @@ import SimpleITK as sitk
 from LiverSegExtension import __version__
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import image_from_array, same_grid
-from LiverSegExtension.io import atomic_write, read_image
+from LiverSegExtension.io import atomic_write, locked, read_image
 from LiverSegExtension.metrics import dice, volume_ml
 
 LOCK_FILE = ".liverseg.lock"
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on the dataset folder shared by all processes (Slicer instances, CLI)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+b") as handle:
-        if os.name == "nt":
-            import msvcrt
-
-            handle.seek(0)
-            while True:
-                try:
-                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:
-                    continue
-            try:
-                yield
-            finally:
-                handle.seek(0)
-                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _new_meta() -> dict[str, Any]:
@@ -76,12 +45,11 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     path = folder / "dataset.json"
     if not path.exists():
         return _new_meta()
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LiverSegError(f"{path}: invalid JSON ({exc}); fix or move it before exporting") from None
+    dataset_entries(folder)  # a clear error for a dataset.json that is not one
+    meta = json.loads(path.read_text())
+    if not isinstance(meta.setdefault("cases", {}), dict):
+        raise LiverSegError(f"{path}: \"cases\" must be an object; fix or move it before adding cases")
     meta.setdefault("training", [])
-    meta.setdefault("cases", {})
     return meta
 
 
@@ -103,6 +71,15 @@ def _new_case_name(folder: Path, meta: dict[str, Any]) -> str:
         name = f"liverseg_{stamp}_{secrets.token_hex(3)}"
         if name not in taken and not (folder / "imagesTr" / f"{name}.nii.gz").exists():
             return name
+
+
+def content_hash(image: sitk.Image) -> str:
+    """sha256 of an image's voxels, type and grid: the same case exported twice has the same hash."""
+    digest = hashlib.sha256()
+    digest.update(repr((image.GetPixelIDValue(), image.GetSize(), [round(v, 4) for v in image.GetSpacing()],
+                        [round(v, 3) for v in image.GetOrigin()], [round(v, 5) for v in image.GetDirection()])).encode())
+    digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).data)
+    return digest.hexdigest()
 
 
 def add_case_images(folder: str | Path, image: sitk.Image, label: sitk.Image, provenance: dict[str, Any] | None = None,
@@ -136,22 +113,33 @@ def add_case_images(folder: str | Path, image: sitk.Image, label: sitk.Image, pr
         record["draft_final_dice"] = dice(was, final)
 
     label_u8 = sitk.Cast(label, sitk.sitkUInt8)
-    with _locked(folder):
+    record["image_sha256"], record["label_sha256"] = content_hash(image), content_hash(label_u8)
+    with locked(folder, LOCK_FILE):
         meta = _read_meta(folder)
+        for other, entry in meta["cases"].items():
+            if isinstance(entry, dict) and (entry.get("image_sha256"), entry.get("label_sha256")) == (
+                    record["image_sha256"], record["label_sha256"]):
+                raise LiverSegError(f"{folder}: this image and label are already case {other}; nothing added")
         name = _new_case_name(folder, meta)
         image_rel, label_rel = f"./imagesTr/{name}.nii.gz", f"./labelsTr/{name}.nii.gz"
-        atomic_write(folder / image_rel, lambda tmp: sitk.WriteImage(image, tmp, useCompression=True))
-        if _crash_after == "image":
-            raise RuntimeError("simulated crash")
-        atomic_write(folder / label_rel, lambda tmp: sitk.WriteImage(label_u8, tmp, useCompression=True))
-        (folder / "provenance").mkdir(exist_ok=True)
-        _write_json_atomic(folder / "provenance" / f"{name}.json", record)
-        if _crash_after == "label":
-            raise RuntimeError("simulated crash")
-        meta["training"].append({"image": image_rel, "label": label_rel})
-        meta["cases"][name] = {"image": image_rel, "label": label_rel, **record}
-        meta["numTraining"] = len(meta["training"])
-        _write_json_atomic(folder / "dataset.json", meta)
+        written = [folder / image_rel, folder / label_rel, folder / "provenance" / f"{name}.json"]
+        try:
+            atomic_write(written[0], lambda tmp: sitk.WriteImage(image, tmp, useCompression=True))
+            if _crash_after == "image":
+                raise RuntimeError("simulated crash")
+            atomic_write(written[1], lambda tmp: sitk.WriteImage(label_u8, tmp, useCompression=True))
+            (folder / "provenance").mkdir(exist_ok=True)
+            _write_json_atomic(written[2], record)
+            if _crash_after == "label":
+                raise RuntimeError("simulated crash")
+            meta["training"].append({"image": image_rel, "label": label_rel})
+            meta["cases"][name] = {"image": image_rel, "label": label_rel, **record}
+            meta["numTraining"] = len(meta["training"])
+            _write_json_atomic(folder / "dataset.json", meta)
+        except BaseException:  # an error or Ctrl-C: what this case wrote goes (a kill leaves it to `check`)
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     return name
 
 
@@ -176,25 +164,54 @@ def add_case(folder: str | Path, image_path: str | Path, label_path: str | Path,
     return add_case_images(folder, image, binary, {"source": "liverseg dataset add", **(provenance or {})})
 
 
+def dataset_entries(folder: str | Path) -> list[dict[str, str]]:
+    """The ``training`` entries of a dataset's dataset.json, checked: a LiverSegError names the file and
+    what is wrong (not JSON, not an object, entries without an image or label, paths that leave the folder)."""
+    folder = Path(folder)
+    path = folder / "dataset.json"
+    if not path.is_file():
+        raise LiverSegError(f"{folder}: no dataset.json")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LiverSegError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise LiverSegError(f"{path}: expected a JSON object with a \"training\" list, got {type(meta).__name__}")
+    entries = meta.get("training", [])
+    if not isinstance(entries, list):
+        raise LiverSegError(f"{path}: \"training\" must be a list of {{\"image\", \"label\"}} entries")
+    root = _lexical(folder)
+    for n, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry.get(k) for k in ("image", "label")):
+            raise LiverSegError(f"{path}: training entry {n} has no \"image\" and \"label\" paths")
+        for key in ("image", "label"):
+            if not _lexical(folder / entry[key]).is_relative_to(root):  # links inside may point anywhere
+                raise LiverSegError(f"{path}: training entry {n}: {entry[key]} lies outside the dataset folder")
+    return entries
+
+
+def _lexical(path: Path) -> Path:
+    """The absolute path with ``..`` resolved by name, symbolic links not followed."""
+    return Path(os.path.normpath(os.path.abspath(path)))
+
+
 def check_dataset(folder: str | Path) -> list[str]:
     """Problems found: unreadable pairs, grids that differ, labels that are not binary or are empty."""
     folder = Path(folder)
-    if not (folder / "dataset.json").is_file():
-        return [f"{folder}: no dataset.json"]
     try:
-        meta = json.loads((folder / "dataset.json").read_text())
-    except json.JSONDecodeError as exc:
-        return [f"{folder / 'dataset.json'}: invalid JSON ({exc})"]
+        entries = dataset_entries(folder)
+    except LiverSegError as exc:
+        return [str(exc)]
+    meta = json.loads((folder / "dataset.json").read_text())
     problems = []
-    entries = meta.get("training", [])
     if meta.get("numTraining", len(entries)) != len(entries):
         problems.append(f"dataset.json: numTraining is {meta.get('numTraining')} but {len(entries)} cases are listed")
     for entry in entries:
         try:
             image = read_image(folder / entry["image"])
             label = read_image(folder / entry["label"])
-        except (LiverSegError, KeyError) as exc:
-            problems.append(f"{entry}: {exc}")
+        except LiverSegError as exc:
+            problems.append(str(exc))
             continue
         if not same_grid(image, label):
             problems.append(f"{entry['label']}: not on the grid of {entry['image']}")
@@ -204,4 +221,10 @@ def check_dataset(folder: str | Path) -> list[str]:
             problems.append(f"{entry['label']}: not binary (values {values[:6].tolist()})")
         elif values.max() == 0:
             problems.append(f"{entry['label']}: empty label")
+    listed = {_lexical(folder / e[k]) for e in entries for k in ("image", "label")}
+    for sub in ("imagesTr", "labelsTr"):
+        for f in sorted((folder / sub).glob("*")) if (folder / sub).is_dir() else []:
+            if _lexical(f) not in listed:
+                kind = "unfinished temporary file (an interrupted export)" if f.name.startswith(".") else "not listed"
+                problems.append(f"{f}: {kind} in dataset.json")
     return problems

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from LiverSegExtension.data import case_name, load_msd
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.geometry import same_grid
+from LiverSegExtension.geometry import canonical, same_grid
 from LiverSegExtension.io import atomic_write, is_volume_file, read_image
 from LiverSegExtension.metrics import case_metrics
 
@@ -21,9 +21,9 @@ COLUMNS = ["case", "dice", "hd95_mm", "msd_mm", "pred_ml", "ref_ml", "volume_err
 
 
 def score(pred: sitk.Image, ref: sitk.Image, name: str) -> dict[str, Any]:
-    """Metrics of one case; the two masks must share a grid (compared in physical space)."""
-    if not same_grid(pred, ref):
-        raise LiverSegError(f"{name}: prediction and reference are not on the same grid")
+    """Metrics of one case. The prediction must cover the reference's voxels: the same grid, or the same
+    voxel centres in another index order or extent (a Slicer ``.seg.nrrd``), compared in physical space."""
+    pred = on_grid_of(pred, ref, name)
     p = sitk.GetArrayFromImage(pred) > 0
     r = sitk.GetArrayFromImage(ref) > 0
     row: dict[str, Any] = {"case": name, **case_metrics(p, r, ref.GetSpacing()[::-1]), "note": "", "error": ""}
@@ -34,31 +34,58 @@ def score(pred: sitk.Image, ref: sitk.Image, name: str) -> dict[str, Any]:
     return row
 
 
+def on_grid_of(mask: sitk.Image, ref: sitk.Image, name: str) -> sitk.Image:
+    """``mask`` on ``ref``'s grid, exactly: only when every voxel centre of one is a voxel centre of the other
+    (same spacing and axes up to order and sign, origins a whole number of voxels apart); else an error."""
+    if same_grid(mask, ref):
+        return mask
+    a, b = canonical(mask), canonical(ref)
+    offset = np.array(b.TransformPhysicalPointToContinuousIndex(a.GetOrigin()))
+    if (np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4) and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4)
+            and np.allclose(offset, np.round(offset), atol=1e-3)):
+        return sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    raise LiverSegError(f"{name}: prediction and reference are not on the same grid")
+
+
 def _strip(name: str) -> str:
-    return name[: -len("_liver")] if name.endswith("_liver") else name
+    for suffix in (".seg", "_liver"):  # segment writes <name>_liver.<format>, seg.nrrd included
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name
 
 
-def evaluate_folders(pred_dir: Path, ref_dir: Path) -> list[dict[str, Any]]:
-    """Pair files by case name (a ``_liver`` suffix on predictions is ignored)."""
+def evaluate_folders(pred_dir: Path, ref_dir: Path, cases: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """(a row per reference that has a prediction, the names of the references without one).
+
+    Files pair by case name: ``<name>.<ext>`` in ``ref_dir``, ``<name>[_liver].<ext>`` in ``pred_dir``, in
+    every format ``segment`` writes. ``cases`` keeps only those names."""
     for d in (pred_dir, ref_dir):
         if not d.is_dir():
             raise LiverSegError(f"{d}: no such folder")
-    preds = {_strip(case_name(p)): p for p in sorted(pred_dir.iterdir()) if is_volume_file(p)}
-    rows = []
-    for ref in sorted(ref_dir.iterdir()):
-        if not is_volume_file(ref):
-            continue
-        name = case_name(ref)
+    preds: dict[str, Path] = {}
+    for p in sorted(pred_dir.iterdir()):
+        if is_volume_file(p):
+            if _strip(case_name(p)) in preds:
+                raise LiverSegError(f"{pred_dir}: two predictions for case {_strip(case_name(p))} "
+                                    f"({preds[_strip(case_name(p))].name}, {p.name})")
+            preds[_strip(case_name(p))] = p
+    refs = {case_name(r): r for r in sorted(ref_dir.iterdir()) if is_volume_file(r)}
+    if cases:
+        unknown = sorted(set(cases) - set(refs))
+        if unknown:
+            raise LiverSegError(f"{ref_dir}: no reference for case(s) {', '.join(unknown)}")
+        refs = {n: r for n, r in refs.items() if n in cases}
+    if not refs:
+        raise LiverSegError(f"{ref_dir}: no reference masks found")
+    rows, missing = [], []
+    for name, ref in refs.items():
         if name not in preds:
-            rows.append({"case": name, "error": "no prediction"})
+            missing.append(name)
             continue
         try:
             rows.append(score(read_image(preds[name]), read_image(ref), name))
         except LiverSegError as exc:
             rows.append({"case": name, "error": str(exc)})
-    if not rows:
-        raise LiverSegError(f"{ref_dir}: no reference masks found")
-    return rows
+    return rows, missing
 
 
 def evaluate_dataset(data: Path, model: Path | None, cases: list[str], device: str = "auto") -> list[dict[str, Any]]:
@@ -67,6 +94,9 @@ def evaluate_dataset(data: Path, model: Path | None, cases: list[str], device: s
 
     segmenter = LiverSegmenter(model, device=device)
     all_cases = load_msd(data)
+    unknown = sorted(set(cases) - {c.name for c in all_cases})
+    if unknown:
+        raise LiverSegError(f"{data}: no case named {', '.join(unknown)}")
     chosen = [c for c in all_cases if not cases or c.name in cases]
     rows = []
     for c in chosen:

@@ -62,6 +62,34 @@ def physical_corners(image: sitk.Image) -> np.ndarray:
     return np.array([image.TransformContinuousIndexToPhysicalPoint([float(c) for c in idx]) for idx in corners])
 
 
+CANONICAL = "LPS"  # index axes i, j, k closest to L, P, S: the order ITK's DICOM reader gives axial scans
+
+
+def orientation_code(image: sitk.Image) -> str:
+    """The three-letter code of the anatomical axes closest to the image's index axes (e.g. ``LPS``)."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def canonical(image: sitk.Image) -> sitk.Image:
+    """``image`` with its axes permuted and flipped to the canonical order: the same voxels at the same
+    places (an oblique grid stays oblique), no interpolation. The image itself when already in that order."""
+    if orientation_code(image) == CANONICAL:
+        return image
+    return sitk.DICOMOrient(image, CANONICAL)
+
+
+def to_original_order(mask: np.ndarray, work: sitk.Image, original: sitk.Image) -> np.ndarray:
+    """A ``[k, j, i]`` mask on ``work`` (:func:`canonical` of ``original``) as a mask on ``original``'s grid."""
+    if work is original:
+        return mask
+    image = sitk.GetImageFromArray(mask)
+    image.CopyInformation(work)
+    back = sitk.DICOMOrient(image, orientation_code(original))
+    if back.GetSize() != original.GetSize():  # cannot happen for a permutation; guard the invariant
+        raise LiverSegError(f"internal error: the mask's grid {back.GetSize()} is not the input's {original.GetSize()}")
+    return sitk.GetArrayFromImage(back)
+
+
 @dataclass(frozen=True)
 class Grid:
     """An LPS-axis-aligned voxel grid (identity direction): where the network sees the world."""

@@ -19,14 +19,20 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.inferers import sliding_window_inference
-from monai.transforms import FillHoles, ScaleIntensityRange
 from scipy import ndimage
 
 from LiverSegExtension.catalog import default_model_dir
 from LiverSegExtension.devices import resolve_device
 from LiverSegExtension.errors import CancelledError, LiverSegError
-from LiverSegExtension.geometry import Grid, image_from_array, index_box, physical_corners, resample_to_grid
+from LiverSegExtension.geometry import (
+    Grid,
+    canonical,
+    image_from_array,
+    index_box,
+    physical_corners,
+    resample_to_grid,
+    to_original_order,
+)
 from LiverSegExtension.metrics import volume_ml
 from LiverSegExtension.model import LiverModel
 
@@ -173,6 +179,19 @@ def spine_warning(volume: np.ndarray, liver: np.ndarray, spacing: Sequence[float
     return None
 
 
+def single_window(x: torch.Tensor, roi: Sequence[int], net: torch.nn.Module) -> torch.Tensor:
+    """What MONAI's ``sliding_window_inference`` gives when one window covers ``x``: the input padded
+    with zeros to the window (half before, the rest after), the network, the padding cropped off."""
+    pads: list[int] = []
+    crop = []
+    for r, s in zip(reversed(roi), reversed(x.shape[2:])):
+        before = (r - s) // 2
+        pads += [before, r - s - before]
+        crop.append(slice(before, before + s))
+    out = net(torch.nn.functional.pad(x, pads, mode="constant", value=0.0))
+    return out[(..., *reversed(crop))]
+
+
 @dataclass
 class SegmentationResult:
     """A binary mask on the input grid (``[k, j, i]``, uint8) and what it took to make it."""
@@ -197,10 +216,21 @@ def check_ct(image: sitk.Image, source: str = "input") -> None:
     spacing = image.GetSpacing()
     if min(spacing) < 0.05 or max(spacing) > 20:
         raise LiverSegError(f"{source}: absurd voxel spacing {tuple(round(s, 4) for s in spacing)} mm (expected 0.05 to 20 mm)")
-    sample = sitk.GetArrayViewFromImage(image)[:: max(1, size[2] // 32), ::4, ::4]
+    view = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(view.dtype, np.floating):  # every voxel: one NaN would empty the mask without a word
+        bad = int(view.size - np.count_nonzero(np.isfinite(view)))
+        if bad:
+            raise LiverSegError(f"{source}: {bad} voxel(s) are NaN or infinite; LiverSeg needs finite HU everywhere")
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise LiverSegError(f"{source}: the image's axes are not perpendicular (a sheared grid); LiverSeg needs "
+                            "an orthogonal grid (resample it first)")
+    sample = view[:: max(1, size[2] // 32), ::4, ::4]
+    # Padding outside the scanner's field of view (-32768, -3024...) is not tissue: judge the rest.
+    sample = sample[sample > -5000]
+    if sample.size == 0:
+        raise LiverSegError(f"{source}: every voxel is below -5000 HU: no CT image in it")
     low, high = float(sample.min()), float(sample.max())
-    if not np.isfinite(low) or not np.isfinite(high):
-        raise LiverSegError(f"{source}: intensities contain NaN or infinity")
     if low >= 0 or high < -400 or low < -5000 or high > 40000:
         raise LiverSegError(
             f"{source}: intensities {low:.0f}..{high:.0f} cannot be CT in Hounsfield units "
@@ -220,8 +250,7 @@ class LiverSegmenter:
         self.model = model if isinstance(model, LiverModel) else LiverModel.load(model, device=self.device)
         for net in self.model.networks.values():
             net.to(self.device).eval()
-        low, high = self.model.window
-        self._window = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+        self._low, self._high = (float(v) for v in self.model.window)
 
     # -- public API -----------------------------------------------------------------------------
     def segment_array(
@@ -272,6 +301,9 @@ class LiverSegmenter:
             return now
 
         check_ct(image, source)
+        # The same voxels in another index order (Slicer flips K of left-handed volumes) must give the same
+        # mask: work in one canonical order, permuting and flipping axes exactly, and map the mask back.
+        original, image = image, canonical(image)
         step(0.0, "locating the liver")
         t = time.perf_counter()
         box, orientation = self._locate(image, source)  # the side of the coarse liver, if wrong
@@ -295,22 +327,30 @@ class LiverSegmenter:
             step(0.8, "mapping back to the input grid")
             self._paste(image, fine_grid, self.clean(prob, liver), mask)
             lap("resample_back", t)
+        mask = to_original_order(mask, image, original)
         step(1.0, "done")
         liver_ml = volume_ml(mask, image.GetSpacing())
-        # A size warning comes first: then the orientation was judged on something that may not be liver.
-        warning = size_warning(liver_ml, source) or orientation
+        # Both are said: a header that turns the anatomy often also makes the mask small (lits_117_crop as
+        # written: 133 mL), and the orientation is then the reason to give first.
+        warnings = [w for w in (orientation, size_warning(liver_ml, source)) if w]
         seconds = time.perf_counter() - start
-        return SegmentationResult(mask, liver_ml, seconds, timings, [warning] if warning else [])
+        return SegmentationResult(mask, liver_ml, seconds, timings, warnings)
 
     # -- stages --------------------------------------------------------------------------------
     def predict(self, stage: str, volume: np.ndarray) -> np.ndarray:
         """Liver probability for a ``[z, y, x]`` HU volume already on the stage's grid."""
-        x = self._window(torch.from_numpy(np.asarray(volume, dtype=np.float32))[None, None])
-        x = torch.as_tensor(x, device=self.device)
+        # The intensity window to [0, 1], as MONAI's ScaleIntensityRange(clip=True) does.
+        x = torch.from_numpy(np.asarray(volume, dtype=np.float32))[None, None].to(self.device)
+        x = ((x - self._low) / (self._high - self._low)).clamp_(0.0, 1.0)
         roi = [min(MAX_ROI, max(16, int(np.ceil(s / 16) * 16))) for s in x.shape[2:]]
         net = self.model.networks[stage]
         with torch.inference_mode():
-            logits = sliding_window_inference(x, roi, 1, net, overlap=0.25, mode="gaussian")
+            if all(r >= s for r, s in zip(roi, x.shape[2:])):
+                logits = single_window(x, roi, net)
+            else:  # MONAI's inferer for what does not fit one window (imported only then: it loads all of MONAI)
+                from monai.inferers import sliding_window_inference
+
+                logits = sliding_window_inference(x, roi, 1, net, overlap=0.25, mode="gaussian")
             prob = torch.softmax(logits.float(), dim=1)[0, 1]
         return prob.cpu().numpy()
 
@@ -380,7 +420,8 @@ class LiverSegmenter:
         (holes raised to 1, everything away from the kept liver lowered to 0), so that the cheap
         interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of its own."""
         above = prob >= 0.5
-        filled = np.asarray(FillHoles(applied_labels=[1])(liver[None])[0], dtype=bool)
+        # MONAI's FillHoles: background not reachable from the border, with full (26-) connectivity.
+        filled = ndimage.binary_fill_holes(liver, structure=np.ones((3, 3, 3), bool))
         out = prob.copy()
         out[filled & ~above] = 1.0
         out[~ndimage.binary_dilation(filled, iterations=1) | (above & ~filled)] = 0.0  # incl. a cut-off leak

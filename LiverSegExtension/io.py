@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import os
 import secrets
 import struct
-from collections.abc import Callable
+import sys
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +90,8 @@ def dicom_series(folder: Path) -> list[InputCase]:
 
 
 def expand_inputs(paths: list[str | Path]) -> list[InputCase]:
-    """Turn command-line paths into cases; a folder holding several DICOM series gives one case each.
+    """Turn command-line paths into cases, the same for every door: a file is a case; a folder is searched
+    for volume files and DICOM image series (one case per series).
 
     Missing paths and folders with nothing readable become cases too, so they fail with their reason
     in the summary instead of stopping the run.
@@ -96,11 +100,57 @@ def expand_inputs(paths: list[str | Path]) -> list[InputCase]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            series = dicom_series(path)
-            cases.extend(series if series else [InputCase(path)])
+            found = [InputCase(f) for f in sorted(path.rglob("*")) if is_volume_file(f)] + dicom_series(path)
+            cases.extend(found or [InputCase(path)])
         else:
             cases.append(InputCase(path))
     return cases
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``I/N`` (1-based) as ``(I, N)``; ``(1, 1)`` when not given. A ValueError says what is wrong."""
+    if not text:
+        return 1, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 1/4), got {text!r}") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--shard I/N needs 1 <= I <= N, got {text!r}")
+    return i, n
+
+
+def shard(cases: list[InputCase], i: int, n: int) -> list[InputCase]:
+    """Cases I, I+N, I+2N... (1-based) of the case list sorted by input: shards partition it, whatever
+    order the inputs were given in."""
+    return sorted(cases, key=lambda c: c.label)[i - 1 :: n]
+
+
+def output_names(cases: list[InputCase]) -> list[str]:
+    """One output name per case (its stem; ``_2``, ``_3``... where stems repeat), for every door."""
+    taken: set[str] = set()
+    names = []
+    for case in cases:
+        name, n = case.stem, 2
+        while name in taken:
+            name, n = f"{case.stem}_{n}", n + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def mask_path(out_dir: Path, name: str, fmt: str) -> Path:
+    """Where a door writes a case's mask: ``OUT/<name>_liver.<format>``."""
+    return Path(out_dir) / f"{name}_liver{OUTPUT_FORMATS[fmt]}"
+
+
+def quiet_native_logs(debug: bool) -> None:
+    """ITK's and VTK's own warnings (\"No Series were found\" for every folder without DICOM, MRML's
+    display-node notes) go to the terminal only with --debug; LiverSeg says what matters in one line."""
+    sitk.ProcessObject.SetGlobalWarningDisplay(debug)
+    vtk = sys.modules.get("vtkmodules.vtkCommonCore")  # only where VTK is in use (the batch): importing it costs 0.7 s
+    if vtk is not None:
+        vtk.vtkObject.SetGlobalWarningDisplay(int(debug))
 
 
 def read_case(case: InputCase) -> sitk.Image:
@@ -112,13 +162,44 @@ def read_case(case: InputCase) -> sitk.Image:
 def _read_dicom(case: InputCase) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(case.files))
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, for the check below
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise LiverSegError(f"{case.label}: unreadable DICOM series ({_first_line(exc)})") from None
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
         raise LiverSegError(f"{case.label}: a single-slice DICOM series is not a 3D volume")
+    check_slice_positions(case, reader, image)
     return _to_compact_type(image)
+
+
+def check_slice_positions(case: InputCase, reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
+    """ITK builds the grid from the first slices and the average spacing: duplicated slices, missing
+    ones and uneven spacing would give a wrong grid without a word. Refuse them, with the files."""
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    heights = []
+    for n in range(len(case.files)):
+        try:
+            heights.append(float(np.dot([float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")], normal)))
+        except (RuntimeError, ValueError):
+            return  # no usable ImagePositionPatient: nothing to check against (ITK then stacks by order)
+    steps = np.diff(heights)
+    step = float(np.median(np.abs(steps)))
+    if step < 1e-3:
+        raise LiverSegError(f"{case.label}: the slices do not advance along the series' axis")
+    names = [Path(f).name for f in case.files]
+    order = np.argsort(heights)
+    for a, b in zip(order[:-1], order[1:]):
+        if abs(heights[b] - heights[a]) < 0.01 * step:
+            raise LiverSegError(f"{case.label}: two slices at the same position ({names[a]}, {names[b]}): "
+                                "duplicated files? remove them, or keep one series per folder")
+    if not (np.all(steps > 0) or np.all(steps < 0)):
+        raise LiverSegError(f"{case.label}: the slice positions go back and forth; not one volume")
+    uneven = np.abs(np.abs(steps) - step) > max(0.01, 0.1 * step)
+    if uneven.any():
+        n = int(np.argmax(uneven))
+        raise LiverSegError(f"{case.label}: uneven slice spacing ({step:.2f} mm, but {abs(steps[n]):.2f} mm between "
+                            f"{names[n]} and {names[n + 1]}): a slice missing, or two series mixed")
 
 
 def read_image(path: str | Path) -> sitk.Image:
@@ -129,7 +210,11 @@ def read_image(path: str | Path) -> sitk.Image:
     if path.is_dir():
         series = dicom_series(path)
         if not series:
-            raise LiverSegError(f"{path}: folder holds no DICOM image series")
+            volumes = [f for f in sorted(path.rglob("*")) if is_volume_file(f)]
+            if volumes:
+                raise LiverSegError(f"{path}: folder holds {len(volumes)} volume file(s) and no DICOM series; "
+                                    "give the files, or the folder to segment each")
+            raise LiverSegError(f"{path}: folder holds no volume file or DICOM image series")
         if len(series) > 1:
             raise LiverSegError(f"{path}: folder holds {len(series)} DICOM series; pick one")
         return read_case(series[0])
@@ -170,6 +255,11 @@ def check_nifti_length(path: Path) -> None:
     else:
         return  # not NIfTI-1; let ITK decide
     dims = struct.unpack(endian + "8h", header[40:56])
+    pixdim = struct.unpack(endian + "8f", header[76:108])[1 : 1 + max(0, min(dims[0], 3))]
+    if not all(np.isfinite(v) and v > 0 for v in pixdim):
+        # ITK would take 1 mm for a zero or NaN spacing, and a negative one as a flip, without a word.
+        raise LiverSegError(f"{path}: the header's voxel spacing (pixdim {', '.join(f'{v:g}' for v in pixdim)}) "
+                            "is not a positive size in mm")
     bitpix = struct.unpack(endian + "h", header[72:74])[0]
     offset = int(struct.unpack(endian + "f", header[108:112])[0])
     n = int(np.prod([max(1, d) for d in dims[1 : 1 + max(0, min(dims[0], 7))]], dtype=np.int64))
@@ -179,6 +269,13 @@ def check_nifti_length(path: Path) -> None:
             f.seek(-4, os.SEEK_END)
             actual = struct.unpack("<I", f.read(4))[0]
         ok = actual == expected % (1 << 32)
+        if ok:  # ITK does not check the CRC: a damaged stream would give garbage voxels without a word
+            try:
+                with gzip.open(path, "rb") as f:
+                    while f.read(1 << 24):
+                        pass
+            except (OSError, EOFError, zlib.error) as exc:
+                raise LiverSegError(f"{path}: corrupt compressed data ({exc})") from None
     else:
         actual = path.stat().st_size
         ok = actual >= expected
@@ -208,6 +305,15 @@ def _to_compact_type(image: sitk.Image) -> sitk.Image:
 
 # -- writing ---------------------------------------------------------------------------------------
 SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "seconds", "error", "warning"]
+STATUSES = ("ok", "warning", "empty", "skipped", "failed")
+
+
+def result_status(liver_ml: float, warnings: list[str]) -> str:
+    """The summary status of a segmented case, the same in every door: ``empty`` (no liver found),
+    ``warning`` (a mask was made but may be wrong: too small, or the header misstates the anatomy) or ``ok``."""
+    if liver_ml == 0:
+        return "empty"
+    return "warning" if warnings else "ok"
 
 
 def summary_row(source: str, output: str) -> dict[str, str]:
@@ -216,12 +322,107 @@ def summary_row(source: str, output: str) -> dict[str, str]:
 
 
 def write_summary(path: Path, rows: list[dict]) -> None:
-    """Rewrite a summary.csv atomically (after each case, so an interrupted run still has one)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()), overwrite=True)
+    """Record this run's rows in ``summary.csv``, merged with what it already holds.
+
+    Rows of earlier runs are kept: a row is replaced only by a newer row for the same input, and a
+    "skipped" row never replaces the row that recorded how the output was made. The file is read,
+    merged and replaced under a lock, so concurrent runs into one folder lose no rows; the replacement
+    is atomic, so an interrupted run still leaves a whole summary.
+    """
+    path = Path(path)
+    with locked(path.parent, f".{path.name}.lock"):
+        merged: dict[str, dict] = {}
+        if path.exists():
+            try:
+                with open(path, newline="") as f:
+                    for old in csv.DictReader(f):
+                        if old.get("input"):
+                            merged[old["input"]] = {k: old.get(k) or "" for k in SUMMARY_FIELDS}
+            except (OSError, UnicodeDecodeError, csv.Error) as exc:
+                raise LiverSegError(f"{path}: unreadable summary ({exc}); move it away to start a new one") from None
+        for row in rows:
+            if row["status"] != "skipped" or row["input"] not in merged:
+                merged[row["input"]] = row
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(merged.values())
+        atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()), overwrite=True)
+
+
+@contextlib.contextmanager
+def locked(folder: Path, name: str) -> Iterator[None]:
+    """An exclusive lock, shared by all processes (Slicer instances, CLI runs), on ``folder/name``.
+
+    The lock file is removed on release. A waiter that then holds a lock on the removed file notices
+    (the path no longer names the file it locked) and takes the lock again on the current one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    while True:
+        handle = open(path, "a+b")
+        try:
+            _lock(handle)
+            try:
+                same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()  # releases the stale lock
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # Windows cannot remove an open file: it stays, harmless
+            os.unlink(path)
+        handle.close()
+
+
+def _lock(handle) -> None:  # noqa: ANN001 - a binary file object
+    if os.name == "nt":
+        import msvcrt
+
+        while True:
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+                return
+            except OSError:
+                continue
+    import fcntl
+
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Make ``folder`` if needed and check that files can be created in it, before any work is done."""
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise LiverSegError(f"{folder}: a symbolic link to {os.readlink(folder)}, which does not exist")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".liverseg-write-test-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise LiverSegError(f"{folder}: cannot write output there ({reason})") from None
+
+
+def complete_output(path: Path) -> bool:
+    """True when an existing output is a whole, readable image (a rerun skips it); False when it is
+    truncated or unreadable (a rerun must not count it as done)."""
+    try:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            check_nifti_length(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return True
+    except (LiverSegError, RuntimeError, OSError):
+        return False
 
 
 def mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -260,12 +461,23 @@ def atomic_write(path: Path, write_to: Callable[[str], object], overwrite: bool 
 
 
 def write_mask(mask: np.ndarray, reference: sitk.Image, path: Path, overwrite: bool = False) -> None:
-    """Write a binary liver mask as .nii.gz, .nrrd or a Slicer .seg.nrrd, atomically."""
+    """Write a binary liver mask as .nii.gz, .nrrd or a Slicer .seg.nrrd, atomically; a file that was not
+    written whole (a full disk, a file size limit: ITK does not always say) never takes its final name."""
     image = mask_image(mask, reference)
-    if str(path).endswith(".seg.nrrd"):
-        atomic_write(path, lambda tmp: _write_seg_nrrd(image, tmp), overwrite)
-    else:
-        atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=True), overwrite)
+    path = Path(path)
+
+    def write(tmp: str) -> None:
+        try:
+            if path.name.endswith(".seg.nrrd"):
+                _write_seg_nrrd(image, tmp)
+            else:
+                sitk.WriteImage(image, tmp, useCompression=True)
+        except RuntimeError as exc:
+            raise LiverSegError(f"{path}: could not be written ({_first_line(exc)})") from None
+        if not complete_output(Path(tmp)):
+            raise LiverSegError(f"{path}: could not be written whole (is the disk full, or a file size limit set?)")
+
+    atomic_write(path, write, overwrite)
 
 
 def _write_seg_nrrd(image: sitk.Image, path: str) -> None:

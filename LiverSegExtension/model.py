@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.networks.nets import UNet
 from safetensors.torch import load_file, save_file
 
 from LiverSegExtension.catalog import CARD_FILE, STAGES, WEIGHTS_FILE, read_card
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import atomic_write
+from LiverSegExtension.unet import UNet
 
 #: Architecture and preprocessing of a new model; the card of a trained model records its own copy.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -46,8 +46,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
 def build_network(network: dict[str, Any]) -> torch.nn.Module:
     if network.get("type") != "monai.networks.nets.UNet":
         raise LiverSegError(f"unsupported network type in model card: {network.get('type')!r}")
-    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=network["channels"],
-                strides=network["strides"], num_res_units=network.get("num_res_units", 1))
+    # MONAI's UNet, built without importing MONAI (see unet.py): the same modules, names and weights.
+    return UNet(in_channels=1, out_channels=2, channels=network["channels"], strides=network["strides"],
+                num_res_units=network.get("num_res_units", 1))
 
 
 def sha256_of(path: Path) -> str:

@@ -124,7 +124,7 @@ def main() -> int:
     try:
         import torch
 
-        import LiverSegExtension.inference  # noqa: F401 - monai too: "ready" means the first request is quick
+        import LiverSegExtension.inference  # noqa: F401 - all the engine needs: "ready" means the first request is quick
         from LiverSegExtension.devices import available_devices
 
         channel.send("ready", protocol=PROTOCOL, pid=os.getpid(), torch=torch.__version__, devices=available_devices())

@@ -136,7 +136,8 @@ def test_bad_inputs_fail_alone_with_one_clear_line(ct_case, tiny_model_dir, tmp_
     expected_reason = {
         "missing": "no such file", "not_an_image": "", "truncated": "truncated", "cut": "truncated", "cut_nrrd": "",
         "2d": "2D", "4d": "4D",
-        "empty_folder": "no DICOM image series", "not_ct_intensity": "cannot be CT", "absurd_spacing": "absurd voxel spacing",
+        "empty_folder": "no volume file or DICOM image series", "not_ct_intensity": "cannot be CT",
+        "absurd_spacing": "absurd voxel spacing",
     }
     for kind, path in bad.items():
         row = rows[path.name]
@@ -163,7 +164,8 @@ def test_existing_output_is_never_overwritten_without_flag(ct_case, tiny_model_d
     existing = out / "case_liver.nii.gz"
     existing.write_bytes(b"precious")
     r = run_cli("segment", src, "-o", out, "--model", tiny_model_dir, "-q")
-    assert r.returncode == 1 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    # not a mask LiverSeg could have written: not skipped as done, not replaced either
+    assert r.returncode == 1 and "exists but is incomplete or unreadable" in r.stderr and "--overwrite" in r.stderr
     assert existing.read_bytes() == b"precious"
     r = run_cli("segment", src, "-o", out, "--model", tiny_model_dir, "-q", "--overwrite")
     assert r.returncode == 0, r.stderr

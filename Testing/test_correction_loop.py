@@ -184,13 +184,16 @@ def test_no_overwrite_and_crash_mid_export_leaves_a_valid_dataset(tmp_path):
     image, label = small_case()
     first = add_case_images(ds, image, label)
     before = (ds / "imagesTr" / f"{first}.nii.gz").read_bytes()
+    other = sitk.BinaryErode(sitk.Cast(label, sitk.sitkUInt8), [1, 1, 1])  # another correction of the same CT
     for stage in ("image", "label"):
         with pytest.raises(RuntimeError, match="simulated crash"):
-            add_case_images(ds, image, label, _crash_after=stage)
+            add_case_images(ds, image, other, _crash_after=stage)
     meta = json.loads((ds / "dataset.json").read_text())
     assert meta["numTraining"] == 1 and [e["image"] for e in meta["training"]] == [f"./imagesTr/{first}.nii.gz"]
-    assert check_dataset(ds) == []
-    second = add_case_images(ds, image, label)
+    assert check_dataset(ds) == []  # what the failed exports had written is gone
+    with pytest.raises(LiverSegError, match=f"already case {first}; nothing added"):
+        add_case_images(ds, image, label)
+    second = add_case_images(ds, image, other)
     assert second != first
     assert (ds / "imagesTr" / f"{first}.nii.gz").read_bytes() == before
     with pytest.raises(LiverSegError, match="already exists"):
@@ -217,11 +220,15 @@ def test_concurrent_exports_from_two_processes(tmp_path):
     ds = tmp_path / "shared_ds"
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
-        from LiverSegExtension.dataset import add_case
-        for _ in range(4):
-            add_case({str(ds)!r}, {str(tmp_path / 'ct.nii.gz')!r}, {str(tmp_path / 'mask.nii.gz')!r})
+        import SimpleITK as sitk
+        from LiverSegExtension.dataset import add_case_images
+        image, label = sitk.ReadImage({str(tmp_path / 'ct.nii.gz')!r}), sitk.ReadImage({str(tmp_path / 'mask.nii.gz')!r})
+        for i in range(4):  # eight different corrections of one CT (the same one twice would be refused)
+            edited = sitk.Image(label)
+            edited[1 + int(sys.argv[1]) * 4 + i, 0, 0] = 1
+            add_case_images({str(ds)!r}, image, edited)
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(n)]) for n in range(2)]
     assert all(p.wait(timeout=300) == 0 for p in procs)
     meta = json.loads((ds / "dataset.json").read_text())
     assert meta["numTraining"] == 8 and len({e["image"] for e in meta["training"]}) == 8

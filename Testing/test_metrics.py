@@ -59,8 +59,8 @@ def test_evaluate_folders_report(tmp_path):
             img = sitk.GetImageFromArray(arr)
             img.SetSpacing((1.5, 1.5, 2.0))
             sitk.WriteImage(img, str(tmp_path / folder / (f"{name}_liver.nii.gz" if folder == "pred" else f"{name}.nii.gz")))
-    rows = evaluate_folders(tmp_path / "pred", tmp_path / "ref")
-    assert [r["case"] for r in rows] == ["a", "b"]
+    rows, missing = evaluate_folders(tmp_path / "pred", tmp_path / "ref")
+    assert [r["case"] for r in rows] == ["a", "b"] and missing == []
     assert rows[0]["dice"] == 1.0 and rows[1]["note"] == "empty prediction"
     md = write_report(rows, tmp_path / "report.csv")
     assert "| a | 1.000 |" in md and (tmp_path / "report.md").is_file()

@@ -106,3 +106,55 @@ def test_user_models_folder_is_listed(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LIVERSEG_MODELS_DIR", str(tmp_path))
     listed = list_models()
     assert tmp_path / "tiny-test-v0.0.1" in listed and tmp_path / "not-a-model" not in listed
+
+
+@pytest.mark.parametrize("channels, strides, units", [([8, 16, 32, 64], [2, 2, 2], 1),
+                                                      ([16, 32, 64, 128, 192], [2, 2, 2, 2], 1), ([4, 8, 8], [2, 1], 2)])
+def test_the_engine_unet_is_monai_unet(channels, strides, units):
+    """The engine's UNet (built without importing MONAI) has MONAI's modules and names: MONAI's weights load
+    into it strictly and give the same output, in training and in evaluation mode."""
+    from monai.networks.nets import UNet as MonaiUNet
+
+    from LiverSegExtension.unet import UNet
+
+    torch.manual_seed(0)
+    theirs = MonaiUNet(spatial_dims=3, in_channels=1, out_channels=2, channels=channels, strides=strides,
+                       num_res_units=units)
+    ours = UNet(1, 2, channels, strides, units)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(1, 1, 32, 48, 64)
+    for mode in ("train", "eval"):
+        getattr(theirs, mode)()
+        getattr(ours, mode)()
+        with torch.no_grad():
+            assert torch.equal(theirs(x), ours(x)), mode
+
+
+def test_one_window_and_hole_filling_are_monai_s():
+    """The engine's shortcuts give what MONAI's sliding-window inferer (one window) and FillHoles give."""
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import FillHoles
+    from scipy import ndimage
+
+    from LiverSegExtension.inference import LiverSegmenter, single_window
+    from LiverSegExtension.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(1, 2, [4, 8, 8], [2, 2]).eval()
+    for shape in [(33, 50, 47), (64, 64, 64), (17, 80, 31)]:
+        x = torch.rand(1, 1, *shape)
+        roi = [max(16, int(np.ceil(s / 16) * 16)) for s in shape]
+        with torch.inference_mode():
+            expected = sliding_window_inference(x, roi, 1, net, overlap=0.25, mode="gaussian")
+            assert torch.allclose(single_window(x, roi, net), expected, atol=1e-5)
+    z, y, x = np.mgrid[:40, :40, :40]
+    r = np.sqrt((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2)
+    rng = np.random.default_rng(1)
+    for holes in (0.0, 0.02, 0.1):
+        shell = (r < 15) & (r > 5) & ~(rng.random(r.shape) < holes)
+        filled = np.asarray(FillHoles(applied_labels=[1])(shell.copy()[None])[0]) > 0  # (MONAI fills in place)
+        assert (filled != shell).sum() > 100
+        assert np.array_equal(ndimage.binary_fill_holes(shell, structure=np.ones((3, 3, 3), bool)), filled)
+        prob = shell.astype(np.float32)
+        cleaned = LiverSegmenter.clean(prob, shell)  # holes raised to 1 there
+        assert np.array_equal(cleaned >= 0.5, filled)

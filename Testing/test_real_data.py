@@ -58,7 +58,7 @@ def test_cli_on_real_dicom_and_nifti(tmp_path, tiny_model_dir):
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(out / "summary.csv")))
     if bundled_model():
-        assert [row["status"] for row in rows] == ["ok"] * 4
+        assert [row["status"] for row in rows] == ["ok", "ok", "ok", "warning"]
         assert [bool(row["warning"]) for row in rows] == [False, False, False, True]
         assert "patient's left" in rows[3]["warning"] and "warning: " + rows[3]["warning"] in r.stderr
     for row, src in zip(rows, inputs):
@@ -111,6 +111,11 @@ def test_shipped_model_warns_of_a_header_that_turns_the_anatomy():
         turned.SetDirection((np.diag(flip) @ direction).ravel().tolist())
         [warning] = seg.segment_image(turned, source="chaos_ct3").warnings
         assert warning.startswith("chaos_ct3: the spine lies in front of the liver found (")
+    # lits_117_crop as written (turned 180 degrees): its mask is small, and the orientation is still said, first
+    crop = seg.segment_image(read_image(SHARED / "liver-train" / "imagesTr" / "lits_117_crop.nii.gz"), source="lits")
+    assert crop.liver_ml < 300 and len(crop.warnings) == 2
+    assert crop.warnings[0].startswith("lits: the spine lies in front of the liver found (")
+    assert crop.warnings[1].startswith("lits: only ")
 
 
 @requires_bundled_model

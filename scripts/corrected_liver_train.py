@@ -1,7 +1,7 @@
 """Make a corrected view of ../shared/data/liver-train: every case linked as it is, except lits_117_crop,
 whose header is rotated 180 degrees in-plane.
 
-Evidence (look at it with scripts/overlay.py or any viewer): read with its header, lits_117_crop shows the
+Evidence (look at it with `liverseg view` or any viewer): read with its header, lits_117_crop shows the
 vertebral body anterior to the liver and the liver on the patient's left; with the in-plane axes turned
 (direction diag(1, 1, 1) instead of diag(-1, -1, 1)) the spine is posterior and the liver on the right,
 as in every other case. The anatomy fixes the rotation; the voxels and the written 1 mm spacing are kept
