@@ -7,6 +7,7 @@ The Slicer panel imports only this (Slicer ships no torch until the user agrees 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -103,12 +104,53 @@ def read_card(folder: str | Path) -> dict[str, Any]:
     card_path = Path(folder) / CARD_FILE
     try:
         card = json.loads(card_path.read_text())
-        for s in STAGES:
-            card["stages"][s]["spacing_mm"]  # noqa: B018 - presence check
-            card["stages"][s]["network"]  # noqa: B018
-        card["intensity_window"]  # noqa: B018
     except OSError as exc:
         raise LiverSegError(f"{card_path}: cannot read the model card ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LiverSegError(f"{card_path}: invalid model card ({exc})") from None
+    problem = card_problem(card)
+    if problem:
+        raise LiverSegError(f"{card_path}: invalid model card: {problem}")
     return card
+
+
+def _numbers(value: Any, n: int) -> bool:
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def card_problem(card: Any) -> str | None:
+    """What makes a card unusable, naming the field, or None. A card is data from a file: a window that is
+    a string, a spacing of 0 or a channel count of 65536 must not reach the networks or the resampler."""
+    if not isinstance(card, dict):
+        return "not a JSON object"
+    window = card.get("intensity_window")
+    if not _numbers(window, 2) or not window[0] < window[1]:
+        return "intensity_window must be two numbers, low < high (HU)"
+    stages = card.get("stages")
+    if not isinstance(stages, dict):
+        return "stages must be an object with coarse and fine"
+    for name in STAGES:
+        stage = stages.get(name)
+        if not isinstance(stage, dict):
+            return f"stages.{name} is missing"
+        spacing = stage.get("spacing_mm")
+        if not _numbers(spacing, 3) or not all(0.3 <= v <= 20 for v in spacing):
+            return f"stages.{name}.spacing_mm must be three spacings of 0.3 to 20 mm"
+        margin = stage.get("margin_mm", 20.0)
+        if not _numbers([margin], 1) or not 0 <= margin <= 200:
+            return f"stages.{name}.margin_mm must be 0 to 200 mm"
+        net = stage.get("network")
+        if not isinstance(net, dict):
+            return f"stages.{name}.network is missing"
+        channels, strides = net.get("channels"), net.get("strides")
+        if not (isinstance(channels, list) and 2 <= len(channels) <= 8
+                and all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 1024 for c in channels)):
+            return f"stages.{name}.network.channels must be 2 to 8 whole numbers of 1 to 1024"
+        if not (isinstance(strides, list) and len(strides) == len(channels) - 1
+                and all(isinstance(v, int) and v in (1, 2) for v in strides)):
+            return f"stages.{name}.network.strides must be one fewer than channels, each 1 or 2"
+        units = net.get("num_res_units", 1)
+        if not isinstance(units, int) or not 1 <= units <= 4:
+            return f"stages.{name}.network.num_res_units must be 1 to 4"
+    return None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from LiverSegExtension import __version__
 from LiverSegExtension.catalog import FINE_TUNE_EMA, FINE_TUNE_ITERATIONS, FINE_TUNE_LR
-from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.errors import LiverSegError, OutputExistsError
 from LiverSegExtension.io import OUTPUT_FORMATS, STATUSES, result_status
 
 log = logging.getLogger("liverseg")
@@ -38,7 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--output-dir", "-o", required=True, type=Path, metavar="OUT",
                    help="folder for the masks and summary.csv (made if missing); not a file name")
     s.add_argument("--format", choices=list(OUTPUT_FORMATS), default="nii.gz",
-                   help="mask file format (default: nii.gz; seg.nrrd is a Slicer segmentation)")
+                   help="mask file format (default: nii.gz; seg.nrrd is a Slicer segmentation; dicom-seg, for DICOM "
+                        "series inputs, a DICOM Segmentation object in the source's study)")
+    s.add_argument("--probabilities", action="store_true",
+                   help="also write OUT/<name>_liver_prob.<nii.gz|nrrd>: the liver probability x 255 (uint8) on the "
+                        "input grid; 128 and above is the mask")
     _common(s)
     s.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     s.add_argument("--skip-existing", action="store_true",
@@ -127,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from LiverSegExtension.io import quiet_native_logs
 
     quiet_native_logs(args.debug)
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
         if args.command == "segment":
             return cmd_segment(args)
@@ -203,6 +208,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         io.check_writable_folder(out_dir)
     except LiverSegError as exc:
         raise UsageError(str(exc)) from None
+    io.clean_stale_temporaries(out_dir)  # what a killed run left
     try:
         shard_i, shard_n = io.parse_shard(args.shard)
     except ValueError as exc:
@@ -211,7 +217,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.shard:
         cases = io.shard(cases, shard_i, shard_n)
     summary = out_dir / ("summary.csv" if not args.shard else f"summary_shard{shard_i}of{shard_n}.csv")
-    targets = [io.mask_path(out_dir, name, args.format) for name in io.output_names(cases)]
+    if args.format == "dicom-seg":
+        for case in cases:
+            if not case.files and case.source.exists():
+                raise UsageError(f"{case.label}: --format dicom-seg needs a DICOM series as input (a SEG's frames "
+                                 "reference the source's slices); this is not one: use nii.gz, nrrd or seg.nrrd")
+    names = io.output_names(cases)
+    targets = [io.mask_path(out_dir, name, args.format) for name in names]
     segmenter = None
     if args.overwrite or not all(t.exists() for t in targets):  # a bad --model is a usage error, before any case
         segmenter = _segmenter(args)
@@ -219,7 +231,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"liverseg: model {segmenter.model.name} on {segmenter.device}", file=sys.stderr)
     show = not args.quiet and sys.stderr.isatty()
     rows: list[dict] = []
-    for case, target in zip(cases, targets):
+    for case, name, target in zip(cases, names, targets):
         row = io.summary_row(case.label, str(target))
         start = time.perf_counter()
         bar = None
@@ -234,12 +246,33 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 bar = _Progress(case.stem, show)
                 image = io.read_case(case)
                 assert segmenter is not None
-                result = segmenter.segment_image(image, progress=bar, source=case.label)
-                io.write_mask(result.mask, image, target, overwrite=args.overwrite)
-                row.update(liver_ml=f"{result.liver_ml:.1f}", warning="; ".join(result.warnings),
-                           status=result_status(result.liver_ml, result.warnings))
+                result = segmenter.segment_image(image, progress=bar, source=case.label,
+                                                 probabilities=args.probabilities)
+                row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
+                           warning="; ".join(result.warnings), status=result_status(result.liver_ml, result.warnings))
+                if args.probabilities:
+                    io.write_probability(result.probability, image, io.probability_path(out_dir, name, args.format),
+                                         overwrite=args.overwrite)
+                if args.format != "dicom-seg":
+                    io.write_mask(result.mask, image, target, overwrite=args.overwrite)
+                elif result.liver_ml > 0:
+                    from LiverSegExtension.dicom_seg import write_dicom_seg
+
+                    card = segmenter.model.card
+                    write_dicom_seg(result.mask, case.files, target, str(card.get("name", "liverseg")),
+                                    str(card.get("version", "")), overwrite=args.overwrite)
+                else:  # no SEG without a segment frame; the warning says no liver was found
+                    row["output"] = ""
                 for warning in result.warnings:  # shown even with --quiet: the mask may be wrong
                     print(f"liverseg: warning: {warning}", file=sys.stderr)
+        except OutputExistsError as exc:
+            if not io.complete_output(target):
+                row.update(status="failed", output="", error=str(exc))
+                _error(exc, args.debug)
+            else:  # a concurrent run on the same input wrote it meanwhile: done, and its row says how
+                row.update(status="skipped", liver_ml="", warning="")
+                if not args.quiet:
+                    print(f"liverseg: {target}: written meanwhile by another run, kept", file=sys.stderr)
         except LiverSegError as exc:
             row.update(status="failed", output="", error=str(exc))
             _error(exc, args.debug)

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from LiverSegExtension import __version__
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import image_from_array, same_grid
-from LiverSegExtension.io import atomic_write, locked, read_image
+from LiverSegExtension.io import atomic_write, clean_stale_temporaries, locked, read_image
 from LiverSegExtension.metrics import dice, volume_ml
 
 LOCK_FILE = ".liverseg.lock"
@@ -115,6 +115,8 @@ def add_case_images(folder: str | Path, image: sitk.Image, label: sitk.Image, pr
     label_u8 = sitk.Cast(label, sitk.sitkUInt8)
     record["image_sha256"], record["label_sha256"] = content_hash(image), content_hash(label_u8)
     with locked(folder, LOCK_FILE):
+        for sub in (folder, folder / "imagesTr", folder / "labelsTr", folder / "provenance"):
+            clean_stale_temporaries(sub)  # what a killed export left
         meta = _read_meta(folder)
         for other, entry in meta["cases"].items():
             if isinstance(entry, dict) and (entry.get("image_sha256"), entry.get("label_sha256")) == (

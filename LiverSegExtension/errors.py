@@ -10,3 +10,7 @@ class CancelledError(LiverSegError):
 
     def __init__(self, message: str = "cancelled by the user") -> None:
         super().__init__(message)
+
+
+class OutputExistsError(LiverSegError):
+    """The output file exists (perhaps written meanwhile by a concurrent run) and was not replaced."""

@@ -192,6 +192,18 @@ def single_window(x: torch.Tensor, roi: Sequence[int], net: torch.nn.Module) -> 
     return out[(..., *reversed(crop))]
 
 
+UNSURE = (0.1, 0.9)  # probabilities between these: the model hesitates
+
+
+def uncertainty_of(prob: np.ndarray) -> float:
+    """How unsure the model is of a case, 0..1: of the voxels it calls liver or hesitates on (probability
+    above 0.1), the share where the probability lies between 0.1 and 0.9. A clean boundary gives a thin
+    band (a few percent); a scan the model does not know gives wide bands and scattered doubt."""
+    band = (prob > UNSURE[0]) & (prob < UNSURE[1])
+    considered = int(np.count_nonzero(prob > UNSURE[0]))
+    return float(np.count_nonzero(band)) / considered if considered else 0.0
+
+
 @dataclass
 class SegmentationResult:
     """A binary mask on the input grid (``[k, j, i]``, uint8) and what it took to make it."""
@@ -201,6 +213,9 @@ class SegmentationResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: share of the liver found (with the band around it) where the fine probability lies between 0.1 and 0.9
+    uncertainty: float = 0.0
+    probability: np.ndarray | None = None  # uint8 0-255 on the input grid, when asked for
 
 
 def check_ct(image: sitk.Image, source: str = "input") -> None:
@@ -269,14 +284,16 @@ class LiverSegmenter:
         progress: ProgressCallback | None = None,
         cancel: CancelCallback | None = None,
         source: str = "input",
+        probabilities: bool = False,
     ) -> SegmentationResult:
-        """Segment a SimpleITK CT image; the mask is ``[k, j, i]`` on exactly the image's grid.
+        """Segment a SimpleITK CT image; the mask is ``[k, j, i]`` on exactly the image's grid (and with
+        ``probabilities``, the liver probability as uint8 0-255 on it too).
 
         Running out of memory (host or device) is the user's to fix: it becomes a LiverSegError saying so,
         for every door alike.
         """
         try:
-            return self._segment_image(image, progress, cancel, source)
+            return self._segment_image(image, progress, cancel, source, probabilities)
         except MemoryError:
             raise LiverSegError(f"{source}: out of memory; close other programs or use a smaller volume") from None
         except RuntimeError as exc:  # torch's allocation failures on CUDA and MPS
@@ -285,7 +302,7 @@ class LiverSegmenter:
             raise
 
     def _segment_image(self, image: sitk.Image, progress: ProgressCallback | None, cancel: CancelCallback | None,
-                       source: str) -> SegmentationResult:
+                       source: str, probabilities: bool = False) -> SegmentationResult:
         start = time.perf_counter()
         timings: dict[str, float] = {}
 
@@ -309,6 +326,8 @@ class LiverSegmenter:
         box, orientation = self._locate(image, source)  # the side of the coarse liver, if wrong
         t = lap("coarse", t)
         mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+        probability = np.zeros_like(mask) if probabilities else None
+        uncertainty = 0.0
         if box is not None:
             step(0.3, "segmenting the liver")
             fine_grid, volume, prob = self._segment_box(image, *box)
@@ -323,18 +342,21 @@ class LiverSegmenter:
                 liver = self._body(prob)
             # The spine, where seen, judges the orientation better than the side does: crops too, and front-back.
             orientation = spine_warning(volume, liver, fine_grid.spacing, source) or orientation
+            uncertainty = uncertainty_of(prob)
             t = lap("fine", t)
             step(0.8, "mapping back to the input grid")
-            self._paste(image, fine_grid, self.clean(prob, liver), mask)
+            self._paste(image, fine_grid, self.clean(prob, liver), mask, probability)
             lap("resample_back", t)
         mask = to_original_order(mask, image, original)
+        if probability is not None:
+            probability = to_original_order(probability, image, original)
         step(1.0, "done")
         liver_ml = volume_ml(mask, image.GetSpacing())
         # Both are said: a header that turns the anatomy often also makes the mask small (lits_117_crop as
         # written: 133 mL), and the orientation is then the reason to give first.
         warnings = [w for w in (orientation, size_warning(liver_ml, source)) if w]
         seconds = time.perf_counter() - start
-        return SegmentationResult(mask, liver_ml, seconds, timings, warnings)
+        return SegmentationResult(mask, liver_ml, seconds, timings, warnings, uncertainty, probability)
 
     # -- stages --------------------------------------------------------------------------------
     def predict(self, stage: str, volume: np.ndarray) -> np.ndarray:
@@ -427,8 +449,10 @@ class LiverSegmenter:
         out[~ndimage.binary_dilation(filled, iterations=1) | (above & ~filled)] = 0.0  # incl. a cut-off leak
         return out
 
-    def _paste(self, image: sitk.Image, grid: Grid, prob: np.ndarray, mask: np.ndarray) -> None:
-        """Resample (cleaned) fine probabilities onto the input sub-block they cover and threshold there."""
+    def _paste(self, image: sitk.Image, grid: Grid, prob: np.ndarray, mask: np.ndarray,
+               probability: np.ndarray | None = None) -> None:
+        """Resample (cleaned) fine probabilities onto the input sub-block they cover and threshold there;
+        into ``probability`` too, as 0-255 (255 x p rounded: at least 128 exactly where p >= 0.5)."""
         prob_image = sitk.GetImageFromArray(prob.astype(np.float32, copy=False))
         prob_image.SetOrigin(grid.origin)
         prob_image.SetSpacing(grid.spacing)
@@ -444,3 +468,8 @@ class LiverSegmenter:
         # A copy, not a view: the thresholded image is a temporary that may be freed at once.
         block = sitk.GetArrayFromImage(sitk.BinaryThreshold(sub, 0.5, 2.0, 1, 0))
         mask[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = block
+        if probability is not None:
+            p = np.rint(np.clip(sitk.GetArrayViewFromImage(sub), 0.0, 1.0) * 255.0).astype(np.uint8)
+            p[(block > 0) & (p < 128)] = 128  # keep "p >= 128" equal to the mask where rounding ties
+            p[(block == 0) & (p >= 128)] = 127
+            probability[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = p

@@ -8,8 +8,10 @@ import gzip
 import io
 import os
 import secrets
+import socket
 import struct
 import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.errors import LiverSegError, OutputExistsError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd"}
+OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm"}
+#: where ``--probabilities`` goes for each mask format: a volume format (SEG and .seg.nrrd hold masks only)
+PROBABILITY_FORMATS = {"nii.gz": "nii.gz", "nrrd": "nrrd", "seg.nrrd": "nrrd", "dicom-seg": "nii.gz"}
 
 LIVER_SEGMENT = {
     "name": "Liver",
@@ -142,6 +146,24 @@ def output_names(cases: list[InputCase]) -> list[str]:
 def mask_path(out_dir: Path, name: str, fmt: str) -> Path:
     """Where a door writes a case's mask: ``OUT/<name>_liver.<format>``."""
     return Path(out_dir) / f"{name}_liver{OUTPUT_FORMATS[fmt]}"
+
+
+def probability_path(out_dir: Path, name: str, fmt: str) -> Path:
+    """Where ``--probabilities`` writes a case's liver probability: ``OUT/<name>_liver_prob.<volume format>``."""
+    return Path(out_dir) / f"{name}_liver_prob{OUTPUT_FORMATS[PROBABILITY_FORMATS[fmt]]}"
+
+
+def write_probability(probability: np.ndarray, reference: sitk.Image, path: Path, overwrite: bool = False) -> None:
+    """The liver probability, uint8 0-255 (255 x p), on the input grid; 128 and above is the mask."""
+    image = mask_image(probability, reference)
+    image.SetMetaData("intent_name", "liver p x255")
+
+    def write(tmp: str) -> None:
+        sitk.WriteImage(image, tmp, useCompression=True)
+        if not complete_output(Path(tmp)):
+            raise LiverSegError(f"{path}: could not be written whole (is the disk full, or a file size limit set?)")
+
+    atomic_write(path, write, overwrite)
 
 
 def quiet_native_logs(debug: bool) -> None:
@@ -304,7 +326,7 @@ def _to_compact_type(image: sitk.Image) -> sitk.Image:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "seconds", "error", "warning"]
+SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "uncertainty", "seconds", "error", "warning"]
 STATUSES = ("ok", "warning", "empty", "skipped", "failed")
 
 
@@ -415,13 +437,17 @@ def complete_output(path: Path) -> bool:
     """True when an existing output is a whole, readable image (a rerun skips it); False when it is
     truncated or unreadable (a rerun must not count it as done)."""
     try:
+        if path.name.lower().endswith(".dcm"):
+            import pydicom
+
+            return bool(getattr(pydicom.dcmread(path, stop_before_pixels=True), "SOPInstanceUID", ""))
         if path.name.lower().endswith((".nii", ".nii.gz")):
             check_nifti_length(path)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
         return True
-    except (LiverSegError, RuntimeError, OSError):
+    except Exception:  # noqa: BLE001 - whatever the reader says, the file is not a whole output
         return False
 
 
@@ -432,6 +458,47 @@ def mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return out
 
 
+TEMP_MARK = ".liverseg-tmp-"
+_HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+STALE_SECONDS = 24 * 3600  # another host's temporary: removed only when this old
+
+
+def clean_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove what a killed writer left in ``folder``: temporaries of processes of this host that no longer
+    run (or of other hosts, once a day old). Work in progress of a concurrent run is left alone."""
+    removed = []
+    try:
+        candidates = [p for p in Path(folder).iterdir() if p.name.startswith(".") and TEMP_MARK in p.name]
+    except OSError:
+        return removed
+    for path in candidates:
+        writer = path.name.split(TEMP_MARK, 1)[1].split("-")
+        try:
+            host, pid = writer[0], int(writer[1])
+        except (IndexError, ValueError):
+            continue
+        if host == _HOST:
+            try:
+                os.kill(pid, 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # someone else's live process
+        else:
+            try:
+                if time.time() - path.stat().st_mtime < STALE_SECONDS:
+                    continue
+            except OSError:
+                continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def atomic_write(path: Path, write_to: Callable[[str], object], overwrite: bool = False) -> None:
     """Write through a temporary file in the same folder and rename it into place, so that a crash
     never leaves a half-written file; refuse to replace an existing file unless ``overwrite``.
@@ -440,10 +507,11 @@ def atomic_write(path: Path, write_to: Callable[[str], object], overwrite: bool 
     complain about replacing a file, such as Slicer's storage nodes, stay quiet)."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise LiverSegError(f"{path}: already exists (use --overwrite to replace it)")
+        raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith((".nii.gz", ".seg.nrrd")) else path.suffix
-    tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}{suffix}"))
+    # Named after the writer (host and process), so that a later run can tell debris from work in progress.
+    tmp = str(path.with_name(f".{path.name}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"))
     try:
         write_to(tmp)
         if overwrite:
@@ -453,7 +521,7 @@ def atomic_write(path: Path, write_to: Callable[[str], object], overwrite: bool 
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise LiverSegError(f"{path}: already exists (use --overwrite to replace it)") from None
+                raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)") from None
             os.unlink(tmp)
     finally:
         if os.path.exists(tmp):

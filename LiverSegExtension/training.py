@@ -77,6 +77,8 @@ def _check_resume(path: Path, saved: dict[str, Any] | None, now: dict[str, Any])
     """Refuse to resume a checkpoint under other settings: the result would belong to neither run."""
     if saved is None:  # written before settings were recorded
         return
+    if not isinstance(saved, dict):
+        raise LiverSegError(f"{path}: not a LiverSeg training checkpoint (its settings are not a record)")
     differ = [_difference(key, saved.get(key), now[key]) for key in now if saved.get(key) != now[key]]
     if differ:
         raise LiverSegError(f"{path}: written by a run with other settings ({'; '.join(differ)}); "
@@ -101,12 +103,28 @@ def finished_run(out: Path, cfg: TrainConfig) -> bool:
     path = out / CHECKPOINT
     if not path.is_file():
         return False
+    return load_checkpoint(path).get("finished") == _budget(cfg)
+
+
+CHECKPOINT_KEYS = ("stage_index", "iteration", "best", "elapsed", *(f"net_{s}" for s in STAGES))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint of ours, loaded as data (``weights_only``: no code runs), or a one-line error."""
+    def refuse(reason: str) -> LiverSegError:
+        return LiverSegError(f"{path}: not a LiverSeg training checkpoint ({reason}); move it away or train into "
+                             "a new --output")
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not one of ours, or cut short
-        raise LiverSegError(f"{path}: not a LiverSeg training checkpoint ({str(exc).splitlines()[0][:120]}); "
-                            "move it away or train into a new --output") from None
-    return isinstance(ckpt, dict) and ckpt.get("finished") == _budget(cfg)
+        raise refuse(str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__) from None
+    if not isinstance(ckpt, dict):
+        raise refuse(f"holds a {type(ckpt).__name__}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise refuse(f"no {', '.join(missing[:3])}")
+    return ckpt
 
 
 def _budget(cfg: TrainConfig) -> dict[str, Any]:
@@ -246,10 +264,13 @@ def train(cfg: TrainConfig, progress: Progress | None = None,
     state: dict[str, Any] = {"stage_index": 0, "iteration": 0, "best": -1.0, "elapsed": 0.0}
     optim_state = ema_state = None
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(ckpt_path)
         _check_resume(ckpt_path, ckpt.get("settings"), settings)
         for s in STAGES:
-            model.networks[s].load_state_dict(ckpt[f"net_{s}"])
+            try:
+                model.networks[s].load_state_dict(ckpt[f"net_{s}"])
+            except (RuntimeError, TypeError, AttributeError) as exc:
+                raise LiverSegError(f"{ckpt_path}: its {s} weights do not fit this model ({str(exc)[:120]})") from None
         state = {k: ckpt[k] for k in state}
         optim_state = ckpt.get("optim")
         ema_state = ckpt.get("ema")

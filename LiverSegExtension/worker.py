@@ -13,7 +13,7 @@ Requests::
     {"cmd": "quit"}
 
 Messages: ``{"event": "ready", "devices": [...], "torch": "2.x", "pid": N}`` once torch is imported, then per
-request ``progress`` (``fraction``, ``stage``), and one ``result`` (``liver_ml``, ``seconds``, ``warnings``,
+request ``progress`` (``fraction``, ``stage``), and one ``result`` (``liver_ml``, ``seconds``, ``warnings``, ``uncertainty``,
 ``model_name``, ``timings``) or ``error`` (``message``, ``user``: whether it is the user's to fix, ``details``).
 A ``train`` request is a fine-tune (``finetune.fine_tune``): its ``progress`` also carries ``iteration``,
 ``total``, ``loss`` and, while the guard scores, ``model``, ``case`` and ``val_dice``; ``note`` messages
@@ -73,7 +73,7 @@ def _segment(request: dict, channel: _Channel, segmenters: dict) -> None:
         mask = mask_image(result.mask, image)
         atomic_write(request["output"], lambda tmp: sitk.WriteImage(mask, tmp, useCompression=False), overwrite=True)
         channel.send("result", id=rid, liver_ml=result.liver_ml, seconds=result.seconds, warnings=result.warnings,
-                     model_name=segmenter.model.name, timings=result.timings)
+                     model_name=segmenter.model.name, timings=result.timings, uncertainty=result.uncertainty)
     except LiverSegError as exc:
         channel.send("error", id=rid, message=str(exc), user=True)
     except Exception as exc:  # reported to the door, which shows it; the process serves the next request

@@ -71,7 +71,7 @@ def write_dicom_series(folder, ct: np.ndarray, ijk_to_ras: np.ndarray, transfer_
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     row_dir, col_dir = lps[:3, 0] / spacing[0], lps[:3, 1] / spacing[1]
     series_uid = series_uid or generate_uid()
-    study_uid = generate_uid()
+    study_uid, frame_uid = generate_uid(), generate_uid()
     files = []
     for k in range(ct.shape[0]):
         meta = FileMetaDataset()
@@ -83,6 +83,7 @@ def write_dicom_series(folder, ct: np.ndarray, ijk_to_ras: np.ndarray, transfer_
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.PatientName, ds.PatientID = "CT", "Test^Phantom", "PHANTOM-001"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study_uid, series_uid, k + 1
+        ds.FrameOfReferenceUID = frame_uid
         ds.ImagePositionPatient = [float(v) for v in lps[:3, 3] + lps[:3, 2] * k]
         ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
         ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]

@@ -130,3 +130,81 @@ def test_sheared_grids_bad_nifti_spacing_and_padding(tmp_path, threshold_segment
     padded[:, :6, :] = -32768  # outside the scanner's field of view
     result = threshold_segmenter.segment_array(padded, m)
     assert result.liver_ml > 0 and (result.mask > 0).sum() == pytest.approx(int(liver.sum()), rel=0.05)
+
+
+def test_debris_of_a_dead_writer_is_cleaned_and_live_work_is_not(tmp_path):
+    from LiverSegExtension.io import _HOST, TEMP_MARK, clean_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".a_liver.nii.gz{TEMP_MARK}{_HOST}-{int(dead.stdout)}-abcd.nii.gz"
+    live = tmp_path / f".b_liver.nii.gz{TEMP_MARK}{_HOST}-{__import__('os').getpid()}-abcd.nii.gz"
+    other_host = tmp_path / f".c_liver.nii.gz{TEMP_MARK}elsewhere-1-abcd.nii.gz"
+    for p in (stale, live, other_host):
+        p.write_bytes(b"partial")
+    assert clean_stale_temporaries(tmp_path) == [stale]
+    assert live.exists() and other_host.exists()  # another host's file goes only once a day old
+
+
+def test_concurrent_runs_into_one_folder_lose_no_row(tmp_path, tiny_model_dir):
+    inputs = []
+    for n in range(4):
+        m = make_affine((4.0, 4.5, 6.0), (30, 48, 56))
+        ct, _ = phantom((30, 48, 56), m)
+        inputs.append(tmp_path / f"ct{n}.nrrd")
+        sitk.WriteImage(image_from_array(ct + n, m), str(inputs[-1]))
+    out = tmp_path / "out"
+
+    def start(src):
+        return subprocess.Popen([sys.executable, "-m", "LiverSegExtension.cli", "segment", str(src), "-o", str(out),
+                                 "--model", str(tiny_model_dir), "-q"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+    procs = [start(src) for src in inputs]
+    assert [p.wait(timeout=300) for p in procs] == [0] * 4
+    import csv
+
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["input"] for r in rows) == sorted(map(str, inputs))
+    procs = [start(inputs[0]) for _ in range(4)]  # the same input four times: never a "failed" row
+    [p.wait(timeout=300) for p in procs]
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(r["status"] != "failed" for r in rows), rows
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("intensity_window", "abc", "intensity_window"), ("intensity_window", [300, -200], "intensity_window"),
+    ("spacing_mm", [0, 2.5, 2.5], "stages.fine.spacing_mm"), ("spacing_mm", [-1, 2.5, 2.5], "stages.fine.spacing_mm"),
+    ("margin_mm", 1e9, "stages.fine.margin_mm"), ("channels", [16, 65536], "stages.fine.network.channels")])
+def test_a_tampered_model_card_is_refused_naming_the_field(tmp_path, tiny_model_dir, field, value, says):
+    import json
+    import shutil
+
+    from LiverSegExtension.model import LiverModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    card = json.loads((folder / "card.json").read_text())
+    if field == "intensity_window":
+        card[field] = value
+    elif field == "channels":
+        card["stages"]["fine"]["network"]["channels"] = value
+    else:
+        card["stages"]["fine"][field] = value
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(LiverSegError, match=f"invalid model card: {says}"):
+        LiverModel.load(folder)
+
+
+def test_a_checkpoint_that_is_not_ours_is_refused(tmp_path):
+    import torch
+
+    from LiverSegExtension.training import load_checkpoint
+
+    for content in ({"weights": torch.zeros(2)}, [1, 2, 3]):
+        torch.save(content, tmp_path / "checkpoint.pt")
+        with pytest.raises(LiverSegError, match="not a LiverSeg training checkpoint"):
+            load_checkpoint(tmp_path / "checkpoint.pt")
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(LiverSegError, match="not a LiverSeg training checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint.pt")

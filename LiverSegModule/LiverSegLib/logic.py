@@ -37,6 +37,7 @@ class LiverSegRun:
     seconds: float
     model_name: str
     warnings: list[str] = field(default_factory=list)  # e.g. no liver found, or a header that misstates the anatomy
+    uncertainty: float = 0.0  # see LiverSegExtension.inference.uncertainty_of
 
 
 class LiverSegLogic(ScriptedLoadableModuleLogic):
@@ -165,8 +166,10 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             image = sitk.ReadImage(str(run.output_path))
             mask = sitk.GetArrayViewFromImage(image)  # no copy: ``image`` outlives the writing below
             result = run.result
-            return self._write_result(volume, segmentation, mask, result["liver_ml"], result["seconds"],
+            done = self._write_result(volume, segmentation, mask, result["liver_ml"], result["seconds"],
                                       result["model_name"], list(result.get("warnings", [])))
+            done.uncertainty = float(result.get("uncertainty", 0.0))
+            return done
         finally:
             run.cleanup()
 
@@ -208,8 +211,10 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         source = inputVolume.GetName()
         image = image_from_array(*mrml.volume_array_and_matrix(inputVolume))
         result = segmenter.segment_image(image, progress=progress, cancel=cancel, source=source)
-        return self._write_result(inputVolume, outputSegmentation, result.mask, result.liver_ml, result.seconds,
-                                  segmenter.model.name, list(result.warnings))
+        run = self._write_result(inputVolume, outputSegmentation, result.mask, result.liver_ml, result.seconds,
+                                 segmenter.model.name, list(result.warnings))
+        run.uncertainty = result.uncertainty
+        return run
 
     # -- fine-tuning ---------------------------------------------------------------------------------
     @staticmethod

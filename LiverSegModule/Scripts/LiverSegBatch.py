@@ -34,13 +34,14 @@ from LiverSegLib.mrml import (  # noqa: E402
     volume_array_and_matrix,
 )
 
-from LiverSegExtension.errors import LiverSegError  # noqa: E402
+from LiverSegExtension.errors import LiverSegError, OutputExistsError  # noqa: E402
 from LiverSegExtension.io import (  # noqa: E402
     STATUSES,
     InputCase,
     atomic_write,
     check_nifti_length,
     check_writable_folder,
+    clean_stale_temporaries,
     complete_output,
     expand_inputs,
     mask_path,
@@ -105,14 +106,14 @@ def write_node(node, path: Path, overwrite: bool) -> None:
     atomic_write(path, write, overwrite)
 
 
-def write_labelmap(case: InputCase, segmentation, segment_id: str, volume, path: Path, overwrite: bool) -> float:
-    """Write the Liver segment as a uint8 mask on the input *file's* grid, as the CLI does (Slicer flips
-    the K axis of left-handed volumes on load: the same places, another index order), and return its mL."""
+def mask_on_file_grid(case: InputCase, segmentation, segment_id: str, volume):
+    """The Liver segment as a uint8 ``[k, j, i]`` array on the input *file's* grid, as the CLI writes it
+    (Slicer flips the K axis of left-handed volumes on load: the same places, another index order),
+    and that grid."""
     import numpy as np
     import SimpleITK as sitk
 
     from LiverSegExtension.geometry import image_from_array
-    from LiverSegExtension.metrics import volume_ml
 
     mask = segment_mask(segmentation, segment_id, volume)
     on_node = image_from_array(mask, volume_array_and_matrix(volume)[1])
@@ -122,6 +123,14 @@ def write_labelmap(case: InputCase, segmentation, segment_id: str, volume, path:
     array = sitk.GetArrayFromImage(on_file)
     if int(array.sum()) != int(np.count_nonzero(mask)):
         raise LiverSegError(f"{case.label}: the volume Slicer loaded does not lie on the file's grid")
+    return array, grid
+
+
+def write_labelmap(case: InputCase, segmentation, segment_id: str, volume, path: Path, overwrite: bool) -> float:
+    """Write the Liver segment as a uint8 mask on the input file's grid; return its mL."""
+    from LiverSegExtension.metrics import volume_ml
+
+    array, grid = mask_on_file_grid(case, segmentation, segment_id, volume)
     write_mask(array, grid, path, overwrite)
     return volume_ml(array, grid.GetSpacing())
 
@@ -133,6 +142,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--input", "-i", nargs="+", required=True, help="volume files, DICOM folders, folders to search")
     p.add_argument("--output-dir", "-o", required=True, type=Path)
     p.add_argument("--labelmap", action="store_true", help="also write <name>_liver.nii.gz (uint8) on the input grid")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="for DICOM series inputs, also write <name>_liver.dcm: a DICOM SEG in the source's study")
     p.add_argument("--skip-existing", action="store_true",
                    help="resume: skip, silently, cases whose outputs exist and are complete")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
@@ -148,6 +159,7 @@ def run(argv: list[str]) -> int:
     except ValueError as exc:
         p.error(str(exc))  # exit 2, as every usage error
     quiet_native_logs(args.debug)
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if args.debug else logging.WARNING)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR, format="%(message)s")
 
     from LiverSegLib.logic import LiverSegLogic
@@ -159,6 +171,7 @@ def run(argv: list[str]) -> int:
         check_writable_folder(out)
     except LiverSegError as exc:
         p.error(str(exc))
+    clean_stale_temporaries(out)  # what a killed run left
     summary_path = out / ("summary.csv" if shard_n == 1 else f"summary_shard{shard_i}of{shard_n}.csv")
     cases = expand_inputs(args.input)
     if args.shard:
@@ -176,7 +189,8 @@ def run(argv: list[str]) -> int:
         seg_path, lab_path = mask_path(out, name, "seg.nrrd"), mask_path(out, name, "nii.gz")
         row = summary_row(case.label, str(seg_path))
         start = time.perf_counter()
-        wanted = [seg_path] + ([lab_path] if args.labelmap else [])
+        dcm_path = mask_path(out, name, "dicom-seg")
+        wanted = [seg_path] + ([lab_path] if args.labelmap else []) + ([dcm_path] if args.dicom_seg and case.files else [])
         before = node_ids(ctx.scene)
         note = ""
         try:
@@ -205,8 +219,22 @@ def run(argv: list[str]) -> int:
                 write_node(result.segmentation_node, seg_path, args.overwrite)
                 if args.labelmap and lab_path not in existing:
                     write_labelmap(case, result.segmentation_node, result.segment_id, volume, lab_path, args.overwrite)
-                row.update(liver_ml=f"{result.liver_ml:.1f}", warning="; ".join(result.warnings),
+                if dcm_path in wanted and dcm_path not in existing and result.liver_ml > 0:
+                    from LiverSegExtension.dicom_seg import write_dicom_seg
+
+                    array, _ = mask_on_file_grid(case, result.segmentation_node, result.segment_id, volume)
+                    card = logic.segmenter(args.model, args.device).model.card
+                    write_dicom_seg(array, case.files, dcm_path, str(card.get("name", "liverseg")),
+                                    str(card.get("version", "")), args.overwrite)
+                row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
+                           warning="; ".join(result.warnings),
                            status=result_status(result.liver_ml, result.warnings))
+        except OutputExistsError as exc:  # written meanwhile by a concurrent run: done if complete
+            if all(complete_output(w) for w in wanted if w.exists()):
+                row.update(status="skipped", liver_ml="", warning="")
+                note = "written meanwhile by another run, kept"
+            else:
+                row.update(status="failed", output="", error=str(exc))
         except LiverSegError as exc:
             row.update(status="failed", output="", error=str(exc))
         except Exception as exc:  # one bad case must not stop the batch
