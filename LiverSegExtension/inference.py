@@ -33,7 +33,7 @@ from LiverSegExtension.geometry import (
     resample_to_grid,
     to_original_order,
 )
-from LiverSegExtension.metrics import volume_ml
+from LiverSegExtension.metrics import uncertainty_of, volume_ml
 from LiverSegExtension.model import LiverModel
 
 ProgressCallback = Callable[[float, str], None]
@@ -190,18 +190,6 @@ def single_window(x: torch.Tensor, roi: Sequence[int], net: torch.nn.Module) -> 
         crop.append(slice(before, before + s))
     out = net(torch.nn.functional.pad(x, pads, mode="constant", value=0.0))
     return out[(..., *reversed(crop))]
-
-
-UNSURE = (0.1, 0.9)  # probabilities between these: the model hesitates
-
-
-def uncertainty_of(prob: np.ndarray) -> float:
-    """How unsure the model is of a case, 0..1: of the voxels it calls liver or hesitates on (probability
-    above 0.1), the share where the probability lies between 0.1 and 0.9. A clean boundary gives a thin
-    band (a few percent); a scan the model does not know gives wide bands and scattered doubt."""
-    band = (prob > UNSURE[0]) & (prob < UNSURE[1])
-    considered = int(np.count_nonzero(prob > UNSURE[0]))
-    return float(np.count_nonzero(band)) / considered if considered else 0.0
 
 
 @dataclass

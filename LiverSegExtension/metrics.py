@@ -59,3 +59,15 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ..
         "ref_ml": ref_ml,
         "volume_error_pct": (pred_ml - ref_ml) / ref_ml * 100.0 if ref_ml > 0 else math.nan,
     }
+
+
+UNSURE = (0.1, 0.9)  # probabilities between these: the model hesitates
+
+
+def uncertainty_of(prob: np.ndarray) -> float:
+    """How unsure the model is of a case, 0..1: of the voxels it calls liver or hesitates on (probability
+    above 0.1), the share where the probability lies between 0.1 and 0.9. A clean boundary gives a thin
+    band (a few percent); a scan the model does not know gives wide bands and scattered doubt."""
+    band = (prob > UNSURE[0]) & (prob < UNSURE[1])
+    considered = int(np.count_nonzero(prob > UNSURE[0]))
+    return float(np.count_nonzero(band)) / considered if considered else 0.0

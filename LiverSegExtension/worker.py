@@ -68,10 +68,15 @@ def _segment(request: dict, channel: _Channel, segmenters: dict) -> None:
             segmenters[key] = LiverSegmenter(key[0] or None, device=key[1])
         segmenter = segmenters[key]
         image = read_image(request["input"])
-        result = segmenter.segment_image(image, progress=progress, source=source)
+        wanted = bool(request.get("probability_output"))
+        result = segmenter.segment_image(image, progress=progress, source=source, probabilities=wanted)
         # Uncompressed: a private file on a local disk, read back at once; compression would cost seconds.
         mask = mask_image(result.mask, image)
         atomic_write(request["output"], lambda tmp: sitk.WriteImage(mask, tmp, useCompression=False), overwrite=True)
+        if wanted:
+            prob = mask_image(result.probability, image)
+            atomic_write(request["probability_output"], lambda tmp: sitk.WriteImage(prob, tmp, useCompression=False),
+                         overwrite=True)
         channel.send("result", id=rid, liver_ml=result.liver_ml, seconds=result.seconds, warnings=result.warnings,
                      model_name=segmenter.model.name, timings=result.timings, uncertainty=result.uncertainty)
     except LiverSegError as exc:

@@ -94,6 +94,8 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.showUncertainCheckBox.connect("toggled(bool)", self.onShowUncertain)
+        self.ui.jumpUncertainButton.connect("clicked(bool)", self.onJumpUncertain)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.exportFolderPathLineEdit.connect("currentPathChanged(QString)", self.onExportFolderChanged)
@@ -200,6 +202,10 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for selector in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.modelComboBox,
                          self.ui.deviceComboBox):
             selector.enabled = not running  # the run's nodes are fixed when it starts
+        banded = bool(p and p.inputVolume and p.outputSegmentation
+                      and p.outputSegmentation.GetAttribute("LiverSeg.Uncertain"))
+        self.ui.showUncertainCheckBox.enabled = banded and not running
+        self.ui.jumpUncertainButton.enabled = banded and not running
         folder = self.ui.exportFolderPathLineEdit.currentPath
         self.ui.exportButton.enabled = bool(p and p.inputVolume and p.outputSegmentation and folder) and not running
         count = self.logic.datasetCaseCount(folder)
@@ -262,7 +268,10 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if p is not None:
                 p.outputSegmentation = result.segmentation_node
             result.segmentation_node.SetDisplayVisibility(True)
-            self.ui.statusLabel.text = f"Liver: {result.liver_ml:.0f} mL ({result.seconds:.1f} s, {result.model_name})"
+            self.ui.statusLabel.text = (f"Liver: {result.liver_ml:.0f} mL, uncertainty {result.uncertainty:.2f} "
+                                        f"({result.seconds:.1f} s, {result.model_name})")
+            if self.ui.showUncertainCheckBox.checked:
+                self.logic.showUncertainRegions(result.segmentation_node, run.scene.GetNodeByID(run.volume_id), True)
             if result.warnings:
                 self.ui.statusLabel.text += " - check the warning"
                 slicer.util.warningDisplay("\n".join(result.warnings), windowTitle="LiverSeg")
@@ -276,6 +285,17 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("LiverSeg failed")
             slicer.util.errorDisplay(f"LiverSeg failed: {exc}", detailedText=run.details or None)
         self._updateButtons()
+
+    def onShowUncertain(self, show: bool) -> None:
+        p = self._parameterNode
+        if p and p.inputVolume and p.outputSegmentation:
+            self.logic.showUncertainRegions(p.outputSegmentation, p.inputVolume, bool(show))
+
+    def onJumpUncertain(self) -> None:
+        p = self._parameterNode
+        if p and p.inputVolume and p.outputSegmentation:
+            if self.logic.jumpToUncertainRegion(p.outputSegmentation, p.inputVolume) is None:
+                self.ui.statusLabel.text = "No uncertain region in the last run."
 
     def onExportButton(self) -> None:
         p = self._parameterNode

@@ -225,3 +225,34 @@ def test_a_scan_without_liver_gives_an_empty_segment_and_says_so(tmp_path, scene
     run = logic.process(volume, None, device="cpu")
     assert run.liver_ml == 0 and run.warnings == [f"{volume.GetName()}: no liver found"]
     assert not segment_mask(run.segmentation_node, run.segment_id, volume).any()
+
+
+def test_uncertain_regions_are_shown_jumped_to_and_never_exported(tmp_path, scene, logic):
+    import json
+
+    from LiverSegLib.mrml import UNCERTAIN_SEGMENT, find_liver_segment, segment_mask
+
+    path, m, truth = oblique_left_handed_ct(tmp_path)
+    volume = load_volume(path)
+    run = logic.process(volume, None, device="cpu")
+    segmentation = run.segmentation_node
+    band = logic.uncertainBand(segmentation, volume)
+    assert band is not None and band.any() and 0.0 <= run.uncertainty <= 1.0
+    liver = segment_mask(segmentation, run.segment_id, volume) > 0
+    assert (band & ~liver).any() and (band & liver).any()  # the band straddles the boundary
+    assert logic.showUncertainRegions(segmentation, volume, True)
+    uncertain_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(UNCERTAIN_SEGMENT)
+    assert uncertain_id and np.array_equal(segment_mask(segmentation, uncertain_id, volume) > 0, band)
+    assert find_liver_segment(segmentation) == run.segment_id  # "Liver" is still the Liver segment
+
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    ras = logic.jumpToUncertainRegion(segmentation, volume)
+    slice_to_ras = slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())
+    assert np.allclose(slice_to_ras[:3, 3], ras, atol=1e-3)
+
+    name = logic.exportForTraining(volume, segmentation, tmp_path / "ds")
+    meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ds" / meta["cases"][name]["label"])))
+    assert int(label.sum()) == int(liver.sum())  # the export holds the Liver segment, not the band
+    assert logic.showUncertainRegions(segmentation, volume, False)
+    assert not segmentation.GetSegmentation().GetSegmentIdBySegmentName(UNCERTAIN_SEGMENT)

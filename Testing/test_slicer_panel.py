@@ -164,6 +164,19 @@ def test_panel_runs_the_engine_process_on_the_nodes_chosen_at_start(scene, panel
     here = LiverSegLogic().process(first, None, device="cpu")
     in_process = segment_mask(here.segmentation_node, here.segment_id, first)
     assert in_process.any() and dice(through_process, in_process) >= 0.999
+    # Where the model hesitated: the same band from the engine process as in this process; shown on request.
+    assert "uncertainty 0." in panel.ui.statusLabel.text
+    panel._parameterNode.inputVolume = first
+    panel._updateButtons()
+    assert panel.ui.showUncertainCheckBox.enabled and panel.ui.jumpUncertainButton.enabled
+    band = panel.logic.uncertainBand(seg, first)
+    assert band.any() and dice(band, LiverSegLogic.uncertainBand(here.segmentation_node, first)) >= 0.99
+    panel.ui.showUncertainCheckBox.click()
+    uncertain = seg.GetSegmentation().GetSegmentIdBySegmentName("Liver: uncertain")
+    assert uncertain and np.array_equal(segment_mask(seg, uncertain, first) > 0, band)
+    panel.ui.jumpUncertainButton.click()
+    panel.ui.showUncertainCheckBox.click()
+    assert not seg.GetSegmentation().GetSegmentIdBySegmentName("Liver: uncertain")
     # A second click reuses the warm engine.
     panel.ui.applyButton.click()
     poll_until_done(panel)

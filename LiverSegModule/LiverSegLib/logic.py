@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 try:
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 except ImportError:  # plain Python with only slicer-core (batch runs): the base adds nothing we use there
@@ -133,7 +135,8 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             sitk.WriteImage(image_from_array(*mrml.volume_array_and_matrix(input_volume)), str(ct_path), False)
             engine = self.engine()
             request = {"cmd": "segment", "id": next(self._ids), "input": str(ct_path),
-                       "output": str(workdir / "mask.nrrd"), "model": str(model_path or ""), "device": device,
+                       "output": str(workdir / "mask.nrrd"), "probability_output": str(workdir / "probability.nrrd"),
+                       "model": str(model_path or ""), "device": device,
                        "source": input_volume.GetName()}
             engine.send(request)
         except Exception:
@@ -165,16 +168,18 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                     raise LiverSegError(f"{run.source}: the output segmentation was removed during the run")
             image = sitk.ReadImage(str(run.output_path))
             mask = sitk.GetArrayViewFromImage(image)  # no copy: ``image`` outlives the writing below
+            probability_path = run.output_path.with_name("probability.nrrd")
+            probability = sitk.GetArrayFromImage(sitk.ReadImage(str(probability_path))) if probability_path.exists() else None
             result = run.result
             done = self._write_result(volume, segmentation, mask, result["liver_ml"], result["seconds"],
-                                      result["model_name"], list(result.get("warnings", [])))
+                                      result["model_name"], list(result.get("warnings", [])), probability)
             done.uncertainty = float(result.get("uncertainty", 0.0))
             return done
         finally:
             run.cleanup()
 
     def _write_result(self, volume, segmentation, mask, liver_ml: float, seconds: float, model_name: str,
-                      warnings: list[str]) -> LiverSegRun:
+                      warnings: list[str], probability=None) -> LiverSegRun:
         expected = mrml.volume_array_and_matrix(volume)[0].shape
         if tuple(mask.shape) != tuple(expected):
             raise LiverSegError(f"{volume.GetName()}: the mask ({'x'.join(map(str, mask.shape[::-1]))}) does not fit "
@@ -193,6 +198,13 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         # loses neither): the export measures how much the annotator changed.
         segmentation.SetAttribute("LiverSeg.Model", model_name)
         segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, mrml.encode_mask(mask))
+        if probability is not None and tuple(probability.shape) == tuple(expected):
+            from LiverSegExtension.metrics import UNSURE
+
+            band = (probability > UNSURE[0] * 255) & (probability < UNSURE[1] * 255)
+            segmentation.SetAttribute(mrml.UNCERTAIN_ATTRIBUTE, mrml.encode_mask(band.astype(np.uint8)))
+        if segmentation.GetSegmentation().GetSegmentIdBySegmentName(mrml.UNCERTAIN_SEGMENT):  # of an earlier run
+            self.showUncertainRegions(segmentation, volume, True)
         for warning in warnings:
             logging.warning("LiverSeg: %s", warning)
         return LiverSegRun(segmentation, segment_id, liver_ml, seconds, model_name, warnings)
@@ -210,11 +222,53 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         segmenter = self.segmenter(modelPath, device)
         source = inputVolume.GetName()
         image = image_from_array(*mrml.volume_array_and_matrix(inputVolume))
-        result = segmenter.segment_image(image, progress=progress, cancel=cancel, source=source)
+        result = segmenter.segment_image(image, progress=progress, cancel=cancel, source=source, probabilities=True)
         run = self._write_result(inputVolume, outputSegmentation, result.mask, result.liver_ml, result.seconds,
-                                 segmenter.model.name, list(result.warnings))
+                                 segmenter.model.name, list(result.warnings), result.probability)
         run.uncertainty = result.uncertainty
         return run
+
+    # -- where the model hesitates ------------------------------------------------------------------
+    @staticmethod
+    def uncertainBand(segmentationNode, volumeNode):
+        """The last run's uncertain band (``[k, j, i]`` bool on the volume's grid), or None."""
+        shape = mrml.volume_array_and_matrix(volumeNode)[0].shape
+        band = mrml.decode_mask(segmentationNode.GetAttribute(mrml.UNCERTAIN_ATTRIBUTE), shape)
+        return None if band is None else band > 0
+
+    def showUncertainRegions(self, segmentationNode, volumeNode, show: bool) -> bool:
+        """Show (or remove) the segment "Liver: uncertain": where the last run's liver probability lay
+        between 0.1 and 0.9. It is for looking only: the export takes the "Liver" segment alone.
+        False when there is no band to show (no run of this version on this node)."""
+        segmentation = segmentationNode.GetSegmentation()
+        old = segmentation.GetSegmentIdBySegmentName(mrml.UNCERTAIN_SEGMENT)
+        if not show:
+            if old:
+                segmentation.RemoveSegment(old)
+            return True
+        band = self.uncertainBand(segmentationNode, volumeNode)
+        if band is None:
+            return False
+        mrml.write_segment(segmentationNode, volumeNode, band.astype(np.uint8), mrml.UNCERTAIN_SEGMENT,
+                           mrml.UNCERTAIN_COLOR)
+        return True
+
+    def jumpToUncertainRegion(self, segmentationNode, volumeNode):
+        """Centre every slice view on the largest connected uncertain region; its RAS centre, or None."""
+        from scipy import ndimage
+
+        band = self.uncertainBand(segmentationNode, volumeNode)
+        if band is None or not band.any():
+            return None
+        labels, n = ndimage.label(band, structure=np.ones((3, 3, 3), bool))
+        largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+        k, j, i = (float(v) for v in ndimage.center_of_mass(labels == largest))
+        matrix = mrml.volume_array_and_matrix(volumeNode)[1]
+        ras = (matrix @ np.array([i, j, k, 1.0]))[:3]
+        scene = volumeNode.GetScene()
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+            scene.GetNthNodeByClass(index, "vtkMRMLSliceNode").JumpSliceByCentering(*ras)
+        return ras
 
     # -- fine-tuning ---------------------------------------------------------------------------------
     @staticmethod

@@ -135,7 +135,17 @@ class QPushButton(QAbstractButton):
 
 
 class QCheckBox(QAbstractButton):
-    pass
+    """QCheckBox: checkable; a click flips ``checked`` and emits toggled(bool), then clicked(bool)."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.checkable = True
+
+    def click(self) -> None:
+        if self.enabled:
+            self.checked = not self.checked
+            self.emit("toggled", self.checked)
+            self.emit("clicked", self.checked)
 
 
 class QProgressBar(QWidget):
