@@ -16,7 +16,7 @@ from pathlib import Path
 from LiverSegExtension import __version__
 from LiverSegExtension.catalog import FINE_TUNE_EMA, FINE_TUNE_ITERATIONS, FINE_TUNE_LR
 from LiverSegExtension.errors import LiverSegError, OutputExistsError
-from LiverSegExtension.io import OUTPUT_FORMATS, STATUSES, result_status
+from LiverSegExtension.io import OUTPUT_FORMATS, result_status
 
 log = logging.getLogger("liverseg")
 
@@ -251,8 +251,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
                            warning="; ".join(result.warnings), status=result_status(result.liver_ml, result.warnings))
                 if args.probabilities:
-                    io.write_probability(result.probability, image, io.probability_path(out_dir, name, args.format),
-                                         overwrite=args.overwrite)
+                    io.write_mask(result.probability, image, io.probability_path(out_dir, name, args.format),
+                                  overwrite=args.overwrite)  # uint8 255 x p: written as a mask is
                 if args.format != "dicom-seg":
                     io.write_mask(result.mask, image, target, overwrite=args.overwrite)
                 elif result.liver_ml > 0:
@@ -294,9 +294,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     failed = sum(r["status"] == "failed" for r in rows)
     if not args.quiet:
-        counts = ", ".join(f"{sum(r['status'] == k for r in rows)} {k}" for k in STATUSES
-                           if any(r["status"] == k for r in rows))
-        print(f"liverseg: {len(rows)} case(s): {counts or 'none'}; summary in {summary}", file=sys.stderr)
+        print(f"liverseg: {len(rows)} case(s): {io.status_counts(rows)}; summary in {summary}", file=sys.stderr)
     return 1 if failed else 0
 
 

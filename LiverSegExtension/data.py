@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,10 +50,10 @@ def load_msd(folder: str | Path) -> list[Case]:
     meta = folder / "dataset.json"
     if not meta.is_file():
         raise LiverSegError(f"{folder}: not a Medical Segmentation Decathlon dataset (no dataset.json)")
-    from LiverSegExtension.dataset import dataset_entries
+    from LiverSegExtension.dataset import dataset_meta
 
-    entries = dataset_entries(folder)  # checked: JSON, entries, no path outside the folder
-    content = json.loads(meta.read_text())
+    content = dataset_meta(folder)  # checked: JSON, entries, no path outside the folder
+    entries = content.get("training", [])
     provenance = content.get("cases") if isinstance(content.get("cases"), dict) else {}
     cases = []
     for entry in entries:

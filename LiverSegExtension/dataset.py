@@ -45,8 +45,7 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     path = folder / "dataset.json"
     if not path.exists():
         return _new_meta()
-    dataset_entries(folder)  # a clear error for a dataset.json that is not one
-    meta = json.loads(path.read_text())
+    meta = dataset_meta(folder)  # a clear error for a dataset.json that is not one
     if not isinstance(meta.setdefault("cases", {}), dict):
         raise LiverSegError(f"{path}: \"cases\" must be an object; fix or move it before adding cases")
     meta.setdefault("training", [])
@@ -167,8 +166,13 @@ def add_case(folder: str | Path, image_path: str | Path, label_path: str | Path,
 
 
 def dataset_entries(folder: str | Path) -> list[dict[str, str]]:
-    """The ``training`` entries of a dataset's dataset.json, checked: a LiverSegError names the file and
-    what is wrong (not JSON, not an object, entries without an image or label, paths that leave the folder)."""
+    """The ``training`` entries of a dataset's dataset.json, checked (see :func:`dataset_meta`)."""
+    return dataset_meta(folder).get("training", [])
+
+
+def dataset_meta(folder: str | Path) -> dict[str, Any]:
+    """A dataset's dataset.json, read once and checked: a LiverSegError names the file and what is wrong
+    (not JSON, not an object, entries without an image or label, paths that leave the folder)."""
     folder = Path(folder)
     path = folder / "dataset.json"
     if not path.is_file():
@@ -189,7 +193,7 @@ def dataset_entries(folder: str | Path) -> list[dict[str, str]]:
         for key in ("image", "label"):
             if not _lexical(folder / entry[key]).is_relative_to(root):  # links inside may point anywhere
                 raise LiverSegError(f"{path}: training entry {n}: {entry[key]} lies outside the dataset folder")
-    return entries
+    return meta
 
 
 def _lexical(path: Path) -> Path:
@@ -201,10 +205,10 @@ def check_dataset(folder: str | Path) -> list[str]:
     """Problems found: unreadable pairs, grids that differ, labels that are not binary or are empty."""
     folder = Path(folder)
     try:
-        entries = dataset_entries(folder)
+        meta = dataset_meta(folder)
     except LiverSegError as exc:
         return [str(exc)]
-    meta = json.loads((folder / "dataset.json").read_text())
+    entries = meta.get("training", [])
     problems = []
     if meta.get("numTraining", len(entries)) != len(entries):
         problems.append(f"dataset.json: numTraining is {meta.get('numTraining')} but {len(entries)} cases are listed")

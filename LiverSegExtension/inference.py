@@ -201,7 +201,7 @@ class SegmentationResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    #: share of the liver found (with the band around it) where the fine probability lies between 0.1 and 0.9
+    #: of the fine-grid voxels with a liver probability above 0.1, the share below 0.9 (metrics.uncertainty_of)
     uncertainty: float = 0.0
     probability: np.ndarray | None = None  # uint8 0-255 on the input grid, when asked for
 

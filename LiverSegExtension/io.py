@@ -153,19 +153,6 @@ def probability_path(out_dir: Path, name: str, fmt: str) -> Path:
     return Path(out_dir) / f"{name}_liver_prob{OUTPUT_FORMATS[PROBABILITY_FORMATS[fmt]]}"
 
 
-def write_probability(probability: np.ndarray, reference: sitk.Image, path: Path, overwrite: bool = False) -> None:
-    """The liver probability, uint8 0-255 (255 x p), on the input grid; 128 and above is the mask."""
-    image = mask_image(probability, reference)
-    image.SetMetaData("intent_name", "liver p x255")
-
-    def write(tmp: str) -> None:
-        sitk.WriteImage(image, tmp, useCompression=True)
-        if not complete_output(Path(tmp)):
-            raise LiverSegError(f"{path}: could not be written whole (is the disk full, or a file size limit set?)")
-
-    atomic_write(path, write, overwrite)
-
-
 def quiet_native_logs(debug: bool) -> None:
     """ITK's and VTK's own warnings (\"No Series were found\" for every folder without DICOM, MRML's
     display-node notes) go to the terminal only with --debug; LiverSeg says what matters in one line."""
@@ -222,6 +209,28 @@ def check_slice_positions(case: InputCase, reader: sitk.ImageSeriesReader, image
         n = int(np.argmax(uneven))
         raise LiverSegError(f"{case.label}: uneven slice spacing ({step:.2f} mm, but {abs(steps[n]):.2f} mm between "
                             f"{names[n]} and {names[n + 1]}): a slice missing, or two series mixed")
+
+
+def input_grid(case: InputCase) -> sitk.Image:
+    """An empty uint8 image on the grid the engine reads for ``case``: from the header alone for a
+    volume file (the voxels are not read again), from the series for DICOM (ITK computes its grid)."""
+    if case.files:
+        image = read_case(case)
+    else:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(case.source))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise LiverSegError(f"{case.label}: {_first_line(exc)}") from None
+        image = sitk.Image([int(v) for v in reader.GetSize()], sitk.sitkUInt8)
+        image.SetOrigin(reader.GetOrigin())
+        image.SetSpacing(reader.GetSpacing())
+        image.SetDirection(reader.GetDirection())
+        return image
+    grid = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    grid.CopyInformation(image)
+    return grid
 
 
 def read_image(path: str | Path) -> sitk.Image:
@@ -328,6 +337,12 @@ def _to_compact_type(image: sitk.Image) -> sitk.Image:
 # -- writing ---------------------------------------------------------------------------------------
 SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "uncertainty", "seconds", "error", "warning"]
 STATUSES = ("ok", "warning", "empty", "skipped", "failed")
+
+
+def status_counts(rows: list[dict]) -> str:
+    """``2 ok, 1 failed``: how a run's cases ended, for the last line of every door."""
+    return ", ".join(f"{sum(r['status'] == k for r in rows)} {k}" for k in STATUSES if any(r["status"] == k for r in rows)) \
+        or "none"
 
 
 def result_status(liver_ml: float, warnings: list[str]) -> str:

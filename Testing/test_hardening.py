@@ -3,6 +3,7 @@ input, NaN voxels, folders that cannot be written."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -137,7 +138,7 @@ def test_debris_of_a_dead_writer_is_cleaned_and_live_work_is_not(tmp_path):
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".a_liver.nii.gz{TEMP_MARK}{_HOST}-{int(dead.stdout)}-abcd.nii.gz"
-    live = tmp_path / f".b_liver.nii.gz{TEMP_MARK}{_HOST}-{__import__('os').getpid()}-abcd.nii.gz"
+    live = tmp_path / f".b_liver.nii.gz{TEMP_MARK}{_HOST}-{os.getpid()}-abcd.nii.gz"
     other_host = tmp_path / f".c_liver.nii.gz{TEMP_MARK}elsewhere-1-abcd.nii.gz"
     for p in (stale, live, other_host):
         p.write_bytes(b"partial")

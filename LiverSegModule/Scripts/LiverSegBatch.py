@@ -36,7 +36,6 @@ from LiverSegLib.mrml import (  # noqa: E402
 
 from LiverSegExtension.errors import LiverSegError, OutputExistsError  # noqa: E402
 from LiverSegExtension.io import (  # noqa: E402
-    STATUSES,
     InputCase,
     atomic_write,
     check_nifti_length,
@@ -44,14 +43,15 @@ from LiverSegExtension.io import (  # noqa: E402
     clean_stale_temporaries,
     complete_output,
     expand_inputs,
+    input_grid,
     mask_path,
     output_names,
     parse_shard,
     quiet_native_logs,
-    read_case,
     read_image,
     result_status,
     shard,
+    status_counts,
     summary_row,
     write_mask,
     write_summary,
@@ -117,22 +117,13 @@ def mask_on_file_grid(case: InputCase, segmentation, segment_id: str, volume):
 
     mask = segment_mask(segmentation, segment_id, volume)
     on_node = image_from_array(mask, volume_array_and_matrix(volume)[1])
-    grid = read_case(case)  # the grid the engine reads, header and all
+    grid = input_grid(case)  # the grid the engine reads, header and all
     # Nearest neighbour between two grids with the same voxel centres is an exact reordering.
     on_file = sitk.Resample(on_node, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     array = sitk.GetArrayFromImage(on_file)
     if int(array.sum()) != int(np.count_nonzero(mask)):
         raise LiverSegError(f"{case.label}: the volume Slicer loaded does not lie on the file's grid")
     return array, grid
-
-
-def write_labelmap(case: InputCase, segmentation, segment_id: str, volume, path: Path, overwrite: bool) -> float:
-    """Write the Liver segment as a uint8 mask on the input file's grid; return its mL."""
-    from LiverSegExtension.metrics import volume_ml
-
-    array, grid = mask_on_file_grid(case, segmentation, segment_id, volume)
-    write_mask(array, grid, path, overwrite)
-    return volume_ml(array, grid.GetSpacing())
 
 
 def run(argv: list[str]) -> int:
@@ -212,17 +203,24 @@ def run(argv: list[str]) -> int:
                 segment_id = find_liver_segment(segmentation)
                 if segment_id is None:
                     raise LiverSegError(f"{seg_path}: has no segment named 'Liver' to make the labelmap from")
-                row["liver_ml"] = f"{write_labelmap(case, segmentation, segment_id, volume, lab_path, False):.1f}"
+                from LiverSegExtension.metrics import volume_ml
+
+                array, grid = mask_on_file_grid(case, segmentation, segment_id, volume)
+                write_mask(array, grid, lab_path, False)
+                row["liver_ml"] = f"{volume_ml(array, grid.GetSpacing()):.1f}"
             else:
                 volume = ctx.load(case)
                 result = logic.process(volume, None, device=args.device, modelPath=args.model)
                 write_node(result.segmentation_node, seg_path, args.overwrite)
-                if args.labelmap and lab_path not in existing:
-                    write_labelmap(case, result.segmentation_node, result.segment_id, volume, lab_path, args.overwrite)
-                if dcm_path in wanted and dcm_path not in existing and result.liver_ml > 0:
+                make_labelmap = args.labelmap and lab_path not in existing
+                make_seg = dcm_path in wanted and dcm_path not in existing and result.liver_ml > 0
+                if make_labelmap or make_seg:  # the segment on the file's grid, once for both
+                    array, grid = mask_on_file_grid(case, result.segmentation_node, result.segment_id, volume)
+                if make_labelmap:
+                    write_mask(array, grid, lab_path, args.overwrite)
+                if make_seg:
                     from LiverSegExtension.dicom_seg import write_dicom_seg
 
-                    array, _ = mask_on_file_grid(case, result.segmentation_node, result.segment_id, volume)
                     card = logic.segmenter(args.model, args.device).model.card
                     write_dicom_seg(array, case.files, dcm_path, str(card.get("name", "liverseg")),
                                     str(card.get("version", "")), args.overwrite)
@@ -248,8 +246,7 @@ def run(argv: list[str]) -> int:
         detail = row["error"] or (f"{row['liver_ml']} mL" if row["liver_ml"] else note)
         detail += f" WARNING: {row['warning']}" if row["warning"] else ""
         print(f"[{n}/{len(cases)}] {row['status']:7s} {case.label} {detail} ({row['seconds']} s)", flush=True)
-    counts = ", ".join(f"{sum(r['status'] == k for r in rows)} {k}" for k in STATUSES if any(r["status"] == k for r in rows))
-    print(f"LiverSegBatch: {len(rows)} case(s): {counts or 'none'}; summary in {summary_path}", flush=True)
+    print(f"LiverSegBatch: {len(rows)} case(s): {status_counts(rows)}; summary in {summary_path}", flush=True)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
