@@ -248,8 +248,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 assert segmenter is not None
                 result = segmenter.segment_image(image, progress=bar, source=case.label,
                                                  probabilities=args.probabilities)
+                warnings = io.case_warnings(case, result.warnings)
                 row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
-                           warning="; ".join(result.warnings), status=result_status(result.liver_ml, result.warnings))
+                           warning="; ".join(warnings), status=result_status(result.liver_ml, warnings))
                 if args.probabilities:
                     io.write_mask(result.probability, image, io.probability_path(out_dir, name, args.format),
                                   overwrite=args.overwrite)  # uint8 255 x p: written as a mask is
@@ -263,7 +264,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                     str(card.get("version", "")), overwrite=args.overwrite)
                 else:  # no SEG without a segment frame; the warning says no liver was found
                     row["output"] = ""
-                for warning in result.warnings:  # shown even with --quiet: the mask may be wrong
+                for warning in warnings:  # shown even with --quiet: the mask may be wrong
                     print(f"liverseg: warning: {warning}", file=sys.stderr)
         except OutputExistsError as exc:
             if not io.complete_output(target):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from LiverSegExtension.compact_read import WIDE_TYPES, fits_int16, layout_of, read_compact
 from LiverSegExtension.errors import LiverSegError, OutputExistsError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -64,6 +65,31 @@ def is_volume_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
+def search_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The folders under ``folder`` (itself included) and the volume files in them, each real location
+    once: symlinked folders are followed (data is often linked in), but a link back up, or two links to
+    one folder, would otherwise give the same series twice or loop."""
+    directories: list[Path] = []
+    volumes: list[Path] = []
+    seen_dirs: set[str] = set()
+    seen_files: set[str] = set()
+    for top, subdirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen_dirs:
+            subdirs[:] = []
+            continue
+        seen_dirs.add(real)
+        # Real folders and files before links to them: a case is named after where it lies.
+        subdirs.sort(key=lambda d: (os.path.islink(os.path.join(top, d)), d))
+        directories.append(Path(top))
+        for name in sorted(files, key=lambda f: (os.path.islink(os.path.join(top, f)), f)):
+            file = Path(top) / name
+            if is_volume_file(file) and (key := os.path.realpath(file)) not in seen_files:
+                seen_files.add(key)
+                volumes.append(file)
+    return sorted(directories), sorted(volumes)
+
+
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG", "DOC"}
 
 
@@ -80,7 +106,7 @@ def _modality(file: str) -> str:
 def dicom_series(folder: Path) -> list[InputCase]:
     """One case per DICOM image series found in ``folder`` and below it (SEG, RTSTRUCT... are skipped)."""
     found: list[tuple[Path, str, tuple[str, ...]]] = []
-    for directory in sorted({folder, *(p for p in folder.rglob("*") if p.is_dir())}):
+    for directory in search_folder(folder)[0]:
         reader = sitk.ImageSeriesReader
         for uid in reader.GetGDCMSeriesIDs(str(directory)) or ():
             files = reader.GetGDCMSeriesFileNames(str(directory), uid)
@@ -104,7 +130,7 @@ def expand_inputs(paths: list[str | Path]) -> list[InputCase]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = [InputCase(f) for f in sorted(path.rglob("*")) if is_volume_file(f)] + dicom_series(path)
+            found = [InputCase(f) for f in search_folder(path)[1]] + dicom_series(path)
             cases.extend(found or [InputCase(path)])
         else:
             cases.append(InputCase(path))
@@ -175,23 +201,77 @@ def _read_dicom(case: InputCase) -> sitk.Image:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
+        check_slice_sizes(case, _slice_sizes(case.files))  # the usual cause, named with its file
         raise LiverSegError(f"{case.label}: unreadable DICOM series ({_first_line(exc)})") from None
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
         raise LiverSegError(f"{case.label}: a single-slice DICOM series is not a 3D volume")
-    check_slice_positions(case, reader, image)
+    positions = _slice_positions(case, reader)
+    if positions is not None:
+        check_slice_positions(case, positions, np.array(image.GetDirection()).reshape(3, 3)[:, 2])
     return _to_compact_type(image)
 
 
-def check_slice_positions(case: InputCase, reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
+def _slice_positions(case: InputCase, reader: sitk.ImageSeriesReader) -> list[list[float]] | None:
+    try:
+        return [[float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")] for n in range(len(case.files))]
+    except (RuntimeError, ValueError):
+        return None  # no usable ImagePositionPatient: nothing to check against (ITK then stacks by order)
+
+
+def check_series_layout(case: InputCase) -> None:
+    """The slice checks of a series from its files' headers alone, for a door that reads it another
+    way (Slicer's archetype reader stacks it as ITK does)."""
+    positions, sizes, normal = [], [], None
+    for file in case.files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise LiverSegError(f"{case.label}: unreadable DICOM slice {Path(file).name} ({_first_line(exc)})") from None
+        sizes.append(tuple(reader.GetSize()[:2]))
+        try:
+            positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        except (RuntimeError, ValueError):
+            positions = None
+        if normal is None:
+            normal = np.array(reader.GetDirection()).reshape(3, 3)[:, 2]
+        if positions is None:
+            break
+    check_slice_sizes(case, sizes)
+    if positions and normal is not None and len(positions) > 1:
+        check_slice_positions(case, positions, normal)
+
+
+def check_slice_sizes(case: InputCase, sizes: list[tuple[int, ...] | None]) -> None:
+    """ITK names only the odd slice's size ("Size: [256, 256, 1]"); say which file it is and why it matters."""
+    known = [size for size in sizes if size is not None]
+    if not known:
+        return
+    common = max(set(known), key=known.count)
+    for file, size in zip(case.files, sizes):
+        if size is not None and size != common:
+            raise LiverSegError(f"{case.label}: slice {Path(file).name} is {size[0]}x{size[1]} pixels, the others "
+                                f"{common[0]}x{common[1]}: not one volume (a localizer or another series mixed in?)")
+
+
+def _slice_sizes(files: tuple[str, ...]) -> list[tuple[int, ...] | None]:
+    sizes: list[tuple[int, ...] | None] = []
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        try:
+            reader.ReadImageInformation()
+            sizes.append(tuple(reader.GetSize()[:2]))
+        except RuntimeError:
+            sizes.append(None)
+    return sizes
+
+
+def check_slice_positions(case: InputCase, positions: list[list[float]], normal: np.ndarray) -> None:
     """ITK builds the grid from the first slices and the average spacing: duplicated slices, missing
     ones and uneven spacing would give a wrong grid without a word. Refuse them, with the files."""
-    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
-    heights = []
-    for n in range(len(case.files)):
-        try:
-            heights.append(float(np.dot([float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")], normal)))
-        except (RuntimeError, ValueError):
-            return  # no usable ImagePositionPatient: nothing to check against (ITK then stacks by order)
+    heights = [float(np.dot(p, normal)) for p in positions]
     steps = np.diff(heights)
     step = float(np.median(np.abs(steps)))
     if step < 1e-3:
@@ -223,6 +303,7 @@ def input_grid(case: InputCase) -> sitk.Image:
             reader.ReadImageInformation()
         except RuntimeError as exc:
             raise LiverSegError(f"{case.label}: {_first_line(exc)}") from None
+        check_directions(case.source, reader.GetDirection())
         image = sitk.Image([int(v) for v in reader.GetSize()], sitk.sitkUInt8)
         image.SetOrigin(reader.GetOrigin())
         image.SetSpacing(reader.GetSpacing())
@@ -241,7 +322,7 @@ def read_image(path: str | Path) -> sitk.Image:
     if path.is_dir():
         series = dicom_series(path)
         if not series:
-            volumes = [f for f in sorted(path.rglob("*")) if is_volume_file(f)]
+            volumes = search_folder(path)[1]
             if volumes:
                 raise LiverSegError(f"{path}: folder holds {len(volumes)} volume file(s) and no DICOM series; "
                                     "give the files, or the folder to segment each")
@@ -251,26 +332,50 @@ def read_image(path: str | Path) -> sitk.Image:
         return read_case(series[0])
     if path.stat().st_size == 0:
         raise LiverSegError(f"{path}: file is empty")
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        check_nifti_length(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+        if reader.GetDimension() == 4 or reader.GetNumberOfComponents() > 1:
+            raise LiverSegError(f"{path}: 4D or multi-component image; LiverSeg needs one 3D CT volume")
+        if reader.GetDimension() != 3:
+            raise LiverSegError(f"{path}: {reader.GetDimension()}D image; LiverSeg needs a 3D CT volume")
+        check_directions(path, reader.GetDirection())
+        layout = layout_of(path) if reader.GetPixelID() in WIDE_TYPES else None
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            check_nifti_length(path, check_stream=layout is None)  # the chunked reader checks the stream itself
+        if layout is not None:  # float64 and the like: never held whole in the file's type
+            return read_compact(path, reader, layout)
+        image = reader.Execute()
     except RuntimeError as exc:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            check_nifti_length(path)  # a damaged stream also defeats ITK's header read: say that, if so
         reason = _first_line(exc)
         if "Unable to determine ImageIO" in reason or "Could not create IO" in reason:
             reason = "not an image file LiverSeg can read (NIfTI, NRRD, MHA/MHD or a DICOM folder)"
         raise LiverSegError(f"{path}: {reason}") from None
-    if image.GetDimension() == 4 or image.GetNumberOfComponentsPerPixel() > 1:
-        raise LiverSegError(f"{path}: 4D or multi-component image; LiverSeg needs one 3D CT volume")
-    if image.GetDimension() != 3:
-        raise LiverSegError(f"{path}: {image.GetDimension()}D image; LiverSeg needs a 3D CT volume")
     return _to_compact_type(image)
 
 
-def check_nifti_length(path: Path) -> None:
+def check_directions(path: Path, direction: tuple[float, ...]) -> None:
+    """ITK refuses a degenerate direction matrix only when it reads the voxels, and names it by its last
+    row ("0 0 1"): say which axes coincide before any voxel is read."""
+    axes = np.array(direction, dtype=float).reshape(3, 3).T  # one row per image axis (i, j, k)
+    lengths = np.linalg.norm(axes, axis=1)
+    if not np.all(np.isfinite(axes)) or lengths.min() < 1e-6:
+        raise LiverSegError(f"{path}: the header gives an image axis no direction; not a 3D grid")
+    unit = axes / lengths[:, None]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        if abs(float(unit[a] @ unit[b])) > 1 - 1e-6:
+            raise LiverSegError(f"{path}: the header's directions for axes {'ijk'[a]} and {'ijk'[b]} are the same "
+                                "line (collinear space directions); not a 3D grid")
+
+
+def check_nifti_length(path: Path, check_stream: bool = True) -> None:
     """ITK fills a truncated NIfTI with zeros without a word; compare the data length with the header.
 
-    For .nii.gz the gzip trailer holds the uncompressed length (mod 2**32), so no decompression is needed.
+    For .nii.gz the gzip trailer holds the uncompressed length (mod 2**32); with ``check_stream`` the
+    stream is also decompressed once for its CRC, which ITK never checks.
     """
     gz = path.name.lower().endswith(".gz")
     try:
@@ -300,7 +405,7 @@ def check_nifti_length(path: Path) -> None:
             f.seek(-4, os.SEEK_END)
             actual = struct.unpack("<I", f.read(4))[0]
         ok = actual == expected % (1 << 32)
-        if ok:  # ITK does not check the CRC: a damaged stream would give garbage voxels without a word
+        if ok and check_stream:  # ITK does not check the CRC: a damaged stream would give garbage voxels without a word
             try:
                 with gzip.open(path, "rb") as f:
                     while f.read(1 << 24):
@@ -323,13 +428,14 @@ def _first_line(exc: Exception) -> str:
 
 
 def _to_compact_type(image: sitk.Image) -> sitk.Image:
-    """int32/float CTs whose values fit int16 become int16: half the memory, same HU."""
+    """Whole-numbered CTs in int16's range become int16 (half the memory, the same HU), other floats
+    float32: the same rule as the chunked reader's, so a volume's type never changes what it gives."""
     if image.GetPixelID() in (sitk.sitkInt16, sitk.sitkUInt8, sitk.sitkInt8) or image.GetNumberOfComponentsPerPixel() > 1:
         return image
     view = sitk.GetArrayViewFromImage(image)
-    if view.size and np.issubdtype(view.dtype, np.integer) and view.min() >= -32768 and view.max() <= 32767:
+    if view.size and fits_int16(view):
         return sitk.Cast(image, sitk.sitkInt16)
-    if view.size and np.issubdtype(view.dtype, np.floating) and np.all(np.isfinite(view[::4, ::4, ::4])):
+    if np.issubdtype(view.dtype, np.floating) and view.dtype != np.float32:
         return sitk.Cast(image, sitk.sitkFloat32)
     return image
 
@@ -351,6 +457,16 @@ def result_status(liver_ml: float, warnings: list[str]) -> str:
     if liver_ml == 0:
         return "empty"
     return "warning" if warnings else "ok"
+
+
+def case_warnings(case: InputCase, warnings: list[str]) -> list[str]:
+    """The engine's warnings for a segmented case, and the doors' own: a DICOM series that says it is not
+    CT (an MR series with CT-like values has passed the CT check, so it was segmented as CT)."""
+    modality = _modality(case.files[0]) if case.files else ""
+    if modality and modality != "CT":
+        return [*warnings, f"{case.label}: the series' Modality is {modality}, not CT, though its values look like "
+                           "CT in HU; it was segmented as CT: check that this is the right series"]
+    return list(warnings)
 
 
 def summary_row(source: str, output: str) -> dict[str, str]:

@@ -58,8 +58,9 @@ def phantom_image(shape_kji=(40, 64, 72), spacing=(4.0, 4.0, 6.0), rot=None, lef
 
 
 def write_dicom_series(folder, ct: np.ndarray, ijk_to_ras: np.ndarray, transfer_syntax: str | None = None,
-                       series_uid: str | None = None) -> list:
-    """Write ``ct`` ([k, j, i] HU) as a CT DICOM series, optionally compressed (RLE, JPEG 2000...)."""
+                       series_uid: str | None = None, modality: str = "CT") -> list:
+    """Write ``ct`` ([k, j, i] HU) as a CT DICOM series, optionally compressed (RLE, JPEG 2000...);
+    ``modality`` mislabels it (the CT image storage class and the HU stay)."""
     from pathlib import Path
 
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -81,7 +82,7 @@ def write_dicom_series(folder, ct: np.ndarray, ijk_to_ras: np.ndarray, transfer_
         ds = Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientName, ds.PatientID = "CT", "Test^Phantom", "PHANTOM-001"
+        ds.Modality, ds.PatientName, ds.PatientID = modality, "Test^Phantom", "PHANTOM-001"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study_uid, series_uid, k + 1
         ds.FrameOfReferenceUID = frame_uid
         ds.ImagePositionPatient = [float(v) for v in lps[:3, 3] + lps[:3, 2] * k]

@@ -151,3 +151,57 @@ def test_batch_usage_errors(tmp_path):
     assert r.returncode == 2 and "1 <= I <= N" in r.stderr
     r = run_batch("--input", "x", "--output-dir", tmp_path, "--model", tmp_path / "nope")
     assert r.returncode == 2 and "model folder not found" in r.stderr
+
+
+def test_batch_refuses_a_broken_series_names_an_mr_label_and_stops_cleanly_on_ctrl_c(tmp_path, tiny_model_dir):
+    """The batch checks slice layout and modality as the CLI does; Ctrl-C (a real SIGINT) exits 130 with one
+    line, keeps the finished cases' rows, leaves no temporary behind, and a rerun goes on from there."""
+    import shutil
+    import signal
+
+    m = make_affine((4.0, 4.5, 6.0), (30, 48, 56))
+    ct, _ = phantom((30, 48, 56), m)
+    files = write_dicom_series(tmp_path / "duplicated", ct, m)
+    shutil.copy(files[10], files[10].with_name("copy_of_slice10.dcm"))
+    write_dicom_series(tmp_path / "labelled_mr", ct, m, modality="MR")
+    collinear = tmp_path / "collinear.nrrd"
+    sitk.WriteImage(image_from_array(ct, m), str(collinear))
+    header, data = collinear.read_bytes().split(b"\n\n", 1)
+    header = b"\n".join(b"space directions: (4,0,0) (0,0,4.5) (0,0,6)" if ln.startswith(b"space directions") else ln
+                        for ln in header.splitlines())
+    collinear.write_bytes(header + b"\n\n" + data)
+    out = tmp_path / "out"
+    r = run_batch("--input", tmp_path / "duplicated", tmp_path / "labelled_mr", collinear, "--output-dir", out,
+                  "--model", tiny_model_dir, "--device", "cpu")
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    rows = {row["input"]: row for row in rows_of(out / "summary.csv")}
+    assert rows[str(tmp_path / "duplicated")]["status"] == "failed"
+    assert "two slices at the same position" in rows[str(tmp_path / "duplicated")]["error"]
+    mr = rows[str(tmp_path / "labelled_mr")]
+    assert mr["status"] == "warning" and "the series' Modality is MR, not CT" in mr["warning"], mr
+    assert "axes j and k are the same line" in rows[str(collinear)]["error"]  # not ITK's "0 0 1"
+
+    cases = []
+    for n in range(5):
+        cases.append(tmp_path / f"ct{n}.nrrd")
+        sitk.WriteImage(image_from_array(ct + n, m), str(cases[-1]))
+    out = tmp_path / "interrupted"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = [sys.executable, str(BATCH), "--input", *map(str, cases), "--output-dir", str(out),
+            "--model", str(tiny_model_dir), "--device", "cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stdout.readline()
+    assert first.startswith("[1/5] ok"), first + proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout + stderr
+    assert stderr.strip().splitlines()[-1] == "LiverSegBatch: interrupted" and "Traceback" not in stderr, stderr
+    assert "terminate called" not in stderr
+    done = rows_of(out / "summary.csv")
+    assert 1 <= len(done) < 5 and all(row["status"] == "ok" for row in done), done
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary, no lock left
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    statuses = {row["input"]: row["status"] for row in rows_of(out / "summary.csv")}
+    assert sorted(statuses) == sorted(map(str, cases)) and set(statuses.values()) == {"ok"}, statuses
+    assert r.stdout.count(" skipped ") == len(done)  # the finished cases are not redone; their rows stay

@@ -209,3 +209,175 @@ def test_a_checkpoint_that_is_not_ours_is_refused(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(LiverSegError, match="not a LiverSeg training checkpoint"):
         load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+WIDE_CASES = [(ext, compress) for ext in (".nii", ".nrrd", ".mha") for compress in (False, True)] + [(".mhd", False)]
+
+
+@pytest.mark.parametrize(("ext", "compress"), WIDE_CASES)
+def test_wide_voxel_types_are_read_in_chunks_exactly_as_itk_reads_them(tmp_path, ext, compress, monkeypatch):
+    """float64, int32... are decoded chunk by chunk into int16 (whole HU) or float32 (fractions): the same
+    values and grid as ITK's whole read, and a chunk boundary that splits voxels changes nothing."""
+    from LiverSegExtension import compact_read
+    from LiverSegExtension.io import read_image
+
+    monkeypatch.setattr(compact_read, "CHUNK_BYTES", 4099)  # many chunks, none a whole number of voxels
+    rng = np.random.default_rng(0)
+    whole = rng.integers(-1024, 2000, size=(9, 11, 13)).astype(np.float64)
+    m = make_affine((0.7, 0.8, 2.5), (9, 11, 13))
+    for values, pixel, expect in ((whole, sitk.sitkFloat64, np.int16), (whole + 0.25, sitk.sitkFloat64, np.float32),
+                                  (whole + 0.5, sitk.sitkFloat32, np.float32), (whole, sitk.sitkInt32, np.int16),
+                                  (np.where(whole > 1500, 40000.0, whole), sitk.sitkInt32, np.float32)):
+        image = sitk.Cast(image_from_array(values, m), pixel)
+        path = tmp_path / f"ct_{pixel}{'_gz' if compress else ''}{ext}"
+        sitk.WriteImage(image, str(path), compress)
+        assert compact_read.layout_of(path) is not None  # the chunked reader, not ITK's fallback
+        got, ref = read_image(path), sitk.ReadImage(str(path))
+        assert sitk.GetArrayViewFromImage(got).dtype == expect
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(ref).astype(expect))
+        assert (got.GetOrigin(), got.GetSpacing(), got.GetDirection()) == (ref.GetOrigin(), ref.GetSpacing(),
+                                                                          ref.GetDirection())
+
+
+def test_big_endian_nrrd_and_scaled_nifti_are_read_as_itk_reads_them(tmp_path):
+    import struct
+
+    from LiverSegExtension.io import read_image
+
+    values = np.arange(-600, 600, dtype=">f8").reshape(6, 10, 20)
+    path = tmp_path / "big_endian.nrrd"
+    header = ("NRRD0004\ntype: double\ndimension: 3\nspace: left-posterior-superior\nsizes: 20 10 6\n"
+              "space directions: (0.5,0,0) (0,0.5,0) (0,0,2)\nencoding: raw\nendian: big\nspace origin: (1,2,3)\n\n")
+    path.write_bytes(header.encode() + values.tobytes())
+    got = read_image(path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+    assert sitk.GetArrayViewFromImage(got).dtype == np.int16 and got.GetSpacing() == (0.5, 0.5, 2.0)
+    nifti = tmp_path / "scaled.nii"
+    sitk.WriteImage(sitk.Cast(image_from_array(values.astype(np.float64), np.diag([2.0, 2.0, 2.0, 1.0])),
+                              sitk.sitkFloat64), str(nifti))
+    data = bytearray(nifti.read_bytes())
+    data[112:120] = struct.pack("<2f", 0.5, -1024.0)  # scl_slope, scl_inter: ITK applies them
+    nifti.write_bytes(bytes(data))
+    got, ref = read_image(nifti), sitk.ReadImage(str(nifti))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(ref))
+    assert float(sitk.GetArrayViewFromImage(got).min()) == -1324.0
+
+
+def test_damaged_wide_files_are_refused_not_zero_filled(tmp_path):
+    from LiverSegExtension.io import read_image
+
+    m = make_affine((2.0, 2.0, 2.0), (20, 40, 40))
+    ct, _ = phantom((20, 40, 40), m)
+    image = sitk.Cast(image_from_array(ct, m), sitk.sitkFloat64)
+    raw, gz, mha = tmp_path / "ct.nrrd", tmp_path / "ct.nii.gz", tmp_path / "ct.mha"
+    sitk.WriteImage(image, str(raw), False)
+    raw.write_bytes(raw.read_bytes()[:-1000])
+    with pytest.raises(LiverSegError, match="truncated"):
+        read_image(raw)
+    sitk.WriteImage(image, str(gz), True)
+    data = bytearray(gz.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    gz.write_bytes(bytes(data))
+    with pytest.raises(LiverSegError, match="corrupt compressed data"):
+        read_image(gz)
+    sitk.WriteImage(image, str(mha), True)
+    mha.write_bytes(mha.read_bytes()[:-500])
+    with pytest.raises(LiverSegError, match="truncated|corrupt"):
+        read_image(mha)
+
+
+def test_a_float64_ct_is_never_held_whole_in_memory(tmp_path):
+    """The chunked reader holds the int16 result (and its copy into ITK), never the float64 buffer: its
+    peak stays under the file's size, where ITK's read-and-cast needs 1.5 times it."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident size")
+    m = make_affine((1.0, 1.0, 1.0), (1000, 256, 256))
+    ct = np.full((1000, 256, 256), -1000.0)
+    ct[100:900, 60:200, 60:200] = 40.0
+    path = tmp_path / "ct_float64.nii"
+    sitk.WriteImage(image_from_array(ct, m), str(path))
+    del ct
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import SimpleITK as sitk
+        from LiverSegExtension.io import read_image
+        def status(key):
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+        before = status("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        image = read_image({str(path)!r})
+        print(status("VmHWM:") - before, sitk.GetPixelIDValueAsString(image.GetPixelID()))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    added, kind = r.stdout.split(maxsplit=1)
+    assert kind.strip() == "16-bit signed integer"
+    size = path.stat().st_size
+    assert int(added) < size, f"reading took {int(added) / 2**20:.0f} MB for a {size / 2**20:.0f} MB file"
+
+
+def test_a_symlink_loop_gives_each_series_once_and_an_mr_label_is_named(tmp_path, tiny_model_dir):
+    """A link back up and a second link to one series: each series and file is one case, under its real
+    name; a series labelled MR whose values look like CT is segmented with a warning, not silently."""
+    from synthetic import write_dicom_series
+
+    from LiverSegExtension.io import expand_inputs
+
+    m = make_affine((4.0, 4.5, 6.0), (30, 48, 56))
+    ct, _ = phantom((30, 48, 56), m)
+    data = tmp_path / "data"
+    write_dicom_series(data / "series", ct, m, modality="MR")
+    (data / "series" / "up").symlink_to("..")
+    (data / "again").symlink_to("series")
+    sitk.WriteImage(image_from_array(ct, m), str(data / "ct.nrrd"))
+    (data / "same.nrrd").symlink_to("ct.nrrd")
+    cases = expand_inputs([data])
+    assert sorted(c.label for c in cases) == sorted([str(data / "ct.nrrd"), str(data / "series")])
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "LiverSegExtension.cli", "segment", str(data), "-o", str(out),
+                        "--model", str(tiny_model_dir), "-q"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    import csv
+
+    with open(out / "summary.csv", newline="") as f:
+        rows = {row["input"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == sorted(c.label for c in cases)
+    mr = "the series' Modality is MR, not CT"
+    assert mr in rows[str(data / "series")]["warning"] and rows[str(data / "series")]["status"] == "warning"
+    assert mr not in rows[str(data / "ct.nrrd")]["warning"]
+    assert f"liverseg: warning: {data / 'series'}: {mr}" in r.stderr
+
+
+def test_collinear_directions_and_an_odd_slice_are_named_not_itks_last_line(tmp_path):
+    """ITK says only "0 0 1" (its matrix's last row) and "Size: [32, 32, 1]": name the axes and the file."""
+    from synthetic import write_dicom_series
+
+    from LiverSegExtension.io import check_series_layout, expand_inputs, read_case, read_image
+
+    m = make_affine((3.0, 3.0, 2.5), (12, 64, 64))
+    ct, _ = phantom((12, 64, 64), m)
+    path = tmp_path / "ct.nrrd"
+    sitk.WriteImage(image_from_array(ct, m), str(path))
+    header, data = path.read_bytes().split(b"\n\n", 1)
+    lines = [b"space directions: (3,0,0) (6,0,0) (0,0,2.5)" if ln.startswith(b"space directions") else ln
+             for ln in header.splitlines()]
+    path.write_bytes(b"\n".join(lines) + b"\n\n" + data)
+    with pytest.raises(LiverSegError, match=r"ct\.nrrd: the header's directions for axes i and j are the same line"):
+        read_image(path)
+
+    import pydicom
+
+    files = write_dicom_series(tmp_path / "series", ct, m)
+    small = write_dicom_series(tmp_path / "small", ct[:, ::2, ::2], m)
+    odd, big = pydicom.dcmread(small[5]), pydicom.dcmread(files[5])
+    big.Rows, big.Columns, big.PixelData = odd.Rows, odd.Columns, odd.PixelData  # a localizer-sized slice
+    big.save_as(files[5])
+    [case] = expand_inputs([tmp_path / "series"])
+    says = r"slice slice0005\.dcm is 32x32 pixels, the others 64x64"
+    with pytest.raises(LiverSegError, match=says):
+        read_case(case)  # the CLI's reader
+    with pytest.raises(LiverSegError, match=says):
+        check_series_layout(case)  # the batch's header check before Slicer reads the series

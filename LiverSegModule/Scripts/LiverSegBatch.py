@@ -38,7 +38,9 @@ from LiverSegExtension.errors import LiverSegError, OutputExistsError  # noqa: E
 from LiverSegExtension.io import (  # noqa: E402
     InputCase,
     atomic_write,
+    case_warnings,
     check_nifti_length,
+    check_series_layout,
     check_writable_folder,
     clean_stale_temporaries,
     complete_output,
@@ -81,8 +83,12 @@ class SceneContext:
             raise LiverSegError(f"{case.label}: no such file or folder")
         if archetype.is_dir():
             read_image(archetype)  # raises with the engine's reason (nothing readable in the folder)
+        if case.files:
+            check_series_layout(case)  # Slicer's reader would stack a broken series on a wrong grid
         if archetype.name.lower().endswith((".nii", ".nii.gz")):
             check_nifti_length(archetype)  # ITK would silently zero-fill a truncated file
+        if not case.files:
+            input_grid(case)  # the header alone: collinear directions refused with the engine's words
         node = self.volumes.AddArchetypeVolume(str(archetype), case.stem, 0)
         if node is None or node.GetImageData() is None:
             if node is not None:
@@ -224,9 +230,9 @@ def run(argv: list[str]) -> int:
                     card = logic.segmenter(args.model, args.device).model.card
                     write_dicom_seg(array, case.files, dcm_path, str(card.get("name", "liverseg")),
                                     str(card.get("version", "")), args.overwrite)
+                warnings = case_warnings(case, result.warnings)
                 row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
-                           warning="; ".join(result.warnings),
-                           status=result_status(result.liver_ml, result.warnings))
+                           warning="; ".join(warnings), status=result_status(result.liver_ml, warnings))
         except OutputExistsError as exc:  # written meanwhile by a concurrent run: done if complete
             if all(complete_output(w) for w in wanted if w.exists()):
                 row.update(status="skipped", liver_ml="", warning="")
