@@ -201,7 +201,7 @@ def _read_dicom(case: InputCase) -> sitk.Image:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        check_slice_sizes(case, _slice_sizes(case.files))  # the usual cause, named with its file
+        check_slice_sizes(case, _slice_headers(case.files)[0])  # the usual cause, named with its file
         raise LiverSegError(f"{case.label}: unreadable DICOM series ({_first_line(exc)})") from None
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
         raise LiverSegError(f"{case.label}: a single-slice DICOM series is not a 3D volume")
@@ -221,25 +221,12 @@ def _slice_positions(case: InputCase, reader: sitk.ImageSeriesReader) -> list[li
 def check_series_layout(case: InputCase) -> None:
     """The slice checks of a series from its files' headers alone, for a door that reads it another
     way (Slicer's archetype reader stacks it as ITK does)."""
-    positions, sizes, normal = [], [], None
-    for file in case.files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(file)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            raise LiverSegError(f"{case.label}: unreadable DICOM slice {Path(file).name} ({_first_line(exc)})") from None
-        sizes.append(tuple(reader.GetSize()[:2]))
-        try:
-            positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
-        except (RuntimeError, ValueError):
-            positions = None
-        if normal is None:
-            normal = np.array(reader.GetDirection()).reshape(3, 3)[:, 2]
-        if positions is None:
-            break
+    sizes, positions, normal = _slice_headers(case.files)
+    if None in sizes:
+        name = Path(case.files[sizes.index(None)]).name
+        raise LiverSegError(f"{case.label}: unreadable DICOM slice {name}")
     check_slice_sizes(case, sizes)
-    if positions and normal is not None and len(positions) > 1:
+    if None not in positions and normal is not None and len(positions) > 1:
         check_slice_positions(case, positions, normal)
 
 
@@ -255,17 +242,28 @@ def check_slice_sizes(case: InputCase, sizes: list[tuple[int, ...] | None]) -> N
                                 f"{common[0]}x{common[1]}: not one volume (a localizer or another series mixed in?)")
 
 
-def _slice_sizes(files: tuple[str, ...]) -> list[tuple[int, ...] | None]:
+def _slice_headers(files: tuple[str, ...]) -> tuple[list, list, np.ndarray | None]:
+    """Each slice's size and ImagePositionPatient (None where unreadable) and the first slice's normal."""
     sizes: list[tuple[int, ...] | None] = []
+    positions: list[list[float] | None] = []
+    normal = None
     for file in files:
         reader = sitk.ImageFileReader()
         reader.SetFileName(file)
         try:
             reader.ReadImageInformation()
-            sizes.append(tuple(reader.GetSize()[:2]))
         except RuntimeError:
             sizes.append(None)
-    return sizes
+            positions.append(None)
+            continue
+        sizes.append(tuple(reader.GetSize()[:2]))
+        try:
+            positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        except (RuntimeError, ValueError):
+            positions.append(None)
+        if normal is None:
+            normal = np.array(reader.GetDirection()).reshape(3, 3)[:, 2]
+    return sizes, positions, normal
 
 
 def check_slice_positions(case: InputCase, positions: list[list[float]], normal: np.ndarray) -> None:
