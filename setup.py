@@ -6,7 +6,7 @@ from pathlib import Path
 from setuptools import setup
 
 MODELS = Path("Resources") / "Models"
-FILES = ("card.json", "model.safetensors")
+FILES = ("card.json", "model.safetensors", "model.onnx")
 data_files = [
     (f"share/liverseg/Models/{folder.name}", [str(folder / f) for f in FILES if (folder / f).is_file()])
     for folder in sorted(MODELS.glob("*"))

@@ -6,16 +6,19 @@ The Slicer panel imports only this (Slicer ships no torch until the user agrees 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from LiverSegExtension.errors import LiverSegError
 
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # for PyTorch: GPUs, training
+ONNX_FILE = "model.onnx"  # the same networks for ONNX Runtime: segmenting on the CPU without PyTorch
 CARD_FILE = "card.json"
 STAGES = ("coarse", "fine")
 #: The fine-tuning recipe's budget (``finetune``), here so that doors can show it without loading the engine.
@@ -89,13 +92,49 @@ def new_model_dir(parent_card: dict[str, Any], root: Path | None = None) -> tupl
     return root / f"{name}-v{version}", version
 
 
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def has_networks(folder: Path) -> bool:
+    """Whether a folder holds a card and networks that some runtime can run."""
+    return (folder / CARD_FILE).is_file() and ((folder / WEIGHTS_FILE).is_file() or (folder / ONNX_FILE).is_file())
+
+
+@dataclass
+class ModelInfo:
+    """A model folder's card, as the engine uses it to segment (no networks: a runtime holds those)."""
+
+    card: dict[str, Any]
+    path: Path | None = None
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ModelInfo:
+        return cls(read_card(folder), Path(folder))
+
+    @property
+    def name(self) -> str:
+        return f"{self.card.get('name', 'unnamed')} v{self.card.get('version', '?')}"
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.card["stages"][name]
+
+    @property
+    def window(self) -> tuple[float, float]:
+        low, high = self.card["intensity_window"]
+        return float(low), float(high)
+
+
 def default_model_dir() -> Path | None:
     """The bundled model the engine uses when none is given, or None when no trained model is installed."""
     root = bundled_models_dir()
     if not root.is_dir():
         return None
-    dirs = sorted((p for p in root.iterdir() if (p / CARD_FILE).is_file() and (p / WEIGHTS_FILE).is_file()),
-                  key=lambda p: p.name)
+    dirs = sorted((p for p in root.iterdir() if has_networks(p)), key=lambda p: p.name)
     return dirs[-1] if dirs else None
 
 

@@ -120,7 +120,11 @@ def _parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", type=Path, help="model folder (default: the bundled model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto: a GPU when "
+                                                     "PyTorch with CUDA or MPS is installed, else the CPU)")
+    if model:
+        p.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "torch"],
+                       help="what runs the networks (default: auto: ONNX Runtime on the CPU, PyTorch on a GPU)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -166,7 +170,7 @@ def _segmenter(args: argparse.Namespace):  # noqa: ANN202 - avoids importing tor
     from LiverSegExtension.inference import LiverSegmenter
 
     try:
-        return LiverSegmenter(args.model, device=args.device)
+        return LiverSegmenter(args.model, device=args.device, runtime=args.runtime)
     except LiverSegError as exc:
         raise UsageError(str(exc)) from None
 
@@ -228,7 +232,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.overwrite or not all(t.exists() for t in targets):  # a bad --model is a usage error, before any case
         segmenter = _segmenter(args)
         if not args.quiet:
-            print(f"liverseg: model {segmenter.model.name} on {segmenter.device}", file=sys.stderr)
+            print(f"liverseg: model {segmenter.model.name}, {segmenter.runs_on}", file=sys.stderr)
     show = not args.quiet and sys.stderr.isatty()
     rows: list[dict] = []
     for case, name, target in zip(cases, names, targets):
@@ -249,7 +253,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 result = segmenter.segment_image(image, progress=bar, source=case.label,
                                                  probabilities=args.probabilities)
                 warnings = io.case_warnings(case, result.warnings)
-                row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
+                row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}", runtime=segmenter.runs_on,
                            warning="; ".join(warnings), status=result_status(result.liver_ml, warnings))
                 if args.probabilities:
                     io.write_mask(result.probability, image, io.probability_path(out_dir, name, args.format),
@@ -357,7 +361,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.data and (args.pred or args.ref):
         raise UsageError("give --pred and --ref folders, or --data, not both")
     if args.data:
-        rows = evaluate_dataset(args.data, args.model, cases, args.device)
+        rows = evaluate_dataset(args.data, args.model, cases, args.device, args.runtime)
     elif args.pred and args.ref:
         rows, missing = evaluate_folders(args.pred, args.ref, cases)
     else:

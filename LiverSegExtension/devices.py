@@ -1,27 +1,25 @@
-"""Choosing where the networks run: CUDA or MPS when present, the CPU otherwise."""
+"""PyTorch devices for training and the torch runtime: CUDA or MPS when present, the CPU otherwise.
+
+torch is imported only when a function here is called: segmenting on the CPU needs no torch at all
+(see :mod:`LiverSegExtension.runtimes`).
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
 from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.runtimes import TORCH_HINT, available_devices, installed
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
-def available_devices() -> list[str]:
-    """Devices present on this machine, in order of preference for ``auto`` (CPU always last)."""
-    found = []
-    if torch.cuda.is_available():
-        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        found.append("mps")
-    return [*found, "cpu"]
+def resolve_device(name: Any = "auto") -> Any:
+    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a present ``torch.device``, or say clearly why not."""
+    if not installed("torch"):
+        raise LiverSegError(f"PyTorch is needed here and is not installed: {TORCH_HINT}")
+    import torch
 
-
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a present torch device, or say clearly why not."""
     if isinstance(name, torch.device):
         name = str(name)
     name = (name or "auto").strip().lower()

@@ -88,11 +88,12 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, cases: list[str] | None = No
     return rows, missing
 
 
-def evaluate_dataset(data: Path, model: Path | None, cases: list[str], device: str = "auto") -> list[dict[str, Any]]:
+def evaluate_dataset(data: Path, model: Path | None, cases: list[str], device: str = "auto",
+                     runtime: str = "auto") -> list[dict[str, Any]]:
     """Segment the dataset's cases with ``model`` and score them."""
     from LiverSegExtension.inference import LiverSegmenter
 
-    segmenter = LiverSegmenter(model, device=device)
+    segmenter = LiverSegmenter(model, device=device, runtime=runtime)
     all_cases = load_msd(data)
     unknown = sorted(set(cases) - {c.name for c in all_cases})
     if unknown:

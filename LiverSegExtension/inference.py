@@ -18,11 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 from scipy import ndimage
 
-from LiverSegExtension.catalog import default_model_dir
-from LiverSegExtension.devices import resolve_device
+from LiverSegExtension.catalog import ModelInfo, default_model_dir
 from LiverSegExtension.errors import CancelledError, LiverSegError
 from LiverSegExtension.geometry import (
     Grid,
@@ -34,7 +32,7 @@ from LiverSegExtension.geometry import (
     to_original_order,
 )
 from LiverSegExtension.metrics import uncertainty_of, volume_ml
-from LiverSegExtension.model import LiverModel
+from LiverSegExtension.runtimes import load_runtime, sliding_window
 
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
@@ -179,19 +177,6 @@ def spine_warning(volume: np.ndarray, liver: np.ndarray, spacing: Sequence[float
     return None
 
 
-def single_window(x: torch.Tensor, roi: Sequence[int], net: torch.nn.Module) -> torch.Tensor:
-    """What MONAI's ``sliding_window_inference`` gives when one window covers ``x``: the input padded
-    with zeros to the window (half before, the rest after), the network, the padding cropped off."""
-    pads: list[int] = []
-    crop = []
-    for r, s in zip(reversed(roi), reversed(x.shape[2:])):
-        before = (r - s) // 2
-        pads += [before, r - s - before]
-        crop.append(slice(before, before + s))
-    out = net(torch.nn.functional.pad(x, pads, mode="constant", value=0.0))
-    return out[(..., *reversed(crop))]
-
-
 @dataclass
 class SegmentationResult:
     """A binary mask on the input grid (``[k, j, i]``, uint8) and what it took to make it."""
@@ -242,18 +227,31 @@ def check_ct(image: sitk.Image, source: str = "input") -> None:
 
 
 class LiverSegmenter:
-    """Runs a LiverSeg model on CT volumes; build once, call many times."""
+    """Runs a LiverSeg model on CT volumes; build once, call many times.
 
-    def __init__(self, model: LiverModel | str | Path | None = None, device: str | torch.device = "auto") -> None:
-        self.device = resolve_device(device)
+    ``model`` is a model folder (the bundled one when None) or a loaded ``LiverModel`` (training validates
+    its networks in place). ``runtime``: ``auto`` runs ONNX Runtime on the CPU and PyTorch on a GPU (see
+    :mod:`LiverSegExtension.runtimes`); ``onnxruntime`` or ``torch`` insists on one.
+    """
+
+    def __init__(self, model: ModelInfo | str | Path | None = None, device: str = "auto", runtime: str = "auto") -> None:
         if model is None:
             model = default_model_dir()
             if model is None:
                 raise LiverSegError("no trained LiverSeg model is installed; pass a model folder with --model")
-        self.model = model if isinstance(model, LiverModel) else LiverModel.load(model, device=self.device)
-        for net in self.model.networks.values():
-            net.to(self.device).eval()
+        self.runtime = load_runtime(model, device, runtime)
+        self.model: ModelInfo = ModelInfo.read(model) if isinstance(model, (str, Path)) else model
         self._low, self._high = (float(v) for v in self.model.window)
+
+    @property
+    def device(self) -> str:
+        """Where the networks run: ``cpu``, ``cuda:0``, ``mps``."""
+        return self.runtime.device
+
+    @property
+    def runs_on(self) -> str:
+        """The runtime and device, for people: ``onnxruntime 1.20 on cpu``."""
+        return f"{self.runtime.name} {self.runtime.version} on {self.runtime.device}"
 
     # -- public API -----------------------------------------------------------------------------
     def segment_array(
@@ -284,8 +282,8 @@ class LiverSegmenter:
             return self._segment_image(image, progress, cancel, source, probabilities)
         except MemoryError:
             raise LiverSegError(f"{source}: out of memory; close other programs or use a smaller volume") from None
-        except RuntimeError as exc:  # torch's allocation failures on CUDA and MPS
-            if "out of memory" in str(exc).lower():
+        except RuntimeError as exc:  # torch's allocation failures on CUDA and MPS, ONNX Runtime's on the CPU
+            if "out of memory" in str(exc).lower() or "failed to allocate" in str(exc).lower():
                 raise LiverSegError(f"{source}: the device ran out of memory; try the CPU") from None
             raise
 
@@ -350,19 +348,13 @@ class LiverSegmenter:
     def predict(self, stage: str, volume: np.ndarray) -> np.ndarray:
         """Liver probability for a ``[z, y, x]`` HU volume already on the stage's grid."""
         # The intensity window to [0, 1], as MONAI's ScaleIntensityRange(clip=True) does.
-        x = torch.from_numpy(np.asarray(volume, dtype=np.float32))[None, None].to(self.device)
-        x = ((x - self._low) / (self._high - self._low)).clamp_(0.0, 1.0)
+        x = np.asarray(volume, dtype=np.float32)[None, None]
+        x = np.clip((x - np.float32(self._low)) / np.float32(self._high - self._low), 0.0, 1.0, dtype=np.float32)
         roi = [min(MAX_ROI, max(16, int(np.ceil(s / 16) * 16))) for s in x.shape[2:]]
-        net = self.model.networks[stage]
-        with torch.inference_mode():
-            if all(r >= s for r, s in zip(roi, x.shape[2:])):
-                logits = single_window(x, roi, net)
-            else:  # MONAI's inferer for what does not fit one window (imported only then: it loads all of MONAI)
-                from monai.inferers import sliding_window_inference
-
-                logits = sliding_window_inference(x, roi, 1, net, overlap=0.25, mode="gaussian")
-            prob = torch.softmax(logits.float(), dim=1)[0, 1]
-        return prob.cpu().numpy()
+        logits = sliding_window(x, roi, lambda window: self.runtime.logits(stage, window))
+        # softmax over two classes: the liver's is the logistic of the logits' difference
+        with np.errstate(over="ignore"):  # exp(large) is inf, and 1 / inf the right 0
+            return (1.0 / (1.0 + np.exp(logits[0, 0] - logits[0, 1]))).astype(np.float32)
 
     def _locate(self, image: sitk.Image, source: str = "input") -> tuple[tuple[np.ndarray, np.ndarray] | None, str | None]:
         """(LPS box around the liver found at coarse resolution, or None when there is none; the

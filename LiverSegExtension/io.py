@@ -439,7 +439,7 @@ def _to_compact_type(image: sitk.Image) -> sitk.Image:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "uncertainty", "seconds", "error", "warning"]
+SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "uncertainty", "seconds", "error", "warning", "runtime"]
 STATUSES = ("ok", "warning", "empty", "skipped", "failed")
 
 

@@ -1,23 +1,28 @@
-"""Model folders: ``card.json`` plus ``model.safetensors`` (weights that cannot execute code on load).
+"""Model folders: ``card.json``, ``model.safetensors`` for PyTorch and ``model.onnx`` for ONNX Runtime (both data:
+neither can execute code on load).
 
 A model has two stages sharing one card: ``coarse`` finds the liver in the whole scan at low resolution,
-``fine`` segments a crop around it. The card holds everything needed to rebuild and trust the networks.
+``fine`` segments a crop around it. The card holds everything needed to rebuild and trust the networks:
+the architecture, and the sha256 of both files. Saving writes both, and checks that ONNX Runtime gives
+PyTorch's logits on a test input before the card says the ONNX file belongs to it.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from LiverSegExtension.catalog import CARD_FILE, STAGES, WEIGHTS_FILE, read_card
+from LiverSegExtension.catalog import CARD_FILE, ONNX_FILE, STAGES, WEIGHTS_FILE, ModelInfo, read_card, sha256_of
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import atomic_write
 from LiverSegExtension.unet import UNet
@@ -51,33 +56,73 @@ def build_network(network: dict[str, Any]) -> torch.nn.Module:
                 num_res_units=network.get("num_res_units", 1))
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+ONNX_OPSET = 17
+#: ONNX Runtime's logits may differ from PyTorch's by float rounding only: this much, times the largest logit.
+ONNX_TOLERANCE = 1e-3
+
+
+def _downsampling(card: dict[str, Any], stage: str) -> int:
+    """How many voxels of input make one at a stage network's deepest level."""
+    return int(np.prod(card["stages"][stage]["network"]["strides"]))
+
+
+def export_onnx(networks: dict[str, torch.nn.Module], card: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Write both stages into one ONNX file: inputs ``coarse_image`` and ``fine_image`` (``[1, 1, z, y, x]``,
+    any size the network takes), outputs ``coarse_logits`` and ``fine_logits``. Each input has a small default,
+    so a caller feeds only the stage it runs. Checked against PyTorch on a test input per stage; returns what
+    the card records (opset, the check's largest logit difference)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    graphs, defaults, largest = [], [], 0.0
+    with tempfile.TemporaryDirectory(prefix="liverseg-onnx-") as tmp:
+        for stage in STAGES:
+            net = copy.deepcopy(networks[stage]).cpu().eval()
+            side = 2 * _downsampling(card, stage)  # instance norm needs more than one voxel at the bottom
+            part = Path(tmp) / f"{stage}.onnx"
+            with warnings.catch_warnings():  # the exporter's notes on tracing and instance norm
+                warnings.simplefilter("ignore")
+                torch.onnx.export(net, (torch.zeros(1, 1, side, side, side),), str(part), dynamo=False,
+                                  opset_version=ONNX_OPSET, input_names=[f"{stage}_image"],
+                                  output_names=[f"{stage}_logits"],
+                                  dynamic_axes={f"{stage}_image": {2: "z", 3: "y", 4: "x"},
+                                                f"{stage}_logits": {2: "z", 3: "y", 4: "x"}})
+            graphs.append(onnx.compose.add_prefix(onnx.load(str(part)), prefix=f"{stage}/", rename_inputs=False,
+                                                  rename_outputs=False))
+            defaults.append(numpy_helper.from_array(np.zeros((1, 1, side, side, side), np.float32), f"{stage}_image"))
+    first = graphs[0]
+    graph = onnx.helper.make_graph(
+        [n for g in graphs for n in g.graph.node], "liverseg", [i for g in graphs for i in g.graph.input],
+        [o for g in graphs for o in g.graph.output], [t for g in graphs for t in g.graph.initializer] + defaults)
+    merged = onnx.helper.make_model(graph, opset_imports=first.opset_import, producer_name="liverseg")
+    merged.ir_version = first.ir_version
+    onnx.checker.check_model(merged)
+    onnx.save(merged, str(path))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for stage in STAGES:
+        step = _downsampling(card, stage)
+        x = rng.random((1, 1, 2 * step, 3 * step, 4 * step), dtype=np.float32)  # unequal sides: axes not swapped
+        net = copy.deepcopy(networks[stage]).cpu().eval()
+        with torch.inference_mode():
+            expected = net(torch.from_numpy(x)).numpy()
+        got = session.run([f"{stage}_logits"], {f"{stage}_image": x})[0]
+        diff = float(np.abs(got - expected).max())
+        if not diff <= ONNX_TOLERANCE * max(1.0, float(np.abs(expected).max())):
+            raise LiverSegError(f"{path}: ONNX Runtime's {stage} logits differ from PyTorch's by {diff:.2g}")
+        largest = max(largest, diff)
+    return {"file": ONNX_FILE, "opset": ONNX_OPSET, "exported_with": f"torch {torch.__version__}",
+            "checked_with": f"onnxruntime {ort.__version__}", "max_abs_logit_diff": float(f"{largest:.3g}")}
 
 
 @dataclass
-class LiverModel:
+class LiverModel(ModelInfo):
     """A loaded model: its card and one network per stage (in eval mode)."""
 
-    card: dict[str, Any]
     networks: dict[str, torch.nn.Module] = field(default_factory=dict)
-    path: Path | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.card.get('name', 'unnamed')} v{self.card.get('version', '?')}"
-
-    def stage(self, name: str) -> dict[str, Any]:
-        return self.card["stages"][name]
-
-    @property
-    def window(self) -> tuple[float, float]:
-        low, high = self.card["intensity_window"]
-        return float(low), float(high)
 
     @classmethod
     def new(cls, card: dict[str, Any] | None = None) -> LiverModel:
@@ -123,7 +168,8 @@ class LiverModel:
         return {f"{s}.{k}": v.detach().cpu().contiguous() for s, n in self.networks.items() for k, v in n.state_dict().items()}
 
     def save(self, folder: str | Path, extra_card: dict[str, Any] | None = None) -> Path:
-        """Write weights and card into ``folder`` (created); the card gets the weights' sha256."""
+        """Write weights, their ONNX twin and the card into ``folder`` (created); the card gets both files'
+        sha256 and the ONNX check."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         card = {**self.card, **(extra_card or {})}
@@ -134,6 +180,21 @@ class LiverModel:
             card["weights_sha256"] = sha256_of(tmp)  # of the bytes that land, before they land
 
         atomic_write(folder / WEIGHTS_FILE, write_weights, overwrite=True)
+        self._write_onnx(folder, card)
+        return folder
+
+    def add_onnx(self, folder: str | Path) -> Path:
+        """Write the ONNX twin of a saved model's weights into its folder and record it in the card (the
+        weights are not touched)."""
+        return self._write_onnx(Path(folder), dict(self.card))
+
+    def _write_onnx(self, folder: Path, card: dict[str, Any]) -> Path:
+        def write_onnx(tmp: str) -> None:
+            card["onnx"] = export_onnx(self.networks, card, tmp)
+            os.chmod(tmp, 0o644)
+            card["onnx"]["sha256"] = sha256_of(tmp)
+
+        atomic_write(folder / ONNX_FILE, write_onnx, overwrite=True)
         atomic_write(folder / CARD_FILE, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"), overwrite=True)
         self.card, self.path = card, folder
         return folder

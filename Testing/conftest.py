@@ -66,3 +66,58 @@ def scene():
     import slicer_app
 
     return slicer_app.install(testing=True)
+
+
+@pytest.fixture()
+def slicer_launcher(tmp_path, monkeypatch) -> Path:
+    """``PythonSlicer`` on PATH as Slicer has it: CTK's launcher (StandIns/python_launcher.py), which runs this
+    Python as its child. Engine processes started by the module then sit behind a launcher, as in Slicer."""
+    folder = tmp_path / "launcher-bin"
+    folder.mkdir()
+    launcher = folder / "PythonSlicer"
+    stand_in = Path(__file__).resolve().parent / "StandIns" / "python_launcher.py"
+    launcher.write_text(f"#!{sys.executable}\nimport runpy\nrunpy.run_path({str(stand_in)!r}, run_name='__main__')\n")
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
+    return launcher
+
+
+def open_panel():
+    """The panel as Slicer's module manager builds it: the widget under its module panel, set up, entered.
+    Returns (module panel, widget); close with :func:`close_panel`."""
+    import LiverSeg
+    from slicer.ScriptedLoadableModule import ModulePanel
+
+    module = ModulePanel(LiverSeg.LiverSegWidget)
+    widget = module.setup()
+    module.enter()
+    return module, widget
+
+
+def close_panel(module) -> None:
+    """As Slicer does when the module is left, then the application closes."""
+    if module.isEntered:
+        module.exit()
+    module.widget.cleanup()
+
+
+def alive(pid: int | None) -> bool:
+    """Whether a process runs (a zombie has ended)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def gone_within(pid: int | None, seconds: float = 5.0) -> bool:
+    import time
+
+    end = time.monotonic() + seconds
+    while alive(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True

@@ -15,7 +15,7 @@ from html import escape as html_escape
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import ROOT, SHARED, requires_bundled_model, requires_shared
+from conftest import ROOT, SHARED, gone_within, requires_bundled_model, requires_shared
 from test_training import make_dataset
 
 from LiverSegExtension.catalog import list_models
@@ -237,22 +237,19 @@ def test_new_card_tells_the_truth(tmp_path, tiny_model_dir):
 
 # -- the Slicer panel's fine-tune, through the real engine process ----------------------------------------------
 @pytest.fixture()
-def tuning_panel(scene, tmp_path, tiny_model_dir, monkeypatch):
-    import LiverSeg
+def tuning_panel(scene, tmp_path, tiny_model_dir, monkeypatch, slicer_launcher):
+    from conftest import close_panel, open_panel
 
     models = tmp_path / "models"
     shutil.copytree(tiny_model_dir, models / "tiny-test-v0.0.1")
     monkeypatch.setenv("LIVERSEG_MODELS_DIR", str(models))
     monkeypatch.setenv("LIVERSEG_DATA_DIR", str(tmp_path / "none"))
-    widget = LiverSeg.LiverSegWidget()
-    widget.setup()
-    widget.parent.isEntered = True
-    widget.enter()
+    module, widget = open_panel()
     combo = widget.ui.modelComboBox
     combo.setCurrentIndex(combo.findData(str(models / "tiny-test-v0.0.1")))
     widget.ui.deviceComboBox.setCurrentIndex(widget.ui.deviceComboBox.findData("cpu"))
     yield widget, models
-    widget.cleanup()
+    close_panel(module)
 
 
 def poll_training(widget, during=None, timeout_s: float = 600.0) -> list[str]:
@@ -311,8 +308,11 @@ def test_panel_cancel_mid_training_adds_no_model_and_ends_the_engine(tuning_pane
     pid = run.engine.pid
     cancelled = []
 
+    engine_pids = []
+
     def cancel_while_training(seen) -> None:
         if widget._trainRun is not None and widget._trainRun.info.get("step") == "fine":
+            engine_pids.append(widget._trainRun.engine.engine_pid)
             cancelled.append(widget._trainRun.info["iteration"])
             widget.ui.trainCancelButton.click()
 
@@ -320,7 +320,8 @@ def test_panel_cancel_mid_training_adds_no_model_and_ends_the_engine(tuning_pane
     assert cancelled, "the fine-tune ended before any iteration was seen"
     assert widget.ui.trainStatusLabel.text == "Cancelled; no model was added."
     assert not (models / "tiny-test-v0.1.0").exists()
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+    assert engine_pids[0] not in (None, pid)  # behind the launcher: the engine is its child
+    assert gone_within(pid) and gone_within(engine_pids[0])  # the launcher and the engine itself
     assert str(models / "tiny-test-v0.1.0") not in [str(p) for p in list_models(include_rejected=True)]
 
 
@@ -330,9 +331,12 @@ def test_slicer_quitting_mid_training_ends_the_fine_tune(tuning_panel, tmp_path)
     widget.ui.trainButton.click()
     run = widget._trainRun
     pid = run.engine.pid
+    while run.engine.ready is None:  # the engine has said who it is
+        widget._timer.timeout()
+        time.sleep(0.05)
     import slicer
 
     slicer.app.quit()  # aboutToQuit: the logic's shutdown cancels the fine-tune
     assert run.done and not run.engine.running
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+    assert gone_within(pid) and gone_within(run.engine.engine_pid)
     assert not (models / "tiny-test-v0.1.0").exists()

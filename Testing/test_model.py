@@ -130,23 +130,13 @@ def test_the_engine_unet_is_monai_unet(channels, strides, units):
             assert torch.equal(theirs(x), ours(x)), mode
 
 
-def test_one_window_and_hole_filling_are_monai_s():
-    """The engine's shortcuts give what MONAI's sliding-window inferer (one window) and FillHoles give."""
-    from monai.inferers import sliding_window_inference
+def test_hole_filling_is_monai_s():
+    """The engine's hole filling gives what MONAI's FillHoles gives."""
     from monai.transforms import FillHoles
     from scipy import ndimage
 
-    from LiverSegExtension.inference import LiverSegmenter, single_window
-    from LiverSegExtension.unet import UNet
+    from LiverSegExtension.inference import LiverSegmenter
 
-    torch.manual_seed(0)
-    net = UNet(1, 2, [4, 8, 8], [2, 2]).eval()
-    for shape in [(33, 50, 47), (64, 64, 64), (17, 80, 31)]:
-        x = torch.rand(1, 1, *shape)
-        roi = [max(16, int(np.ceil(s / 16) * 16)) for s in shape]
-        with torch.inference_mode():
-            expected = sliding_window_inference(x, roi, 1, net, overlap=0.25, mode="gaussian")
-            assert torch.allclose(single_window(x, roi, net), expected, atol=1e-5)
     z, y, x = np.mgrid[:40, :40, :40]
     r = np.sqrt((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2)
     rng = np.random.default_rng(1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, requires_bundled_model
+from conftest import ROOT, alive, bundled_model, close_panel, gone_within, open_panel, requires_bundled_model
 from synthetic import make_affine, phantom
 
 from LiverSegExtension.errors import LiverSegError
@@ -26,8 +25,8 @@ from LiverSegExtension.metrics import dice
 slicer = pytest.importorskip("slicer")
 TESTING = ROOT / "Testing"
 
-PANEL_WITHOUT_TORCH = r"""
-import json, sys
+BLOCKER = r"""
+import sys
 BLOCKED = ("torch", "monai", "safetensors")
 
 class Blocker:  # importing any of these fails, as in a Slicer where they were never installed
@@ -37,60 +36,92 @@ class Blocker:  # importing any of these fails, as in a Slicer where they were n
         return None
 
 sys.meta_path.insert(0, Blocker())
+"""
+
+PANEL_WITHOUT_TORCH = r"""
+import json, sys, time
 sys.path[:0] = PATHS
 import slicer_app
 slicer_app.install(testing=True)
 import numpy as np
 import slicer
-import LiverSeg
+from conftest import close_panel, open_panel
+from synthetic import make_affine, phantom
 
 out = {}
-widget = LiverSeg.LiverSegWidget()
-widget.setup()
-widget.parent.isEntered = True
-widget.enter()
+module, widget = open_panel()
 ui = widget.ui
 out["models"] = [ui.modelComboBox.itemText(i) for i in range(ui.modelComboBox.count)]
 out["card"] = ui.modelCardLabel.text
 out["devices"] = [ui.deviceComboBox.model().item(i).isEnabled() for i in range(ui.deviceComboBox.count)]
 out["apply_before"] = bool(ui.applyButton.enabled)
-ct = np.full((30, 64, 64), -1000, np.int16)
-ct[5:25, 10:54, 10:54] = 40
-volume = slicer.util.addVolumeFromArray(ct, ijkToRAS=np.diag([-2.0, -2.0, 3.0, 1.0]), name="CT")
+m = make_affine((3.0, 3.0, 5.0), (50, 110, 120))
+ct, _ = phantom((50, 110, 120), m)
+volume = slicer.util.addVolumeFromArray(ct, ijkToRAS=m, name="CT")
 ui.inputVolumeSelector.setCurrentNode(volume)
 out["apply_after"] = bool(ui.applyButton.enabled)
 out["parameter"] = widget._parameterNode.inputVolume.GetID() == volume.GetID()
-nodes = slicer.mrmlScene.GetNumberOfNodes()
-try:
-    ui.applyButton.click()
-except Exception as exc:  # tryWithErrorDisplay shows it, then raises on (PythonQt prints it)
-    out["apply_error"] = str(exc)
-out["scene_unchanged"] = slicer.mrmlScene.GetNumberOfNodes() == nodes
-widget.exit()
-widget.cleanup()
-out["loaded"] = sorted({m.split(".")[0] for m in sys.modules} & set(BLOCKED))
+ui.applyButton.click()
+end = time.monotonic() + 240
+while widget._timer.isActive() and time.monotonic() < end:
+    widget._timer.timeout()
+    time.sleep(0.05)
+out["status"] = ui.statusLabel.text
+seg = widget._parameterNode.outputSegmentation
+out["segment"] = bool(seg and seg.GetSegmentation().GetSegmentIdBySegmentName("Liver"))
+out["ready"] = widget.logic._engine.ready
+# A GPU picked: PyTorch is installed (here by a stand-in pip) in processes, never imported here.
+import LiverSegLib.dependencies as deps
+slicer.app._testing = False
+slicer.util.confirmOkCancelDisplay = lambda *args, **kwargs: True
+install = deps.InstallRun.__init__
+deps.InstallRun.__init__ = lambda self, packages, python=None: install(self, packages, FAKE_PYTHON)
+widget._parameterNode.device = "cuda"
+ui.applyButton.click()
+while widget._timer.isActive() and time.monotonic() < end:
+    widget._timer.timeout()
+    time.sleep(0.05)
+out["gpu_status"] = ui.statusLabel.text
+close_panel(module)
+out["loaded"] = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "monai", "safetensors"})
+out["blocked"] = any(type(f).__name__ == "Blocker" for f in sys.meta_path)
 print("RESULT " + json.dumps(out))
 """
 
 
-def test_panel_builds_without_torch(tmp_path):
-    """A fresh Slicer: no torch, monai or safetensors. The panel opens, lists the bundled model with its
-    card, enables Apply once a CT is selected, and Apply says what is missing instead of crashing."""
+@requires_bundled_model
+def test_panel_segments_without_torch(tmp_path, slicer_launcher):
+    """A fresh Slicer: torch, monai and safetensors cannot be imported, in the panel's process or the engine's.
+    The panel opens, lists the bundled model with its card, and a click segments through the engine process
+    (behind the launcher) with ONNX Runtime; nothing of torch is imported in the panel's process."""
     paths = [str(TESTING / "StandIns"), str(ROOT / "LiverSegModule"), str(ROOT), str(TESTING)]
-    script = PANEL_WITHOUT_TORCH.replace("PATHS", repr(paths), 1)
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)  # every Python started below: panel and engine
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_PIP}")
+    fake.chmod(0o755)
+    script = PANEL_WITHOUT_TORCH.replace("PATHS", repr(paths), 1).replace("FAKE_PYTHON", repr(str(fake)), 1)
     (tmp_path / "panel.py").write_text(script)
+    env = {**os.environ, "LIVERSEG_MODELS_DIR": str(tmp_path / "none"), "PYTHONPATH": str(tmp_path / "blocker"),
+           "LIVERSEG_FAKE_PIP_LOG": str(tmp_path / "pip.log")}
     proc = subprocess.run([sys.executable, str(tmp_path / "panel.py")], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={**os.environ, "LIVERSEG_MODELS_DIR": str(tmp_path / "none")})
+                          cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ImportError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert out["models"] == ["liverseg v1.0.0"]
     assert out["card"].startswith("liverseg v1.0.0, validation Dice 0.9")
-    assert out["devices"] == [True, True, False, False]  # GPUs only once the engine process has looked
+    assert out["devices"] == [True, True, False, False]  # no GPU here, and none reachable
     assert out["apply_before"] is False and out["apply_after"] is True and out["parameter"] is True
-    assert "torch" in out["apply_error"] and "monai" in out["apply_error"]
-    assert out["scene_unchanged"] is True
-    assert out["loaded"] == []
+    assert out["status"].startswith("Liver: ") and "onnxruntime" in out["status"] and "on cpu" in out["status"]
+    assert out["segment"] is True
+    assert out["ready"]["runtimes"]["torch"] is None and out["ready"]["runtimes"]["onnxruntime"]
+    assert out["ready"]["devices"] == ["cpu"]
+    commands = [json.loads(line) for line in (tmp_path / "pip.log").read_text().splitlines()]
+    assert [c[:3] for c in commands] == [["-m", "pip", "install"], ["-m", "light_the_torch", "install"],
+                                         ["-m", "pip", "install"]]
+    assert out["gpu_status"] == "Installation failed."  # the stand-in pip installed nothing
+    assert out["loaded"] == [] and out["blocked"] is True
 
 
 # -- the real engine process -----------------------------------------------------------------------------
@@ -104,16 +135,12 @@ def add_ct(name: str, shape=(50, 110, 120), spacing=(3.0, 3.0, 5.0), left_handed
 
 
 @pytest.fixture()
-def panel(scene):
-    """The panel as Slicer builds it (setup, then enter); cleaned up as Slicer does when it closes."""
-    import LiverSeg
-
-    widget = LiverSeg.LiverSegWidget()
-    widget.setup()
-    widget.parent.isEntered = True
-    widget.enter()
+def panel(scene, slicer_launcher):
+    """The panel as Slicer builds it (setup, then enter), its engine behind CTK's launcher as in Slicer;
+    cleaned up as Slicer does when it closes."""
+    module, widget = open_panel()
     yield widget
-    widget.cleanup()
+    close_panel(module)
 
 
 def poll_until_done(widget, timeout_s: float = 300.0, during=None) -> list[tuple[int, str]]:
@@ -130,12 +157,13 @@ def poll_until_done(widget, timeout_s: float = 300.0, during=None) -> list[tuple
     return seen
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"  # a zombie has ended
-    except FileNotFoundError:
-        return False
+def wait_ready(run, timeout_s: float = 60.0) -> None:
+    """Poll until the engine has said who it is (its pid behind the launcher)."""
+    end = time.monotonic() + timeout_s
+    while run.engine.ready is None and not run.done:
+        assert time.monotonic() < end, "the engine never said ready"
+        run.poll()
+        run.engine.wait_for_output(50)
 
 
 @requires_bundled_model
@@ -156,8 +184,10 @@ def test_panel_runs_the_engine_process_on_the_nodes_chosen_at_start(scene, panel
     assert any("Segmenting the liver" in text for _, text in seen)
     seg = panel._parameterNode.outputSegmentation
     assert seg is not None and seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()).GetID() == first.GetID()
-    assert panel.ui.statusLabel.text.startswith("Liver: ")
+    assert panel.ui.statusLabel.text.startswith("Liver: ") and "onnxruntime" in panel.ui.statusLabel.text
     assert panel.ui.applyButton.enabled and panel.ui.inputVolumeSelector.enabled
+    engine = panel.logic._engine.engine_pid
+    assert engine not in (None, pid) and alive(engine)  # the engine runs behind the launcher
     # The engine process gives exactly what the engine gives in this process.
     segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName("Liver")
     through_process = segment_mask(seg, segment_id, first)
@@ -183,7 +213,7 @@ def test_panel_runs_the_engine_process_on_the_nodes_chosen_at_start(scene, panel
     assert panel.logic._engine.pid == pid
     assert panel._parameterNode.outputSegmentation.GetID() == seg.GetID()  # updated in place
     slicer.app.quit()  # Slicer exits: the engine goes with it
-    assert not alive(pid)
+    assert gone_within(pid) and gone_within(engine)
 
 
 @requires_bundled_model
@@ -193,23 +223,25 @@ def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_engine(scene, panel):
     before = scene.GetNumberOfNodes()
     panel.ui.applyButton.click()
     pid = panel.logic._engine.pid
-    stages = []
+    stages, engines = [], []
 
     def cancel_while_segmenting(seen) -> None:  # at the engine's first step of this run
         if panel._run is not None and panel._run.stage in ("loading the model", "locating the liver"):
             stages.append(panel._run.stage)
+            engines.append(panel._run.engine.engine_pid)
             panel.ui.cancelButton.click()
 
     poll_until_done(panel, during=cancel_while_segmenting)
     assert stages, "the run ended before any step of it was seen"
     assert panel.ui.statusLabel.text == "Cancelled; the scene was not changed."
     assert scene.GetNumberOfNodes() == before
-    assert not alive(pid)
+    assert engines[0] not in (None, pid)
+    assert gone_within(pid) and gone_within(engines[0])  # the launcher and the engine behind it
     assert panel.ui.applyButton.enabled and not panel.ui.cancelButton.enabled
 
 
 @requires_bundled_model
-def test_a_killed_engine_gives_an_error_and_leaves_the_scene_unchanged(scene):
+def test_a_killed_engine_gives_an_error_and_leaves_the_scene_unchanged(scene, slicer_launcher):
     from LiverSeg import LiverSegLogic
 
     volume = add_ct("ct")
@@ -217,10 +249,13 @@ def test_a_killed_engine_gives_an_error_and_leaves_the_scene_unchanged(scene):
     before = scene.GetNumberOfNodes()
     try:
         run = logic.start(volume, None, None, "cpu")
+        wait_ready(run)
         pid = logic._engine.pid
-        os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        os.kill(logic._engine.engine_pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
         assert run.wait(60)
-        with pytest.raises(LiverSegError, match="the LiverSeg engine stopped before it finished .*killed or crashed"):
+        # Behind the launcher the crash is only "exit code 1": the protocol tells it (no answer came).
+        with pytest.raises(LiverSegError, match=r"ct: the LiverSeg engine crashed or was killed \(out of memory\?\) "
+                                                r"before it finished \(exit code 1"):
             logic.finish(run)
         assert scene.GetNumberOfNodes() == before
         assert not run.workdir.exists()  # the private CT copy is gone
@@ -233,6 +268,38 @@ def test_a_killed_engine_gives_an_error_and_leaves_the_scene_unchanged(scene):
 
 
 @requires_bundled_model
+@requires_bundled_model
+def test_a_killed_launcher_takes_the_engine_with_it(scene, slicer_launcher):
+    """CTK's launcher does not end its child when it is killed: the engine ends itself when its parent goes."""
+    from LiverSeg import LiverSegLogic
+
+    logic = LiverSegLogic()
+    try:
+        run = logic.start(add_ct("ct"), None, None, "cpu")
+        wait_ready(run)
+        engine = logic._engine.engine_pid
+        os.kill(logic._engine.pid, signal.SIGKILL)
+        assert gone_within(engine)
+        assert run.wait(30) and run.error is not None
+    finally:
+        logic.shutdown()
+
+
+def test_an_engine_of_another_protocol_is_refused(scene, tmp_path):
+    """A worker that answers with another protocol version is refused with a clear message and ended."""
+    from LiverSegLib.engine import EngineProcess, SegmentRun
+
+    fake = tmp_path / "old_worker.py"
+    fake.write_text("import json, os, sys, time\n"
+                    "print(json.dumps({'event': 'ready', 'protocol': 1, 'pid': os.getpid()}), flush=True)\n"
+                    "time.sleep(60)\n")
+    engine = EngineProcess(sys.executable).start([str(fake)])
+    run = SegmentRun(engine, {"id": 1, "output": str(tmp_path / "m.nrrd")}, tmp_path / "work", scene, "", None, "ct")
+    assert run.wait(30)
+    assert "speaks protocol 1, this panel 2" in str(run.error)
+    assert not engine.running
+
+
 def test_a_volume_removed_during_the_run_is_an_error_not_a_crash(scene):
     from LiverSeg import LiverSegLogic
 
@@ -284,19 +351,36 @@ def test_segment_mask_and_export_leave_no_node_behind(scene, threshold_segmenter
 
 
 # -- dependencies ------------------------------------------------------------------------------------------
-def slicer_54_pip_install(requirements) -> list[str]:
-    """What Slicer 5.4-5.10's ``slicer.util.pip_install`` hands to pip: a string is shlex.split."""
-    return shlex.split(requirements) if isinstance(requirements, str) else list(requirements)
+FAKE_PIP = r"""
+import json, os, sys
+with open(os.environ["LIVERSEG_FAKE_PIP_LOG"], "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\n")
+print("Collecting " + sys.argv[-3], flush=True)
+sys.exit(int(os.environ.get("LIVERSEG_FAKE_PIP_EXIT", "0")))
+"""
 
 
 @pytest.fixture()
-def fresh_slicer(scene, monkeypatch):
-    """Not in testing mode, monai missing: what a user sees on the first click."""
+def fresh_slicer(scene, monkeypatch, tmp_path):
+    """Not in testing mode, with packages missing until the (recorded) installer has run: what a user sees on
+    the first click. The installer is a stand-in Python that logs its arguments."""
     from LiverSegLib import dependencies
 
+    log = tmp_path / "pip.log"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_PIP}")
+    fake.chmod(0o755)
+    monkeypatch.setenv("LIVERSEG_FAKE_PIP_LOG", str(log))
     monkeypatch.setattr(slicer.app, "_testing", False)
-    monkeypatch.setattr(dependencies, "importable", lambda name: name != "monai" or installed["monai"])
-    installed = {"monai": False}
+    absent = {"onnxruntime", "torch", "monai", "onnx", "safetensors"}
+
+    def importable(name: str) -> bool:
+        return name not in absent or log.exists()  # there once the installer ran
+
+    monkeypatch.setattr(dependencies, "importable", importable)
+    original = dependencies.InstallRun.__init__
+    monkeypatch.setattr(dependencies.InstallRun, "__init__",
+                        lambda self, packages, python=None: original(self, packages, str(fake)))
     dialogs: list[str] = []
 
     def confirm(text, *args, **kwargs) -> bool:
@@ -304,87 +388,147 @@ def fresh_slicer(scene, monkeypatch):
         return True
 
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", confirm)
-    return dependencies, installed, dialogs
+    return dependencies, log, dialogs
 
 
-def test_pip_arguments_keep_a_windows_path_with_spaces(fresh_slicer, monkeypatch, tmp_path):
-    dependencies, installed, dialogs = fresh_slicer
-    odd = tmp_path / r"C:\Users\John Smith\AppData\Local\Temp"
-    odd.mkdir()
-    monkeypatch.setattr(dependencies.tempfile, "tempdir", str(odd))
-    monkeypatch.setattr(dependencies, "_packaging_module", lambda: None)  # Slicer 5.4-5.10
-    calls = []
-
-    def pip_install(requirements, **kwargs) -> None:
-        calls.append(slicer_54_pip_install(requirements))
-        installed["monai"] = True
-
-    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
-    dependencies.ensure_dependencies(ask=True)
-    assert len(dialogs) == 1 and "monai>=1.3" in dialogs[0]
-    (args,) = calls
-    assert args[:1] == ["monai>=1.3"] and args[1] == "--constraint"
-    constraints = args[2]
-    assert constraints.startswith(str(odd)) and os.path.isfile(constraints)
-    assert "numpy==" in open(constraints).read()
+def logged(log) -> list[list[str]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_pip_ensure_is_used_without_a_second_dialog_when_slicer_packaging_imports(fresh_slicer, monkeypatch):
+def test_what_each_use_needs(fresh_slicer):
+    dependencies, _, _ = fresh_slicer
+    assert dependencies.missing_packages("auto") == ["onnxruntime>=1.16"]
+    assert dependencies.missing_packages("cpu") == ["onnxruntime>=1.16"]
+    for device, training in (("cuda", False), ("mps", False), ("cpu", True)):
+        assert dependencies.missing_packages(device, training) == [
+            "torch>=2.0", "onnxruntime>=1.16", "monai>=1.3", "safetensors>=0.4", "onnx>=1.15"]
+
+
+@requires_bundled_model
+def test_first_click_installs_onnxruntime_in_a_process_then_segments(fresh_slicer, panel):
+    """One dialog, onnxruntime alone, pip in a process (progress on the panel, Slicer not blocked), a
+    constraints file that keeps Slicer's numpy; then the run starts by itself."""
+    dependencies, log, dialogs = fresh_slicer
+    panel.ui.inputVolumeSelector.setCurrentNode(add_ct("ct"))
+    panel.ui.applyButton.click()
+    assert panel._installRun is not None and panel._run is None
+    assert not panel.ui.applyButton.enabled and panel.ui.cancelButton.enabled
+    assert panel.ui.statusLabel.text == "Installing onnxruntime>=1.16..."
+    install = panel._installRun
+    poll_until_done(panel)
+    assert len(dialogs) == 1 and "onnxruntime>=1.16" in dialogs[0] and "torch" not in dialogs[0]
+    (args,) = logged(log)
+    assert args[:4] == ["-m", "pip", "install", "onnxruntime>=1.16"] and args[4] == "--constraint"
+    assert "numpy==" in open(args[5]).read()
+    assert install.done and install.stage.startswith("Collecting onnxruntime")  # pip's last line, shown as progress
+    assert panel.ui.statusLabel.text.startswith("Liver: ")
+
+
+def test_a_gpu_installs_torch_as_the_pytorch_extension_does_without_importing_it(fresh_slicer, panel):
+    """Picking CUDA installs torch with light-the-torch (the CUDA build for the driver), then MONAI and the
+    rest, all in processes: the panel's process never imports torch."""
     import types
 
-    dependencies, installed, dialogs = fresh_slicer
-    calls = []
-
-    def pip_ensure(requirements, constraints=None, prompt_install=True, requester=None, **kwargs) -> None:
-        calls.append((list(requirements), prompt_install, requester))
-        installed["monai"] = True
-
-    monkeypatch.setitem(sys.modules, "slicer.packaging", types.SimpleNamespace(pip_ensure=pip_ensure))
-    monkeypatch.setattr(slicer, "packaging", sys.modules["slicer.packaging"], raising=False)
-    monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: pytest.fail("pip_install used beside pip_ensure"))
-    dependencies.ensure_dependencies(ask=True)
-    assert calls == [(["monai>=1.3"], False, "LiverSeg")]
-    assert len(dialogs) == 1
+    dependencies, log, dialogs = fresh_slicer
+    run = dependencies.InstallRun(dependencies.missing_packages("cuda"))
+    assert run.wait(60) and run.error is None and run.still_missing() == []
+    commands = logged(log)
+    assert commands[0][:4] == ["-m", "pip", "install", "light-the-torch>=0.5"]
+    assert commands[1][:4] == ["-m", "light_the_torch", "install", "torch>=2.0"]
+    assert commands[2][:3] == ["-m", "pip", "install"] and "monai>=1.3" in commands[2]
+    assert all("--constraint" in c for c in commands)
+    assert not isinstance(sys.modules.get("torch"), types.SimpleNamespace)
 
 
-def test_declined_consent_installs_nothing(fresh_slicer, monkeypatch):
-    dependencies, installed, _ = fresh_slicer
+def test_a_failed_install_says_so_with_pip_s_output(fresh_slicer, monkeypatch):
+    dependencies, log, _ = fresh_slicer
+    monkeypatch.setenv("LIVERSEG_FAKE_PIP_EXIT", "1")
+    run = dependencies.InstallRun(["onnxruntime>=1.16"])
+    assert run.wait(60)
+    assert "could not install onnxruntime>=1.16: pip ended with exit code 1" in str(run.error)
+    assert "Collecting onnxruntime" in run.details
+
+
+def test_a_real_pip_run_of_what_is_there_goes_through(tmp_path):
+    """The installer with the real pip (nothing to download: already satisfied), list arguments and a
+    constraints file in a folder whose name has spaces."""
+    from LiverSegLib.dependencies import InstallRun
+
+    run = InstallRun(["onnxruntime>=1.16"], python=sys.executable)
+    assert run.wait(120), "pip did not finish"
+    assert run.error is None, run.details
+
+
+def test_declined_consent_installs_nothing(fresh_slicer, monkeypatch, panel):
+    dependencies, log, _ = fresh_slicer
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: False)
-    monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: pytest.fail("installed without consent"))
     with pytest.raises(LiverSegError, match="installation declined"):
-        dependencies.ensure_dependencies(ask=True)
+        dependencies.ask_to_install(dependencies.missing_packages("auto"))
+    panel.ui.inputVolumeSelector.setCurrentNode(add_ct("ct", shape=(20, 40, 40)))
+    with pytest.raises(LiverSegError, match="installation declined"):
+        panel.ui.applyButton.click()
+    assert panel._installRun is None and panel._run is None and not log.exists()
 
 
-def test_torch_comes_from_the_pytorch_extension_with_a_minimum_version(fresh_slicer, monkeypatch):
-    import types
-
-    dependencies, installed, dialogs = fresh_slicer
-    installed["monai"] = True
-    state = {"torch": False}
-    monkeypatch.setattr(dependencies, "torch_needed", lambda: not state["torch"])
-    asked = []
-
-    class PyTorchUtilsLogic:  # the PyTorch extension's logic (PyTorchUtils.py), as far as LiverSeg calls it
-        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
-                         torchvisionVersionRequirement=None):
-            asked.append((askConfirmation, torchVersionRequirement))
-            state["torch"] = True
-            return types.SimpleNamespace(__version__="2.5.0")
-
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
-    dependencies.ensure_dependencies(ask=True)
-    assert asked == [(False, ">=2.0")] and len(dialogs) == 1 and "torch>=2.0" in dialogs[0]
-
-
-def test_self_test_skips_and_says_what_to_install_without_the_packages(scene, monkeypatch):
+def test_self_test_runs_as_slicer_runs_it(scene, monkeypatch):
+    """``slicer.testing.runUnitTest`` loads the test_* methods with unittest: each runs (through the engine
+    process) with the packages, and each is skipped, saying what to install, without them."""
+    import io
     import unittest
 
-    from LiverSeg import LiverSegTest
     from LiverSegLib import dependencies
 
-    monkeypatch.setattr(dependencies, "importable", lambda name: name not in ("torch", "monai"))
-    with pytest.raises(unittest.SkipTest, match="install torch .*monai"):
+    def run_unit_test():
+        suite = unittest.TestLoader().loadTestsFromName("LiverSeg")
+        return unittest.TextTestRunner(stream=io.StringIO(), verbosity=2).run(suite)
+
+    monkeypatch.setattr(dependencies, "importable", lambda name: name != "onnxruntime")
+    result = run_unit_test()
+    assert result.wasSuccessful() and result.testsRun == 1
+    assert len(result.skipped) == 1 and "install onnxruntime>=1.16" in result.skipped[0][1]
+    from LiverSeg import LiverSegTest
+
+    with pytest.raises(unittest.SkipTest, match="install onnxruntime"):  # "Reload and Test"
         LiverSegTest().runTest()
+    monkeypatch.undo()
+    if bundled_model() is not None:
+        result = run_unit_test()
+        assert result.wasSuccessful() and result.testsRun == 1 and not result.skipped, result.errors
+
+
+def test_error_dialogs_show_no_none_details(scene, monkeypatch):
+    from LiverSegLib.widget import show_error
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: shown.append((text, kwargs)))
+    show_error("bad", "")
+    show_error("worse", "Traceback ...")
+    assert shown == [("bad", {}), ("worse", {"detailedText": "Traceback ..."})]
+
+
+def test_about_to_quit_is_connected_once_and_disconnected_on_cleanup(scene):
+    module, widget = open_panel()
+    quits = [s for s, _ in slicer.app.__dict__.get("slots", []) if s.startswith("aboutToQuit")]
+    assert len(quits) == 1
+    close_panel(module)
+    assert not [s for s, _ in slicer.app.__dict__.get("slots", []) if s.startswith("aboutToQuit")]
+
+
+def test_dataset_count_is_read_again_only_when_dataset_json_changes(tmp_path, monkeypatch):
+    from LiverSeg import LiverSegLogic
+
+    logic = LiverSegLogic()
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{}, {}]}))
+    assert logic.datasetCaseCount(tmp_path) == 2
+    reads = []
+    original = type(tmp_path).read_text
+    monkeypatch.setattr(type(tmp_path), "read_text", lambda self, *a, **k: reads.append(self) or original(self, *a, **k))
+    for _ in range(50):  # keystrokes
+        assert logic.datasetCaseCount(tmp_path) == 2
+    assert reads == []
+    time.sleep(0.01)
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{}, {}, {}]}))
+    assert logic.datasetCaseCount(tmp_path) == 3
 
 
 @requires_bundled_model

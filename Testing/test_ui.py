@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from conftest import ROOT
 
 UI = ROOT / "Resources" / "UI" / "LiverSeg.ui"
-MODULE = ROOT / "LiverSegModule" / "LiverSeg.py"
+MODULE = ROOT / "LiverSegModule" / "LiverSegLib" / "widget.py"  # the panel's code
 
 # Widget classes of Qt 5, CTK and Slicer's qMRMLWidgets that LiverSeg may use (checked against their docs).
 KNOWN_CLASSES = {

@@ -1,10 +1,13 @@
 """Peak memory of a whole ``liverseg segment`` process on a large CT, stored as float64 and as int16.
 
     python benchmarks/peak_memory.py [--slices 1500] [--formats nrrd,nii,nii.gz]
+    python benchmarks/peak_memory.py --tile 4 --types int16 --formats nrrd     # 512 x 512 x 516
 
 The CT is chaos_ct3 from ../shared/data resampled to 512 x 512 x SLICES (real HU, the same anatomy in
-thinner slices), or a synthetic CT of that size when the data is absent. Each file is written once, then
-segmented in a fresh process whose peak resident memory (ru_maxrss, from wait4) is printed as one JSON
+thinner slices), or with --tile N, resampled to 129 slices and stacked N times along z (N abdomens, one
+above the other: a long scan with as much to look at as N); a synthetic CT when the data is absent.
+Each file is written once, then segmented in a fresh process whose peak resident memory (ru_maxrss,
+from wait4) is printed as one JSON
 line per file. The files are large (3.1 GB for float64 at 1500 slices): they go to --work (default /tmp)
 and are removed at the end.
 """
@@ -48,6 +51,20 @@ def large_ct(slices: int):
     return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, -1024), source
 
 
+def tiled_ct(tiles: int):
+    """chaos_ct3 at 512 x 512 x 129, stacked ``tiles`` times along z."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    image, source = large_ct(129)
+    array = np.concatenate([sitk.GetArrayViewFromImage(image)] * tiles, axis=0)
+    tiled = sitk.GetImageFromArray(array)
+    tiled.SetSpacing(image.GetSpacing())
+    tiled.SetOrigin(image.GetOrigin())
+    tiled.SetDirection(image.GetDirection())
+    return tiled, f"{source}, tiled {tiles} times along z"
+
+
 def run(ct: Path, out: Path) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "LiverSegExtension.cli", "segment", str(ct), "-o", str(out),
@@ -63,10 +80,10 @@ def run(ct: Path, out: Path) -> dict:
             "status": row.get("status"), "liver_ml": row.get("liver_ml"), "error": row.get("error") or None}
 
 
-def write(path: Path, slices: int, type_name: str) -> None:
+def write(path: Path, slices: int, type_name: str, tiles: int = 0) -> None:
     import SimpleITK as sitk
 
-    image, source = large_ct(slices)
+    image, source = tiled_ct(tiles) if tiles else large_ct(slices)
     pixel = {"float64": sitk.sitkFloat64, "float32": sitk.sitkFloat32, "int16": sitk.sitkInt16, "int32": sitk.sitkInt32}
     sitk.WriteImage(sitk.Cast(image, pixel[type_name]), str(path), path.name.endswith(".gz"))
     print(source)
@@ -77,12 +94,13 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=1500)
     parser.add_argument("--formats", default="nrrd,nii")
     parser.add_argument("--types", default="float64,int16")
+    parser.add_argument("--tile", type=int, default=0, help="stack the 129-slice CT this many times instead")
     parser.add_argument("--work", default=tempfile.gettempdir())
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # internal: make one file, in a process of its own
     parser.add_argument("--type", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
-        write(args.write, args.slices, args.type)
+        write(args.write, args.slices, args.type, args.tile)
         return
 
     work = Path(tempfile.mkdtemp(prefix="liverseg-memory-", dir=args.work))
@@ -93,9 +111,11 @@ def main() -> None:
                 # Written by a child: a fork of a process holding the CT would count its pages in the
                 # peak of the process measured next.
                 source = subprocess.run([sys.executable, __file__, "--write", str(ct), "--slices", str(args.slices),
-                                         "--type", type_name], check=True, capture_output=True, text=True).stdout.strip()
+                                         "--type", type_name, "--tile", str(args.tile)], check=True, capture_output=True,
+                                        text=True).stdout.strip()
                 result = run(ct, work / f"out_{type_name}_{fmt}")
-                print(json.dumps({"ct": f"{source}, 512x512x{args.slices} {type_name} .{fmt}",
+                slices = 129 * args.tile if args.tile else args.slices
+                print(json.dumps({"ct": f"{source}, 512x512x{slices} {type_name} .{fmt}",
                                   "file_gb": round(ct.stat().st_size / 1e9, 2), **result}), flush=True)
                 ct.unlink()
     finally:

@@ -4,8 +4,9 @@
 
 The panel is built on slicer-core's real MRML with the Qt stand-in of Testing/StandIns (its QProcess runs
 the real engine process, as qt.QProcess does in Slicer); its 100 ms timer is fired every 100 ms, as
-Slicer's event loop would. The first click starts the engine process (torch and monai imported there);
-later clicks reuse it. The CT is chaos_ct3 from ../shared/data resampled to 512 x 512 x 129 (real HU),
+Slicer's event loop would. The first click starts the engine process (ONNX Runtime and the model loaded
+there; with --device cuda, torch); later clicks reuse it. The CT is chaos_ct3 from ../shared/data
+resampled to 512 x 512 x 129 (real HU),
 or a synthetic CT of that size when the data is absent. Prints one JSON line per click.
 """
 
@@ -63,9 +64,11 @@ def main() -> None:
     import SimpleITK as sitk
 
     volume = slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijkToRAS=ijk_to_ras_of(image), name="CT")
-    widget = LiverSeg.LiverSegWidget()
-    widget.setup()
-    widget.enter()
+    from slicer.ScriptedLoadableModule import ModulePanel
+
+    module = ModulePanel(LiverSeg.LiverSegWidget)
+    widget = module.setup()
+    module.enter()
     widget.ui.inputVolumeSelector.setCurrentNode(volume)
     widget.ui.deviceComboBox.setCurrentIndex(widget.ui.deviceComboBox.findData(args.device))
     try:

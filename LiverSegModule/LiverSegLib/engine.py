@@ -4,7 +4,13 @@ Slicer's main thread holds the GIL while it sits in the Qt event loop, so a Pyth
 only advance while the main thread runs Python. Instead Slicer's own Python (``PythonSlicer``) runs
 ``python -m LiverSegExtension.worker`` through ``qt.QProcess``; requests go to its stdin and JSON lines
 come back on its stdout (see that module for the protocol). The process stays up between runs, so only
-the first run pays for importing torch; a cancel kills it at once, and the next run starts a new one.
+the first run pays for loading the model; a cancel kills it at once, and the next run starts a new one.
+
+``PythonSlicer`` is CTK's application launcher: it runs the real Python as its child, forwards its
+channels, does not end the child when it is killed itself, and reports a crashed child as exit code 1
+(commontk/AppLauncher, ``ctkAppLauncher.cpp``). So killing the QProcess is not enough: the engine's own
+pid (from its ``ready`` message) is killed too, and a crash is told by the protocol (no answer before the
+process ended), not by Qt's exit status. The worker also ends itself when its launcher goes.
 
 Everything here is polled from the main thread (a QTimer in the panel, :meth:`SegmentRun.wait` in
 scripts): no callback ever runs on another thread, and MRML is touched only by the caller.
@@ -15,7 +21,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,10 +31,12 @@ from typing import Any
 
 import LiverSegExtension
 from LiverSegExtension.errors import CancelledError, LiverSegError
+from LiverSegExtension.worker import PROTOCOL
 
 ENGINE_ROOT = Path(LiverSegExtension.__file__).resolve().parent.parent  # the folder holding the engine package
 WORKER_ARGUMENTS = ["-u", "-m", "LiverSegExtension.worker"]
 STDERR_LINES = 40  # what is kept of the engine's stderr, for the details of an error
+CRASHED = "the LiverSeg engine crashed or was killed (out of memory?)"
 
 
 def python_executable() -> str:
@@ -46,17 +56,17 @@ class EngineProcess:
 
     def __init__(self, python: str | None = None) -> None:
         self.python = python or python_executable()
-        self.ready: dict | None = None  # the engine's "ready" message: torch version, devices present
+        self.ready: dict | None = None  # the engine's "ready" message: its pid, runtimes and devices
         self._process = None
         self._buffer = b""
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
 
-    def start(self) -> EngineProcess:
+    def start(self, arguments: list[str] | None = None) -> EngineProcess:
         import qt
 
         process = qt.QProcess()
         process.setProgram(self.python)
-        process.setArguments(WORKER_ARGUMENTS)
+        process.setArguments(list(arguments or WORKER_ARGUMENTS))
         process.setWorkingDirectory(str(ENGINE_ROOT))  # ``-m`` imports the engine from there
         process.start()
         if not process.waitForStarted(15000):
@@ -73,7 +83,14 @@ class EngineProcess:
 
     @property
     def pid(self) -> int | None:
+        """The launcher's pid (the QProcess's); the engine's own is ``engine_pid``."""
         return int(self._process.processId()) if self._process is not None else None
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine's own pid, as its ``ready`` message gave it (behind a launcher, not the QProcess's)."""
+        pid = (self.ready or {}).get("pid")
+        return int(pid) if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
 
     def send(self, request: dict) -> None:
         self._process.write((json.dumps(request) + "\n").encode("utf-8"))
@@ -94,7 +111,16 @@ class EngineProcess:
             except ValueError:
                 logging.debug("LiverSeg engine (not a message): %r", line[:200])
                 continue
+            if not isinstance(message, dict):
+                continue
             if message.get("event") == "ready":
+                if message.get("protocol") != PROTOCOL:  # an engine of another LiverSeg version: refuse it
+                    messages.append({"event": "error", "id": None, "user": True,
+                                     "message": f"the LiverSeg engine speaks protocol {message.get('protocol')}, this "
+                                                f"panel {PROTOCOL}: the engine package and the module are of different "
+                                                "versions (reinstall the extension and restart Slicer)"})
+                    self.kill()
+                    continue
                 self.ready = message
             messages.append(message)
         return messages
@@ -105,24 +131,25 @@ class EngineProcess:
             self._process.waitForReadyRead(msecs)
 
     def description(self) -> str:
-        """How the process ended, with the last lines it wrote to stderr."""
-        import qt
-
+        """How the process ended (its exit code; behind the launcher a crash is exit code 1), with the last
+        lines it wrote to stderr."""
         if self._process is None:
             return "never started"
         if self.running:
             return "still running"
-        crashed = self._process.exitStatus() == qt.QProcess.CrashExit
-        what = "it was killed or crashed (out of memory?)" if crashed else f"exit code {self._process.exitCode()}"
         tail = [line for line in self._stderr if line.strip()][-3:]
-        return what + (": " + " | ".join(tail) if tail else "")
+        return f"exit code {self._process.exitCode()}" + (": " + " | ".join(tail) if tail else "")
 
     @property
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr)
 
     def kill(self) -> None:
-        """End the process now (cancel, scene close); waits at most a second for it to go."""
+        """End the engine now (cancel, scene close): its own process and the launcher's; waits at most a
+        second for the launcher to go."""
+        engine = self.engine_pid
+        if engine is not None and engine != self.pid:
+            kill_pid(engine)
         if self.running:
             self._process.kill()
             self._process.waitForFinished(1000)
@@ -133,6 +160,14 @@ class EngineProcess:
             self.send({"cmd": "quit"})
             if not self._process.waitForFinished(3000):
                 self.kill()
+
+
+def kill_pid(pid: int) -> None:
+    """Kill a process by pid, if it still runs (the engine behind the launcher)."""
+    try:
+        os.kill(pid, signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
+    except (OSError, ValueError):
+        pass  # gone already
 
 
 class _EngineRun:
@@ -204,9 +239,9 @@ class SegmentRun(_EngineRun):
                 self.stage = "engine ready"
             else:
                 self._take(message)
-        if not self.done and not alive:
-            self.error = LiverSegError(f"{self.source}: the LiverSeg engine stopped before it finished "
-                                       f"({self.engine.description()}); the scene was not changed")
+        if not self.done and not alive:  # it ended without answering: whatever its exit code says, it crashed
+            self.error = LiverSegError(f"{self.source}: {CRASHED} before it finished ({self.engine.description()}); "
+                                       "the scene was not changed")
             self.details = self.engine.stderr_tail
         return self.done
 
@@ -258,7 +293,7 @@ class TrainRun(_EngineRun):
         if self.done or not alive:
             self.engine.stop()  # this process served one fine-tune
             if not self.done:
-                self.error = LiverSegError(f"fine-tuning stopped before it finished ({self.engine.description()})")
+                self.error = LiverSegError(f"fine-tuning stopped: {CRASHED} ({self.engine.description()})")
                 self.details = self.engine.stderr_tail
         return self.done
 

@@ -1,10 +1,10 @@
 """``LiverSegLogic``: the module's logic, usable without the GUI (scripts, batch runs, self-tests).
 
-``process()`` runs the engine synchronously in this process (scripts and the batch, where nothing
-waits on an event loop). ``start()`` hands the CT to the engine process (see ``engine.py``) and returns a
-:class:`SegmentRun` to poll; ``finish()`` writes its mask into the scene. The scene is only changed once
-a mask exists: an error or a cancel leaves it as it was. Nothing here imports torch: the engine does,
-in its own process (``start``) or once ``process`` is called.
+``start()`` hands the CT to the engine process (see ``engine.py``) and returns a :class:`SegmentRun` to
+poll; ``finish()`` writes its mask into the scene. ``process()`` runs the engine synchronously in this
+process (the batch, where nothing waits on an event loop): on the CPU that is ONNX Runtime, never torch.
+The scene is only changed once a mask exists: an error or a cancel leaves it as it was. Nothing here
+imports torch. The engine process comes from ``engineFactory`` (tests may give a fake one).
 """
 
 from __future__ import annotations
@@ -29,6 +29,22 @@ from LiverSegLib import mrml
 from LiverSegLib.engine import EngineProcess, SegmentRun, TrainRun
 
 
+def outcome(run, what: str) -> dict[str, Any]:
+    """A finished engine run's result message, or its error raised (an unexpected one's traceback logged)."""
+    run.poll()
+    if run.error is not None:
+        if run.details:
+            logging.error("LiverSeg: %s\n%s", run.error, run.details)
+        raise run.error
+    if not run.done:
+        raise LiverSegError(f"{what} has not finished")
+    return run.result
+
+
+def _text(path: str | None) -> str | None:
+    return Path(path).read_text() if path and Path(path).is_file() else None
+
+
 @dataclass
 class LiverSegRun:
     """What a finished run produced."""
@@ -40,21 +56,25 @@ class LiverSegRun:
     model_name: str
     warnings: list[str] = field(default_factory=list)  # e.g. no liver found, or a header that misstates the anatomy
     uncertainty: float = 0.0  # see LiverSegExtension.inference.uncertainty_of
+    runtime: str = ""  # what ran the networks, and where: "onnxruntime 1.20.1 on cpu"
 
 
 class LiverSegLogic(ScriptedLoadableModuleLogic):
     """Segment the liver of a scalar volume into a segmentation node."""
 
-    def __init__(self) -> None:
+    def __init__(self, engineFactory=EngineProcess) -> None:
         ScriptedLoadableModuleLogic.__init__(self)  # type: ignore[arg-type]
+        self.engineFactory = engineFactory  # () -> an unstarted EngineProcess
         self._segmenters: dict[tuple[str, str], Any] = {}
         self._engine: EngineProcess | None = None
+        self._datasetCounts: dict[str, tuple[float, int | None]] = {}
+        self._ctCache: tuple[tuple, Path] | None = None  # the last CT handed to the engine, and what it was
         self._training: list[TrainRun] = []  # fine-tunes started here, each in its own engine process
         self._ids = itertools.count(1)
 
     # -- parameters ------------------------------------------------------------------------------
     def getParameterNode(self):
-        from LiverSeg import LiverSegParameterNode  # the wrapper class lives in the module file
+        from LiverSegLib.parameters import LiverSegParameterNode
 
         return LiverSegParameterNode(super().getParameterNode())
 
@@ -69,7 +89,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         """Devices present, as the engine process found them (None until it has started: Slicer itself
         never imports torch)."""
         ready = self._engine.ready if self._engine is not None else None
-        return list(ready["devices"]) if ready else None
+        return list(ready.get("devices") or ["cpu"]) if ready else None
 
     @staticmethod
     def modelCard(model_path: str | Path | None) -> dict[str, Any]:
@@ -98,7 +118,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     def engine(self) -> EngineProcess:
         """The warm engine process, started (again) when it is not running."""
         if self._engine is None or not self._engine.running:
-            self._engine = EngineProcess().start()
+            self._engine = self.engineFactory().start()
         return self._engine
 
     def shutdown(self) -> None:
@@ -106,6 +126,9 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         if self._engine is not None:
             self._engine.stop()
             self._engine = None
+        if self._ctCache is not None:
+            shutil.rmtree(self._ctCache[1].parent, ignore_errors=True)
+            self._ctCache = None
         for run in self._training:
             run.cancel()
         self._training = []
@@ -123,19 +146,15 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
               device: str = "auto") -> SegmentRun:
         """Hand the volume to the engine process and return the run to poll (``run.poll()``), then
         call ``finish(run)``. The nodes are fixed now: the result goes to these, whatever is selected later."""
-        import SimpleITK as sitk
 
-        from LiverSegExtension.geometry import image_from_array
 
         self._check_inputs(input_volume)
         workdir = Path(tempfile.mkdtemp(prefix="LiverSeg-"))  # private (0700), removed by finish or cancel
         try:
-            ct_path = workdir / "ct.nrrd"
-            # Uncompressed: written and read at disk speed; the engine reads exactly this grid.
-            sitk.WriteImage(image_from_array(*mrml.volume_array_and_matrix(input_volume)), str(ct_path), False)
+            ct_path = self._ctFile(input_volume)
             engine = self.engine()
             request = {"cmd": "segment", "id": next(self._ids), "input": str(ct_path),
-                       "output": str(workdir / "mask.nrrd"), "probability_output": str(workdir / "probability.nrrd"),
+                       "output": str(workdir / "mask.nrrd"), "attributes": True,
                        "model": str(model_path or ""), "device": device,
                        "source": input_volume.GetName()}
             engine.send(request)
@@ -146,18 +165,32 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                           output_segmentation.GetID() if output_segmentation is not None else None,
                           input_volume.GetName())
 
+    def _ctFile(self, volume) -> Path:
+        """The volume as a raw NRRD for the engine (uncompressed: written and read at disk speed; the engine
+        reads exactly this grid). Written again only when the voxels or the geometry changed since the last
+        run: a second click on the same CT writes nothing, and the engine reuses what it read."""
+        from LiverSegExtension.geometry import image_from_array
+
+        array, matrix = mrml.volume_array_and_matrix(volume)
+        key = (volume.GetID(), volume.GetImageData().GetMTime(), array.shape, str(array.dtype), matrix.tobytes())
+        if self._ctCache is not None and self._ctCache[0] == key and self._ctCache[1].is_file():
+            return self._ctCache[1]
+        import SimpleITK as sitk
+
+        folder = self._ctCache[1].parent if self._ctCache is not None else Path(tempfile.mkdtemp(prefix="LiverSeg-ct-"))
+        path = folder / f"ct-{next(self._ids)}.nrrd"  # a new name: the engine's cache is keyed by the file
+        for old in folder.glob("ct-*.nrrd"):
+            old.unlink(missing_ok=True)
+        sitk.WriteImage(image_from_array(array, matrix), str(path), False)
+        self._ctCache = (key, path)
+        return path
+
     def finish(self, run: SegmentRun) -> LiverSegRun:
         """Write a finished run's mask into the scene (main thread), or raise its error."""
         import SimpleITK as sitk
 
         try:
-            run.poll()
-            if run.error is not None:
-                if run.details:  # an unexpected error in the engine: keep its traceback in the log
-                    logging.error("LiverSeg: %s\n%s", run.error, run.details)
-                raise run.error
-            if not run.done:
-                raise LiverSegError(f"{run.source}: the run has not finished")
+            outcome(run, f"{run.source}: the run")
             volume = run.scene.GetNodeByID(run.volume_id)
             if volume is None:
                 raise LiverSegError(f"{run.source}: the input volume was removed during the run")
@@ -168,18 +201,21 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                     raise LiverSegError(f"{run.source}: the output segmentation was removed during the run")
             image = sitk.ReadImage(str(run.output_path))
             mask = sitk.GetArrayViewFromImage(image)  # no copy: ``image`` outlives the writing below
-            probability_path = run.output_path.with_name("probability.nrrd")
-            probability = sitk.GetArrayFromImage(sitk.ReadImage(str(probability_path))) if probability_path.exists() else None
             result = run.result
             done = self._write_result(volume, segmentation, mask, result["liver_ml"], result["seconds"],
-                                      result["model_name"], list(result.get("warnings", [])), probability)
+                                      result["model_name"], list(result.get("warnings", [])),
+                                      draft=_text(result.get("draft_file")), uncertain=_text(result.get("uncertain_file")))
             done.uncertainty = float(result.get("uncertainty", 0.0))
+            done.runtime = f"{result.get('runtime', '?')} on {result.get('device', '?')}"
             return done
         finally:
             run.cleanup()
 
     def _write_result(self, volume, segmentation, mask, liver_ml: float, seconds: float, model_name: str,
-                      warnings: list[str], probability=None) -> LiverSegRun:
+                      warnings: list[str], probability=None, draft: str | None = None,
+                      uncertain: str | None = None) -> LiverSegRun:
+        """The mask into the scene, with the draft and the uncertain band as node attributes: given as text
+        (from the engine process), or made here from the mask and the probability."""
         expected = mrml.volume_array_and_matrix(volume)[0].shape
         if tuple(mask.shape) != tuple(expected):
             raise LiverSegError(f"{volume.GetName()}: the mask ({'x'.join(map(str, mask.shape[::-1]))}) does not fit "
@@ -197,12 +233,13 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         # Keep the model's draft and name with the node (saved with the scene, so a restart of Slicer
         # loses neither): the export measures how much the annotator changed.
         segmentation.SetAttribute("LiverSeg.Model", model_name)
-        segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, mrml.encode_mask(mask))
-        if probability is not None and tuple(probability.shape) == tuple(expected):
-            from LiverSegExtension.metrics import UNSURE
+        segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, draft or mrml.encode_mask(mask))
+        if uncertain is None and probability is not None and tuple(probability.shape) == tuple(expected):
+            from LiverSegExtension.masktext import uncertain_band
 
-            band = (probability > UNSURE[0] * 255) & (probability < UNSURE[1] * 255)
-            segmentation.SetAttribute(mrml.UNCERTAIN_ATTRIBUTE, mrml.encode_mask(band.astype(np.uint8)))
+            uncertain = mrml.encode_mask(uncertain_band(probability))
+        if uncertain is not None:
+            segmentation.SetAttribute(mrml.UNCERTAIN_ATTRIBUTE, uncertain)
         if segmentation.GetSegmentation().GetSegmentIdBySegmentName(mrml.UNCERTAIN_SEGMENT):  # of an earlier run
             self.showUncertainRegions(segmentation, volume, True)
         for warning in warnings:
@@ -226,6 +263,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         run = self._write_result(inputVolume, outputSegmentation, result.mask, result.liver_ml, result.seconds,
                                  segmenter.model.name, list(result.warnings), result.probability)
         run.uncertainty = result.uncertainty
+        run.runtime = segmenter.runs_on
         return run
 
     # -- where the model hesitates ------------------------------------------------------------------
@@ -271,18 +309,28 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         return ras
 
     # -- fine-tuning ---------------------------------------------------------------------------------
-    @staticmethod
-    def datasetCaseCount(datasetFolder: str | Path | None) -> int | None:
-        """How many training cases ``dataset.json`` lists (None: no dataset there, or unreadable)."""
+    def datasetCaseCount(self, datasetFolder: str | Path | None) -> int | None:
+        """How many training cases ``dataset.json`` lists (None: no dataset there, or unreadable). Read
+        again only when the file changed: the panel asks on every parameter change and keystroke."""
         import json
 
         if not datasetFolder:
             return None
+        path = Path(datasetFolder) / "dataset.json"
         try:
-            entries = json.loads((Path(datasetFolder) / "dataset.json").read_text()).get("training")
-        except (OSError, ValueError, AttributeError):
+            stamp = path.stat().st_mtime_ns
+        except OSError:
             return None
-        return len(entries) if isinstance(entries, list) else None
+        cached = self._datasetCounts.get(str(path))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            entries = json.loads(path.read_text()).get("training")
+        except (OSError, ValueError, AttributeError):
+            entries = None
+        count = len(entries) if isinstance(entries, list) else None
+        self._datasetCounts[str(path)] = (stamp, count)
+        return count
 
     def startFineTune(self, datasetFolder: str | Path, modelPath: str | Path | None = None, device: str = "auto",
                       iterations: int | None = None, outputFolder: str | Path | None = None) -> TrainRun:
@@ -304,7 +352,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             output, version = new_model_dir(card)
         request = {"cmd": "train", "id": next(self._ids), "init": str(parent), "data": [str(datasetFolder)],
                    "output": str(output), "device": device, "iterations": iterations, "version": version}
-        engine = EngineProcess().start()
+        engine = self.engineFactory().start()
         try:
             engine.send(request)
         except Exception:
@@ -317,21 +365,11 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def finishFineTune(run: TrainRun) -> dict[str, Any]:
         """A finished fine-tune's result (``model_dir``, ``accepted``, ``reason``, ``rows``), or its error."""
-        run.poll()
-        if run.error is not None:
-            if run.details:
-                logging.error("LiverSeg: %s\n%s", run.error, run.details)
-            raise run.error
-        if not run.done:
-            raise LiverSegError("the fine-tune has not finished")
-        return run.result
+        return outcome(run, "the fine-tune")
 
     # -- export for training -------------------------------------------------------------------------
-    def exportForTraining(self, inputVolume, segmentationNode, datasetFolder: str | Path, annotator: str = "",
-                          draftMask=None, modelName: str | None = None) -> str:
-        """Add the CT and its (corrected) Liver segment to an MSD dataset; returns the new case name."""
-        from LiverSegExtension.dataset import add_case_arrays
-
+    def _exportInputs(self, inputVolume, segmentationNode, draftMask=None):
+        """(CT array, IJK-to-RAS, Liver label, draft or None) of what is exported."""
         self._check_inputs(inputVolume)
         if segmentationNode is None:
             raise LiverSegError("no segmentation selected")
@@ -342,6 +380,52 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         array, matrix = mrml.volume_array_and_matrix(inputVolume)
         if draftMask is None:  # a draft of another shape (the volume was cropped or resampled) is ignored
             draftMask = mrml.decode_mask(segmentationNode.GetAttribute(mrml.DRAFT_ATTRIBUTE), array.shape)
+        return array, matrix, label, draftMask
+
+    def startExport(self, inputVolume, segmentationNode, datasetFolder: str | Path, annotator: str = "",
+                    modelName: str | None = None) -> SegmentRun:
+        """``exportForTraining`` with its compression and hashing in the engine process (seconds for a large
+        CT), so the main thread only writes raw files; poll the run, then ``finishExport(run)``."""
+        import SimpleITK as sitk
+
+        from LiverSegExtension.geometry import image_from_array
+
+        array, matrix, label, draft = self._exportInputs(inputVolume, segmentationNode)
+        workdir = Path(tempfile.mkdtemp(prefix="LiverSeg-export-"))
+        try:
+            files = {"image": workdir / "ct.nrrd", "label": workdir / "label.nrrd"}
+            sitk.WriteImage(image_from_array(array, matrix), str(files["image"]), False)
+            sitk.WriteImage(image_from_array(label.astype(np.uint8), matrix), str(files["label"]), False)
+            if draft is not None:
+                files["draft"] = workdir / "draft.nrrd"
+                sitk.WriteImage(image_from_array(np.asarray(draft, np.uint8), matrix), str(files["draft"]), False)
+            provenance = {"model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
+                          "annotator": annotator or None}
+            engine = self.engine()
+            request = {"cmd": "export", "id": next(self._ids), "dataset": str(datasetFolder), "provenance": provenance,
+                       **{k: str(v) for k, v in files.items()}, "output": str(datasetFolder)}
+            engine.send(request)
+        except Exception:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return SegmentRun(engine, request, workdir, inputVolume.GetScene(), inputVolume.GetID(), None,
+                          inputVolume.GetName())
+
+    @staticmethod
+    def finishExport(run: SegmentRun) -> str:
+        """The case name a finished export got, or its error."""
+        try:
+            return str(outcome(run, "the export")["case"])
+        finally:
+            run.cleanup()
+
+    def exportForTraining(self, inputVolume, segmentationNode, datasetFolder: str | Path, annotator: str = "",
+                          draftMask=None, modelName: str | None = None) -> str:
+        """Add the CT and its (corrected) Liver segment to an MSD dataset, in this process (scripts; the panel
+        uses ``startExport``); returns the new case name."""
+        from LiverSegExtension.dataset import add_case_arrays
+
+        array, matrix, label, draftMask = self._exportInputs(inputVolume, segmentationNode, draftMask)
         provenance = {
             "model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
             "annotator": annotator or None,

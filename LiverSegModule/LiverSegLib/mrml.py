@@ -2,55 +2,19 @@
 
 from __future__ import annotations
 
-import base64
-import json
-import zlib
-
 import numpy as np
 import slicer
 import vtk
 from vtk.util import numpy_support
 
 from LiverSegExtension.io import LIVER_SEGMENT
+from LiverSegExtension.masktext import decode_mask, encode_mask  # noqa: F401 - the node attributes' format
 
 SEGMENT_NAME = LIVER_SEGMENT["name"]
 DRAFT_ATTRIBUTE = "LiverSeg.Draft"
 UNCERTAIN_ATTRIBUTE = "LiverSeg.Uncertain"  # where the model hesitated (0.1 < p < 0.9), on the volume's grid
 UNCERTAIN_SEGMENT = "Liver: uncertain"  # shown on request, never exported (the export takes "Liver" only)
 UNCERTAIN_COLOR = (255, 215, 0)
-
-
-def encode_mask(mask: np.ndarray) -> str:
-    """A binary mask as compact text for a node attribute (saved with the scene): its box, bit-packed,
-    zlib-compressed, base64. A liver on a 512x512x200 grid takes tens of kilobytes."""
-    shape = [int(n) for n in mask.shape]
-    lo, hi = [0, 0, 0], [0, 0, 0]
-    for axis in range(3):  # the box from per-axis projections: cheaper than listing every voxel
-        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
-        if len(hit):
-            lo[axis], hi[axis] = int(hit[0]), int(hit[-1]) + 1
-    box = np.asarray(mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=bool)
-    payload = base64.b64encode(zlib.compress(np.packbits(box).tobytes(), 6)).decode("ascii")
-    return json.dumps({"v": 1, "shape": shape, "lo": lo, "hi": hi}, separators=(",", ":")) + "|" + payload
-
-
-def decode_mask(text: str | None, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The mask ``encode_mask`` wrote, or None when there is none, it is damaged, or the grid changed."""
-    if not text or "|" not in text:
-        return None
-    try:
-        head, payload = text.split("|", 1)
-        meta = json.loads(head)
-        if meta.get("v") != 1 or tuple(meta["shape"]) != tuple(shape):
-            return None
-        lo, hi = meta["lo"], meta["hi"]
-        size = [b - a for a, b in zip(lo, hi)]
-        bits = np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(payload)), dtype=np.uint8))
-        mask = np.zeros(shape, dtype=np.uint8)
-        mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = bits[: int(np.prod(size))].reshape(size)
-        return mask
-    except (ValueError, KeyError, TypeError, zlib.error):
-        return None
 
 
 def volume_array_and_matrix(volume_node) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +48,9 @@ def write_liver_segment(segmentation_node, volume_node, mask: np.ndarray) -> str
     Other segments are left alone. Terminology, color and reference geometry are (re)applied, the
     segmentation follows the volume's parent transform and sits under the volume's study.
     """
+    # The 3D surface is made once, after the segment is written: left in place, it would be remade by the
+    # write and again here (0.4 s on a 512x512x129 CT).
+    segmentation_node.RemoveClosedSurfaceRepresentation()
     segment_id = write_segment(segmentation_node, volume_node, mask, SEGMENT_NAME, LIVER_SEGMENT["color"],
                                LIVER_SEGMENT["terminology"])
     segmentation_node.CreateClosedSurfaceRepresentation()  # for the 3D view

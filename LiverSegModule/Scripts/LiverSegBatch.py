@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # LiverSegLib (
 
 import LiverSegLib  # noqa: E402,F401 - makes the engine importable
 import slicer  # noqa: E402
+from LiverSegLib.dependencies import needs_torch  # noqa: E402
 from LiverSegLib.mrml import (  # noqa: E402
     find_liver_segment,
     node_ids,
@@ -174,8 +175,19 @@ def run(argv: list[str]) -> int:
     if args.shard:
         cases = shard(cases, shard_i, shard_n)
     logic = LiverSegLogic()
+    # On a GPU the networks run in torch, which Slicer's process never imports: cases then go through the
+    # engine process, as the panel's do. On the CPU (ONNX Runtime) they run here.
+    through_engine = needs_torch(args.device)
     try:
-        logic.segmenter(args.model, args.device)
+        if through_engine:  # checked as the engine will, without loading torch here
+            from LiverSegExtension.catalog import default_model_dir, has_networks, read_card
+
+            folder = Path(args.model) if args.model else default_model_dir()
+            if folder is None or not folder.is_dir() or not has_networks(folder):
+                raise LiverSegError(f"{folder or 'no bundled model'}: model folder not found (or not a model folder)")
+            read_card(folder)
+        else:
+            logic.segmenter(args.model, args.device)
     except LiverSegError as exc:
         print(f"LiverSegBatch: error: {exc}", file=sys.stderr)
         return 2
@@ -216,7 +228,12 @@ def run(argv: list[str]) -> int:
                 row["liver_ml"] = f"{volume_ml(array, grid.GetSpacing()):.1f}"
             else:
                 volume = ctx.load(case)
-                result = logic.process(volume, None, device=args.device, modelPath=args.model)
+                if through_engine:
+                    engine_run = logic.start(volume, None, args.model, args.device)
+                    engine_run.wait()
+                    result = logic.finish(engine_run)
+                else:
+                    result = logic.process(volume, None, device=args.device, modelPath=args.model)
                 write_node(result.segmentation_node, seg_path, args.overwrite)
                 make_labelmap = args.labelmap and lab_path not in existing
                 make_seg = dcm_path in wanted and dcm_path not in existing and result.liver_ml > 0
@@ -225,14 +242,16 @@ def run(argv: list[str]) -> int:
                 if make_labelmap:
                     write_mask(array, grid, lab_path, args.overwrite)
                 if make_seg:
+                    from LiverSegExtension.catalog import default_model_dir, read_card
                     from LiverSegExtension.dicom_seg import write_dicom_seg
 
-                    card = logic.segmenter(args.model, args.device).model.card
+                    card = read_card(args.model or default_model_dir())
                     write_dicom_seg(array, case.files, dcm_path, str(card.get("name", "liverseg")),
                                     str(card.get("version", "")), args.overwrite)
                 warnings = case_warnings(case, result.warnings)
                 row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
-                           warning="; ".join(warnings), status=result_status(result.liver_ml, warnings))
+                           warning="; ".join(warnings), status=result_status(result.liver_ml, warnings),
+                           runtime=result.runtime)
         except OutputExistsError as exc:  # written meanwhile by a concurrent run: done if complete
             if all(complete_output(w) for w in wanted if w.exists()):
                 row.update(status="skipped", liver_ml="", warning="")
@@ -252,6 +271,7 @@ def run(argv: list[str]) -> int:
         detail = row["error"] or (f"{row['liver_ml']} mL" if row["liver_ml"] else note)
         detail += f" WARNING: {row['warning']}" if row["warning"] else ""
         print(f"[{n}/{len(cases)}] {row['status']:7s} {case.label} {detail} ({row['seconds']} s)", flush=True)
+    logic.shutdown()  # the engine process, if cases went through it
     print(f"LiverSegBatch: {len(rows)} case(s): {status_counts(rows)}; summary in {summary_path}", flush=True)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 

@@ -3,7 +3,8 @@
 Covers only what LiverSeg's panel and engine client call, with PythonQt's idioms: ``connect("signal(args)",
 slot)`` (a slot may take fewer arguments than the signal sends), properties read and written as attributes,
 ``QUiLoader`` building the widgets a ``.ui`` file names (with its properties and ``<connections>``), and a
-``QProcess`` that runs a real child process. There is no event loop: tests call the panel's timer slot.
+``QProcess`` that runs a real child process. There is no event loop: tests call the panel's timer slot, and
+each timer tick collects what processes wrote, as a turn of Qt's event loop would.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import inspect
 import os
 import select
 import subprocess
+import time
+import weakref
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
 
@@ -442,23 +445,33 @@ class QTimer(QObject):
         return self._active
 
     def timeout(self) -> None:
-        """What the event loop does when the interval has passed."""
+        """What the event loop does when the interval has passed (it has collected what processes wrote)."""
+        process_events()
         if self._active:
             self.emit("timeout")
 
 
 class QProcess(QObject):
-    """QProcess over a real child process (subprocess.Popen): start, write to stdin, non-blocking reads of
-    stdout and stderr, waitFor*, kill, state, exit code and status."""
+    """QProcess over a real child process (subprocess.Popen): start, write to stdin, waitFor*, kill, state,
+    exit code and status.
+
+    As in Qt (qtbase ``src/corelib/io/qprocess.cpp``), what the child writes reaches ``readAllStandardOutput``
+    and ``readAllStandardError`` only once the event loop (here: :func:`process_events`, which every QTimer
+    tick and ``slicer.app.processEvents`` run) or a ``waitFor*`` call has collected it, and the state turns
+    NotRunning only when the end has been collected the same way. ``waitForReadyRead`` and
+    ``waitForFinished`` return False at once for a process that has finished.
+    """
 
     NotRunning, Starting, Running = 0, 1, 2
     NormalExit, CrashExit = 0, 1
+    _live: weakref.WeakSet = weakref.WeakSet()
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._program, self._arguments, self._cwd = "", [], None
         self._popen: subprocess.Popen | None = None
         self._out, self._err = b"", b""
+        self._state, self._code, self._status = self.NotRunning, 0, self.NormalExit
 
     def setProgram(self, program: str) -> None:
         self._program = program
@@ -478,19 +491,21 @@ class QProcess(QObject):
             return
         for stream in (self._popen.stdout, self._popen.stderr):
             os.set_blocking(stream.fileno(), False)
+        self._state = self.Running
+        QProcess._live.add(self)
 
     def waitForStarted(self, msecs: int = 30000) -> bool:
         return self._popen is not None
 
     def state(self) -> int:
-        if self._popen is None or self._popen.poll() is not None:
-            return self.NotRunning
-        return self.Running
+        return self._state
 
     def processId(self) -> int:
-        return self._popen.pid if self._popen is not None else 0
+        return self._popen.pid if self._popen is not None and self._state != self.NotRunning else 0
 
     def write(self, data: bytes) -> int:
+        if self._state != self.Running:
+            return -1
         try:
             self._popen.stdin.write(bytes(data))
             self._popen.stdin.flush()
@@ -498,10 +513,9 @@ class QProcess(QObject):
         except (OSError, ValueError, AttributeError):
             return -1
 
-    def _pump(self) -> bool:
+    def _read_pipes(self) -> bool:
+        """Move what the pipes hold into the buffers; True if stdout had something."""
         got = False
-        if self._popen is None:
-            return got
         for stream, name in ((self._popen.stdout, "_out"), (self._popen.stderr, "_err")):
             while True:
                 try:
@@ -514,31 +528,52 @@ class QProcess(QObject):
                 got = got or name == "_out"
         return got
 
+    def _collect(self) -> bool:
+        """The event loop's work for this process: read the pipes, and notice its end (after the last
+        output, as Qt reads everything before it emits finished)."""
+        if self._popen is None or self._state == self.NotRunning:
+            return False
+        got = self._read_pipes()
+        code = self._popen.poll()
+        if code is not None:
+            got = self._read_pipes() or got
+            self._state = self.NotRunning
+            self._code, self._status = (0, self.CrashExit) if code < 0 else (code, self.NormalExit)
+            QProcess._live.discard(self)
+            self.emit("finished", self._code, self._status)
+        return got
+
     def readAllStandardOutput(self) -> QByteArray:
-        self._pump()
         data, self._out = self._out, b""
         return QByteArray(data)
 
     def readAllStandardError(self) -> QByteArray:
-        self._pump()
         data, self._err = self._err, b""
         return QByteArray(data)
 
     def waitForReadyRead(self, msecs: int = 30000) -> bool:
-        if self._out or self._pump():
-            return True
-        if self._popen is None:
+        if self._state != self.Running:
             return False
-        ready, _, _ = select.select([self._popen.stdout], [], [], max(0, msecs) / 1000)
-        return bool(ready) and self._pump()
+        end = time.monotonic() + max(0, msecs) / 1000
+        while True:
+            if self._collect():
+                return True
+            if self._state != self.Running:
+                return False
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self._popen.stdout, self._popen.stderr], [], [], min(left, 0.05))
 
     def waitForFinished(self, msecs: int = 30000) -> bool:
-        if self._popen is None:
+        if self._state != self.Running:
             return False
         try:
             self._popen.wait(None if msecs < 0 else msecs / 1000)
         except subprocess.TimeoutExpired:
+            self._collect()
             return False
+        self._collect()
         return True
 
     def kill(self) -> None:
@@ -546,12 +581,16 @@ class QProcess(QObject):
             self._popen.kill()
 
     def exitCode(self) -> int:
-        code = self._popen.returncode if self._popen is not None else None
-        return code if code is not None and code >= 0 else 0
+        return self._code
 
     def exitStatus(self) -> int:
-        code = self._popen.returncode if self._popen is not None else None
-        return self.CrashExit if code is not None and code < 0 else self.NormalExit
+        return self._status
+
+
+def process_events() -> None:
+    """One turn of the event loop for every running QProcess."""
+    for process in list(QProcess._live):
+        process._collect()
 
 
 class QMessageBox:

@@ -52,11 +52,22 @@ class _App:
         return self._io
 
     def processEvents(self) -> None:
-        pass
+        import qt
+
+        qt.process_events()
 
     def connect(self, signal: str, slot) -> None:
         """QCoreApplication's signals (aboutToQuit()); fired by ``quit``."""
         self.__dict__.setdefault("slots", []).append((signal, slot))
+
+    def topLevelWidgets(self) -> list:
+        """QApplication's: none here (no main window; message displays then only log, as headless Slicer does)."""
+        return []
+
+    def disconnect(self, signal: str, slot) -> None:
+        slots = self.__dict__.get("slots", [])
+        if (signal, slot) in slots:
+            slots.remove((signal, slot))
 
     def quit(self) -> None:
         for signal, slot in self.__dict__.pop("slots", []):

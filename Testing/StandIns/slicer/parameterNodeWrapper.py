@@ -45,8 +45,10 @@ def parameterNodeWrapper(cls):
         bound = []
         for widget in list(vars(gui).values()):
             name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
-            if name not in hints:
+            if not name:
                 continue
+            if name not in hints:  # wrapper.py _checkParamName
+                raise ValueError(f"Cannot find a param with the given name: {name}")
             if hasattr(widget, "setCurrentNode"):
                 signal, to_gui = "currentNodeChanged(vtkMRMLNode*)", lambda w, v: w.setCurrentNode(v)
             else:

@@ -1,0 +1,414 @@
+"""The LiverSeg panel: pick inputs, run the engine process with progress and Cancel, export corrections,
+fine-tune. Every run is polled from one 100 ms timer on the main thread; nothing here imports torch, and
+nothing heavy runs here (installs, segmentation, export and fine-tuning all run in other processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
+from slicer.util import VTKObservationMixin
+
+from LiverSegLib import resource_path
+from LiverSegLib.logic import LiverSegLogic
+from LiverSegLib.texts import card_summary, comparison_html
+
+SETTINGS_EXPORT_FOLDER = "LiverSeg/ExportFolder"
+
+
+def show_error(text: str, details: str = "") -> None:
+    """An error dialog; details only when there are some (``detailedText=None`` shows the word "None")."""
+    kwargs = {"detailedText": details} if details else {}
+    slicer.util.errorDisplay(text, **kwargs)
+
+
+class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module's panel (Slicer builds it; ``LiverSeg.py`` names it)."""
+
+    DEVICES = (("Auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"), ("MPS", "mps"))
+
+    def __init__(self, parent=None, logic: LiverSegLogic | None = None) -> None:
+        self.logic = logic  # before the base class: without a parent it calls setup() at once
+        self._parameterNode = None
+        self._guiObserver = None
+        self._run = None
+        self._trainRun = None
+        self._exportRun = None
+        self._installRun = None
+        self._afterInstall = None
+        self._timer = None
+        VTKObservationMixin.__init__(self)
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+
+    def setup(self) -> None:
+        import qt
+
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(str(resource_path("UI", "LiverSeg.ui")))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        if self.logic is None:
+            self.logic = LiverSegLogic()
+
+        self.ui.deviceComboBox.clear()
+        for label, value in self.DEVICES:
+            self.ui.deviceComboBox.addItem(label, value)
+        self._updateDevices()
+        self._fillModels()
+        self.ui.exportFolderPathLineEdit.currentPath = qt.QSettings().value(SETTINGS_EXPORT_FOLDER, "")
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.showUncertainCheckBox.connect("toggled(bool)", self.onShowUncertain)
+        self.ui.jumpUncertainButton.connect("clicked(bool)", self.onJumpUncertain)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.exportFolderPathLineEdit.connect("currentPathChanged(QString)", self.onExportFolderChanged)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.trainCancelButton.connect("clicked(bool)", self.onTrainCancelButton)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.connect("timeout()", self.onPoll)
+        # The engine processes end with Slicer; connected once here, disconnected in cleanup().
+        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
+        self.initializeParameterNode()
+        self.onModelChanged(self.ui.modelComboBox.currentIndex)  # the card of the preselected model
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def onAboutToQuit(self) -> None:
+        self._stopAll()
+
+    def _stopAll(self) -> None:
+        self._cancelRun()
+        for attribute in ("_trainRun", "_exportRun", "_installRun"):
+            run = getattr(self, attribute)
+            if run is not None:
+                run.cancel()
+                setattr(self, attribute, None)
+        if self._timer is not None:
+            self._timer.stop()
+        if self.logic is not None:
+            self.logic.shutdown()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+        self._stopAll()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._guiObserver)
+            self._guiObserver = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._cancelRun()  # its nodes are going: the result would have nowhere to go
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if getattr(self.parent, "isEntered", False):  # a panel made without the module manager has no such flag
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._guiObserver)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._guiObserver = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._selectCombo(self.ui.modelComboBox, self._parameterNode.modelPath)
+            self._selectCombo(self.ui.deviceComboBox, self._parameterNode.device)
+            self._updateButtons()
+
+    # -- GUI state -----------------------------------------------------------------------------------
+    def _fillModels(self, select: str | None = None) -> None:
+        self.ui.modelComboBox.clear()
+        for path in self.logic.availableModels():
+            card = self.logic.modelCard(path)
+            self.ui.modelComboBox.addItem(f"{card.get('name', path.name)} v{card.get('version', '?')}", str(path))
+        if select is not None:
+            self._selectCombo(self.ui.modelComboBox, select)
+
+    def _updateDevices(self) -> None:
+        """A GPU can be picked once the engine has found it, or, before PyTorch is installed, where one may
+        be (an NVIDIA driver; Apple silicon): picking it then installs PyTorch."""
+        from LiverSegLib.dependencies import torch_needed
+
+        present = self.logic.engineDevices()
+        maybe = {"cuda": shutil.which("nvidia-smi") is not None,
+                 "mps": platform.system() == "Darwin" and platform.machine() == "arm64"}
+        no_torch = torch_needed()
+        for index, (_, value) in enumerate(self.DEVICES):
+            found = present is not None and any(d.startswith(value) for d in present)
+            usable = value in ("auto", "cpu") or found or (no_torch and maybe.get(value, False))
+            self.ui.deviceComboBox.model().item(index).setEnabled(usable)
+
+    @staticmethod
+    def _selectCombo(combo, value: str) -> None:
+        index = combo.findData(value) if value else 0
+        combo.setCurrentIndex(max(index, 0))
+
+    def onModelChanged(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.modelPath = self.ui.modelComboBox.itemData(index) or ""
+        self.ui.modelCardLabel.text = card_summary(self.logic.modelCard(self.ui.modelComboBox.itemData(index)))
+
+    def onDeviceChanged(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index) or "auto"
+
+    def onExportFolderChanged(self, path: str) -> None:
+        import qt
+
+        qt.QSettings().setValue(SETTINGS_EXPORT_FOLDER, path)
+        self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        busy = self._run is not None or self._installRun is not None
+        ready = bool(p and p.inputVolume) and self.ui.modelComboBox.count > 0
+        self.ui.applyButton.enabled = ready and not busy
+        self.ui.applyButton.toolTip = "Segment the liver" if ready else "Select a CT volume (and install a model)"
+        self.ui.cancelButton.enabled = busy
+        for selector in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.modelComboBox,
+                         self.ui.deviceComboBox):
+            selector.enabled = not busy  # the run's nodes are fixed when it starts
+        banded = bool(p and p.inputVolume and p.outputSegmentation
+                      and p.outputSegmentation.GetAttribute("LiverSeg.Uncertain"))
+        self.ui.showUncertainCheckBox.enabled = banded and not busy
+        self.ui.jumpUncertainButton.enabled = banded and not busy
+        folder = self.ui.exportFolderPathLineEdit.currentPath
+        exporting = self._exportRun is not None
+        self.ui.exportButton.enabled = bool(p and p.inputVolume and p.outputSegmentation and folder) and not (
+            busy or exporting)
+        count = self.logic.datasetCaseCount(folder)
+        if not folder:
+            self.ui.fineTuneDatasetInfoLabel.text = 'Choose the dataset folder under "Export for training".'
+        else:
+            self.ui.fineTuneDatasetInfoLabel.text = f"{count or 'no'} case(s) in {folder}"
+        training = self._trainRun is not None
+        self.ui.trainButton.enabled = bool(count) and self.ui.modelComboBox.count > 0 and not (training or busy)
+        self.ui.trainCancelButton.enabled = training
+        self.ui.trainIterationsSpinBox.enabled = not training
+
+    # -- installing what is missing ------------------------------------------------------------------
+    def _installFirst(self, device: str, training: bool, then) -> bool:
+        """True when everything is there; else asks once, starts the install in a process and calls
+        ``then`` when it is done (False meanwhile). Raises LiverSegError when declined."""
+        from LiverSegLib.dependencies import InstallRun, ask_to_install, missing_packages
+
+        missing = missing_packages(device, training)
+        if not missing:
+            return True
+        ask_to_install(missing)
+        self._installRun, self._afterInstall = InstallRun(missing), then
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = f"Installing {', '.join(missing)}..."
+        self._timer.start()
+        self._updateButtons()
+        return False
+
+    def _pollInstall(self) -> None:
+        from LiverSegExtension.errors import CancelledError, LiverSegError
+
+        run = self._installRun
+        done = run.poll()
+        self.ui.progressBar.value = int(run.fraction * 100)
+        self.ui.statusLabel.text = run.stage[:1].upper() + run.stage[1:]
+        if not done:
+            return
+        self._installRun, then = None, self._afterInstall
+        self._afterInstall = None
+        still = run.still_missing() if run.error is None else []
+        self._updateButtons()
+        self._updateDevices()
+        if isinstance(run.error, CancelledError):
+            self.ui.statusLabel.text = "Installation cancelled."
+        elif run.error is not None or still:
+            error = run.error or LiverSegError(f"installed, yet not importable: {', '.join(still)} (restart Slicer)")
+            self.ui.statusLabel.text = "Installation failed."
+            show_error(str(error), run.details)
+        else:
+            self.ui.statusLabel.text = "Installed."
+            then()
+
+    # -- running -------------------------------------------------------------------------------------
+    def onApplyButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("LiverSeg could not start.", waitCursor=True):
+            if not self._installFirst(p.device, False, self.onApplyButton):
+                return
+            self._run = self.logic.start(p.inputVolume, p.outputSegmentation, p.modelPath or None, p.device)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = self._run.stage.capitalize() + "..."
+            self._timer.start()
+        self._updateButtons()
+
+    def onCancelButton(self) -> None:
+        if self._installRun is not None:
+            self._installRun.cancel()
+        if self._run is not None:
+            self._run.cancel()
+            self.ui.statusLabel.text = "Cancelling..."
+
+    def _cancelRun(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+            self.onPoll()
+
+    def onPoll(self) -> None:
+        """Timer tick (100 ms): take in the processes' progress (install, segmentation, export, fine-tune)."""
+        if self._installRun is not None:
+            self._pollInstall()
+        if self._trainRun is not None:
+            self._pollTraining()
+        if self._run is not None:
+            self._pollSegmentation()
+        if self._exportRun is not None:
+            self._pollExport()
+        if all(r is None for r in (self._run, self._trainRun, self._exportRun, self._installRun)):
+            self._timer.stop()
+
+    def _pollSegmentation(self) -> None:
+        """Write the segmentation's result once it is there."""
+        from LiverSegExtension.errors import CancelledError, LiverSegError
+
+        run = self._run
+        done = run.poll()
+        self._updateDevices()
+        self.ui.progressBar.value = int(run.fraction * 100)
+        self.ui.statusLabel.text = run.stage.capitalize()
+        if not done:
+            return
+        self._run = None
+        p = self._parameterNode
+        try:
+            result = self.logic.finish(run)
+            if p is not None:
+                p.outputSegmentation = result.segmentation_node
+            result.segmentation_node.SetDisplayVisibility(True)
+            self.ui.statusLabel.text = (f"Liver: {result.liver_ml:.0f} mL, uncertainty {result.uncertainty:.2f} "
+                                        f"({result.seconds:.1f} s, {result.model_name}, {result.runtime})")
+            if self.ui.showUncertainCheckBox.checked:
+                self.logic.showUncertainRegions(result.segmentation_node, run.scene.GetNodeByID(run.volume_id), True)
+            if result.warnings:
+                self.ui.statusLabel.text += " - check the warning"
+                slicer.util.warningDisplay("\n".join(result.warnings), windowTitle="LiverSeg")
+        except CancelledError:
+            self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+        except LiverSegError as exc:
+            self.ui.statusLabel.text = "Failed; the scene was not changed."
+            show_error(str(exc), run.details)
+        except Exception as exc:  # a bug: say so, with the traceback in the details, and keep Slicer running
+            self.ui.statusLabel.text = "Failed."
+            logging.exception("LiverSeg failed")
+            show_error(f"LiverSeg failed: {exc}", run.details)
+        self._updateButtons()
+
+    def onShowUncertain(self, show: bool) -> None:
+        p = self._parameterNode
+        if p and p.inputVolume and p.outputSegmentation:
+            self.logic.showUncertainRegions(p.outputSegmentation, p.inputVolume, bool(show))
+
+    def onJumpUncertain(self) -> None:
+        p = self._parameterNode
+        if p and p.inputVolume and p.outputSegmentation:
+            if self.logic.jumpToUncertainRegion(p.outputSegmentation, p.inputVolume) is None:
+                self.ui.statusLabel.text = "No uncertain region in the last run."
+
+    # -- export for training ---------------------------------------------------------------------------
+    def onExportButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            if not self._installFirst("cpu", False, self.onExportButton):
+                return
+            self._exportRun = self.logic.startExport(p.inputVolume, p.outputSegmentation,
+                                                     self.ui.exportFolderPathLineEdit.currentPath, annotator=p.annotator)
+            self.ui.statusLabel.text = "Exporting..."
+            self._timer.start()
+        self._updateButtons()
+
+    def _pollExport(self) -> None:
+        from LiverSegExtension.errors import LiverSegError
+
+        run = self._exportRun
+        if not run.poll():
+            return
+        self._exportRun = None
+        try:
+            self.ui.statusLabel.text = f"Exported as {self.logic.finishExport(run)}."
+        except LiverSegError as exc:
+            self.ui.statusLabel.text = "Export failed."
+            show_error(str(exc), run.details)
+        self._updateButtons()
+
+    # -- fine-tuning -------------------------------------------------------------------------------------
+    def onTrainButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("LiverSeg could not start fine-tuning.", waitCursor=True):
+            if not self._installFirst(p.device, True, self.onTrainButton):
+                return
+            self._trainRun = self.logic.startFineTune(self.ui.exportFolderPathLineEdit.currentPath,
+                                                      p.modelPath or None, p.device,
+                                                      iterations=int(self.ui.trainIterationsSpinBox.value))
+            self.ui.trainProgressBar.value = 0
+            self.ui.trainStatusLabel.text = "Starting..."
+            self.ui.trainResultLabel.text = ""
+            self._timer.start()
+        self._updateButtons()
+
+    def onTrainCancelButton(self) -> None:
+        if self._trainRun is not None:
+            self._trainRun.cancel()
+            self._pollTraining()
+
+    def _pollTraining(self) -> None:
+        """Show the fine-tune's progress; at the end, the parent-versus-new table and the verdict."""
+        from LiverSegExtension.errors import CancelledError, LiverSegError
+
+        run = self._trainRun
+        done = run.poll()
+        self.ui.trainProgressBar.value = int(run.fraction * 100)
+        self.ui.trainStatusLabel.text = run.stage[:1].upper() + run.stage[1:]
+        if not done:
+            return
+        self._trainRun = None
+        try:
+            result = self.logic.finishFineTune(run)
+            self.ui.trainResultLabel.text = comparison_html(result, run.notes)
+            if result["accepted"]:
+                self._fillModels(select=result["model_dir"])
+                self.ui.trainStatusLabel.text = f"Accepted: {result['model_dir']} is now selected."
+            else:
+                self.ui.trainStatusLabel.text = (f"Rejected: the new model is kept in {result['model_dir']} for "
+                                                 "inspection and not offered.")
+        except CancelledError:
+            self.ui.trainStatusLabel.text = "Cancelled; no model was added."
+        except LiverSegError as exc:
+            self.ui.trainStatusLabel.text = "Fine-tuning failed; no model was added."
+            show_error(str(exc), run.details)
+        except Exception as exc:  # a bug: say so and keep Slicer running
+            self.ui.trainStatusLabel.text = "Fine-tuning failed."
+            logging.exception("LiverSeg fine-tuning failed")
+            show_error(f"LiverSeg fine-tuning failed: {exc}", run.details)
+        self._updateButtons()
