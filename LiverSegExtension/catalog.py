@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,8 @@ def new_model_dir(parent_card: dict[str, Any], root: Path | None = None) -> tupl
     """A free folder (and its version) in the user's models for a fine-tune of ``parent_card``."""
     root = root or user_models_dir()
     name, version = str(parent_card.get("name") or "liverseg"), next_version(parent_card.get("version"))
+    if not safe_name(name):  # a card read without read_card's checks
+        raise LiverSegError(f"model name {name[:40]!r} cannot name a folder (letters, digits, '.', '_', '+', '-')")
     while (root / f"{name}-v{version}").exists():
         version = next_version(version)
     return root / f"{name}-v{version}", version
@@ -158,11 +161,24 @@ def _numbers(value: Any, n: int) -> bool:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
 
 
+#: A name or version that may become part of a folder name: no separators, no "..", nothing hidden.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def safe_name(value: Any) -> bool:
+    return isinstance(value, str) and SAFE_NAME.fullmatch(value) is not None and ".." not in value
+
+
 def card_problem(card: Any) -> str | None:
     """What makes a card unusable, naming the field, or None. A card is data from a file: a window that is
-    a string, a spacing of 0 or a channel count of 65536 must not reach the networks or the resampler."""
+    a string, a spacing of 0 or a channel count of 65536 must not reach the networks or the resampler, and
+    a name such as ``../../x`` must not lead a fine-tune's folder out of the models folder."""
     if not isinstance(card, dict):
         return "not a JSON object"
+    for field in ("name", "version"):
+        if field in card and not safe_name(card[field]):
+            return (f"{field} must be letters, digits, '.', '_', '+' or '-' (it names folders), "
+                    f"not {str(card[field])[:40]!r}")
     window = card.get("intensity_window")
     if not _numbers(window, 2) or not window[0] < window[1]:
         return "intensity_window must be two numbers, low < high (HU)"

@@ -158,6 +158,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LiverSegError as exc:
         _error(exc, args.debug)
         return 1
+    except MemoryError:
+        _error(LiverSegError("not enough memory"), args.debug)
+        return 1
+    except OSError as exc:  # a full disk, a folder that went away: one line, not a traceback
+        from LiverSegExtension.io import display_path
+
+        where = f"{display_path(exc.filename)}: " if exc.filename else ""
+        _error(LiverSegError(f"{where}{exc.strerror or exc}"), args.debug)
+        return 1
 
 
 def _error(exc: BaseException, debug: bool) -> None:
@@ -217,7 +226,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         shard_i, shard_n = io.parse_shard(args.shard)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    cases = io.expand_inputs(args.inputs)
+    notes: list[str] = []
+    cases = io.expand_inputs(args.inputs, out_dir, notes)
+    for note in notes if not args.quiet else ():
+        print(f"liverseg: {note}", file=sys.stderr)
     if args.shard:
         cases = io.shard(cases, shard_i, shard_n)
     summary = out_dir / ("summary.csv" if not args.shard else f"summary_shard{shard_i}of{shard_n}.csv")
@@ -255,17 +267,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 warnings = io.case_warnings(case, result.warnings)
                 row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}", runtime=segmenter.runs_on,
                            warning="; ".join(warnings), status=result_status(result.liver_ml, warnings))
+                source = None if case.files else case.source  # a NIfTI input's own qform and sform go along
                 if args.probabilities:
                     io.write_mask(result.probability, image, io.probability_path(out_dir, name, args.format),
-                                  overwrite=args.overwrite)  # uint8 255 x p: written as a mask is
+                                  overwrite=args.overwrite, header_source=source)  # uint8 255 x p: written as a mask is
                 if args.format != "dicom-seg":
-                    io.write_mask(result.mask, image, target, overwrite=args.overwrite)
+                    io.write_mask(result.mask, image, target, overwrite=args.overwrite, header_source=source)
                 elif result.liver_ml > 0:
                     from LiverSegExtension.dicom_seg import write_dicom_seg
 
                     card = segmenter.model.card
-                    write_dicom_seg(result.mask, case.files, target, str(card.get("name", "liverseg")),
-                                    str(card.get("version", "")), overwrite=args.overwrite)
+                    for note in write_dicom_seg(result.mask, case.files, target, str(card.get("name", "liverseg")),
+                                                str(card.get("version", "")), overwrite=args.overwrite):
+                        if not args.quiet:
+                            print(f"liverseg: {case.label}: {note}", file=sys.stderr)
                 else:  # no SEG without a segment frame; the warning says no liver was found
                     row["output"] = ""
                 for warning in warnings:  # shown even with --quiet: the mask may be wrong
@@ -318,6 +333,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not name or not times.isdigit() or int(times) < 1:
             raise UsageError(f"--oversample {spec}: expected CASE=K with K a whole number of at least 1")
         oversample[name] = int(times)
+    from LiverSegExtension.catalog import safe_name
+
+    for option, value in (("--name", args.name), ("--model-version", args.model_version)):
+        if value is not None and not safe_name(value):
+            raise UsageError(f"{option} {value!r}: use letters, digits, '.', '_', '+' or '-' (it names folders)")
     stages_arg = args.stages or ("fine" if tuning else ",".join(STAGES))
     stages = [s for s in stages_arg.split(",") if s]
     if not stages or set(stages) - set(STAGES):

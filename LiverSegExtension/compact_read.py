@@ -136,6 +136,34 @@ def _meta_layout(path: Path) -> RawLayout | None:
     return RawLayout(data, start, "zlib" if compressed else "none", np.dtype((">" if msb else "<") + kind))
 
 
+def data_files(path: Path) -> list[str]:
+    """The detached data files a NRRD (``data file:``) or MetaImage (``ElementDataFile =``) header names, as
+    written: one file, a ``LIST`` of them, or the directory part of a ``%d`` pattern. Empty when the voxels
+    are in the header's own file."""
+    name = path.name.lower()
+    if not name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+        return []
+    with open(path, "rb") as f:
+        head = f.read(1 << 20).decode("latin-1")
+    if name.endswith((".nrrd", ".nhdr")):
+        header, _, rest = head.partition("\n\n")
+        value = next((line.partition(":")[2].strip() for line in header.splitlines()[1:]
+                      if line.partition(":")[0].strip().lower() in ("data file", "datafile")), "")
+    else:
+        lines = head.splitlines()
+        found = [i for i, line in enumerate(lines) if line.partition("=")[0].strip() == "ElementDataFile"]
+        if not found:
+            return []
+        value, rest = lines[found[0]].partition("=")[2].strip(), "\n".join(lines[found[0] + 1:])
+        if value == "LOCAL":
+            return []
+    if not value:
+        return []
+    if value.split()[0].upper() == "LIST":
+        return [line.strip() for line in rest.splitlines() if line.strip()]
+    return [value.split()[0] if "%" in value else value]
+
+
 def _chunks(layout: RawLayout, nbytes: int, source: Path) -> Iterator[bytes]:
     """The voxel stream in pieces of CHUNK_BYTES (a whole number of voxels), checked to be complete."""
     step = CHUNK_BYTES - CHUNK_BYTES % layout.dtype.itemsize

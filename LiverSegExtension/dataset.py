@@ -85,6 +85,10 @@ def add_case_images(folder: str | Path, image: sitk.Image, label: sitk.Image, pr
                     draft: np.ndarray | None = None, _crash_after: str | None = None) -> str:
     """Add one case; returns its generated name. ``draft`` is the model's mask before correction."""
     folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise LiverSegError(f"{folder}: a link to {os.readlink(folder)}, which does not exist (a drive not mounted?)")
+    if folder.exists() and not folder.is_dir():
+        raise LiverSegError(f"{folder}: exists and is not a folder")
     lab = sitk.GetArrayViewFromImage(label)
     if not same_grid(image, label):
         raise LiverSegError("the label is not on the image's grid (size, spacing, origin and direction must match)")
@@ -155,11 +159,19 @@ def add_case_arrays(folder: str | Path, array: np.ndarray, label: np.ndarray, ij
 
 def add_case(folder: str | Path, image_path: str | Path, label_path: str | Path,
              provenance: dict[str, Any] | None = None) -> str:
-    """Add a CT file and its liver mask file (any label > 0 is liver)."""
+    """Add a CT file and its liver mask file (any whole label > 0 is liver: liver and tumour labels count)."""
     image = read_image(image_path)
     label = read_image(label_path)
     if not same_grid(image, label):
         raise LiverSegError(f"{label_path}: not on the grid of {image_path}")
+    values = sitk.GetArrayViewFromImage(label)
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.mod(values, 1) == 0):
+        # A probability map or a resampled mask: "> 0" would take its whole blurred rim (40 % more liver).
+        raise LiverSegError(f"{label_path}: the label holds fractional values ({float(values.min()):g} to "
+                            f"{float(values.max()):g}): a probability map or an interpolated mask, not a binary "
+                            "label; threshold it (at 0.5) or resample it with nearest neighbour first")
+    if not values.any():
+        raise LiverSegError(f"{label_path}: the label is empty: nothing to add")
     binary = sitk.Cast(label > 0, sitk.sitkUInt8)
     binary.CopyInformation(image)
     return add_case_images(folder, image, binary, {"source": "liverseg dataset add", **(provenance or {})})

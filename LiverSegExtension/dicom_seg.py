@@ -18,13 +18,16 @@ from LiverSegExtension import __version__
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import LIVER_SEGMENT, atomic_write
 
+#: the image storage class of a source whose SOPClassUID is empty, from its Modality (what it must be)
+STORAGE_BY_MODALITY = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
 TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def write_dicom_seg(mask: np.ndarray, files: Sequence[str], path: Path, model_name: str, model_version: str,
-                    overwrite: bool = False) -> None:
-    """Write ``mask`` (``[k, j, i]`` on the grid SimpleITK reads from ``files``, slice k from ``files[k]``)."""
+                    overwrite: bool = False) -> list[str]:
+    """Write ``mask`` (``[k, j, i]`` on the grid SimpleITK reads from ``files``, slice k from ``files[k]``);
+    returns notes on what had to be supplied (a SOP class taken from the Modality)."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -34,6 +37,7 @@ def write_dicom_seg(mask: np.ndarray, files: Sequence[str], path: Path, model_na
         raise LiverSegError(f"{path}: no liver found: no DICOM SEG written (a SEG without segment frames is of "
                             "no use in PACS)")
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    notes = _complete_references(sources, path)
     for ds in sources:  # type 2 attributes the SEG copies: present, if empty (nothing is invented)
         for keyword in TYPE2_COPIED:
             if keyword not in ds:
@@ -77,4 +81,26 @@ def write_dicom_seg(mask: np.ndarray, files: Sequence[str], path: Path, model_na
     except (ValueError, TypeError, AttributeError) as exc:
         raise LiverSegError(f"{path}: the DICOM SEG could not be made from this series ({exc})") from None
     atomic_write(path, lambda tmp: seg.save_as(tmp), overwrite)
+    return notes
+
+
+def _complete_references(sources: list, path: Path) -> list[str]:
+    """What a SEG references of each source image must be there: the series and instance UIDs (they cannot
+    be made up: PACS would find nothing), and the SOP class, which the Modality gives when it is empty."""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if any(not str(getattr(ds, keyword, "") or "").strip() for ds in sources):
+            raise LiverSegError(f"{path}: the source series has no {keyword}; a DICOM SEG could not reference it "
+                                "(write nii.gz or seg.nrrd instead)")
+    notes = []
+    empty = [ds for ds in sources if not str(getattr(ds, "SOPClassUID", "") or "").strip()]
+    if empty:
+        modality = str(getattr(empty[0], "Modality", "") or "").upper()
+        if modality not in STORAGE_BY_MODALITY:
+            raise LiverSegError(f"{path}: the source images have no SOPClassUID, and their Modality "
+                                f"({modality or 'none'}) does not give it; a DICOM SEG could not reference them")
+        for ds in empty:
+            ds.SOPClassUID = STORAGE_BY_MODALITY[modality]
+        notes.append(f"{len(empty)} source image(s) have an empty SOPClassUID: the SEG references them as "
+                     f"{modality} Image Storage, from their Modality")
+    return notes
 

@@ -37,11 +37,15 @@ from LiverSegExtension.io import atomic_write
 CORRECTION_SHARE = 1 / 3  # of the samples drawn, when the parent's data is replayed
 MEAN_DROP = 0.005  # about the spread of mean validation Dice between seeds (0.007)
 CASE_DROP = 0.02
+# Noise on the corrections trained on: after 2 iterations (nothing learnt) their mean Dice moved -0.0005 to
+# +0.0012 over seeds 0-2 (benchmarks/guard_noise.py; the parent scored the same every time).
+TRAINED_DROP = 0.002
 GUARD_RULE = (f"accepted only if, in each group of cases scored (the parent's validation cases, the held-back "
               f"corrections), the new model's mean Dice is not lower than the parent's by more than {MEAN_DROP} "
               f"and no case's Dice is lower by more than {CASE_DROP}; on the corrections it was trained on, its mean "
-              f"Dice is not lower than the parent's at all (it must have learned them); with no parent validation "
-              f"case or held-back correction to score, rejected")
+              f"Dice is not lower than the parent's by more than {TRAINED_DROP} (the noise of a fine-tune that learnt "
+              f"nothing: it must not have unlearnt them); with no parent validation case or held-back correction to "
+              f"score, rejected")
 PARENT_VALIDATION = "parent validation"
 HELD_BACK = "held-back correction"
 TRAINED = "trained-on correction"
@@ -207,9 +211,9 @@ def decide(rows: list[dict[str, Any]]) -> dict[str, Any]:
         after = float(np.mean([r["dice_new"] for r in mine]))
         groups[group] = {"cases": len(mine), "mean_dice_parent": round(before, 4), "mean_dice_new": round(after, 4)}
         if group == TRAINED:
-            if after < before:
+            if after < before - TRAINED_DROP:
                 failures.append(f"it fits the corrections it was trained on worse than its parent (mean Dice "
-                                f"{before:.4f} -> {after:.4f})")
+                                f"{before:.4f} -> {after:.4f}, more than the {TRAINED_DROP} of noise)")
         elif after < before - MEAN_DROP:
             failures.append(f"mean Dice on the {group} cases fell {before - after:.3f} ({before:.3f} -> {after:.3f}), "
                             f"more than {MEAN_DROP}")

@@ -97,14 +97,46 @@ def liver_body(mask: np.ndarray, neck_voxels: int) -> np.ndarray:
     return out
 
 
-def size_warning(liver_ml: float, source: str) -> str | None:
-    """A warning when nothing, or less than a whole liver, was found, else None."""
+# An adult abdomen is 280-400 mm across (the scans here: 290-370 mm); less is a child's, or a thin adult's.
+SMALL_BODY_MM = 240.0
+SHORT_SCAN_MM = 120.0  # a liver is 130-200 mm tall: a scan shorter than this cannot hold a whole one
+
+
+def body_extent(image: sitk.Image) -> tuple[float, float, float]:
+    """(the body's width across, the scan's length along the body, the field of view's width across), in mm,
+    of an image in the canonical (LPS-nearest) index order; the width is 0 when the body reaches both sides
+    of the field of view (a crop: its size is unknown). The body is what is above -500 HU, sampled every
+    fourth voxel; columns count as body where it is at least a sixth as deep as at its deepest, so the CT
+    table, wider but thin, does not."""
+    view = sitk.GetArrayViewFromImage(image)[::4, ::4, ::4]
+    depth = (view > -500).mean(axis=(0, 1))
+    columns = np.nonzero(depth > depth.max() / 6)[0] if depth.size and depth.max() > 0 else np.array([], int)
+    step = 4 * image.GetSpacing()[0]
+    crop = columns.size == 0 or (columns[0] == 0 and columns[-1] == depth.size - 1)
+    width = 0.0 if crop else float((columns[-1] - columns[0] + 1) * step)
+    return width, float(image.GetSize()[2] * image.GetSpacing()[2]), float(image.GetSize()[0] * image.GetSpacing()[0])
+
+
+def size_warning(liver_ml: float, source: str, body: tuple[float, float, float] | None = None) -> str | None:
+    """A warning when nothing, or less than a whole liver, was found, else None; it names what the scan
+    shows that may explain it (``body``: :func:`body_extent`)."""
     if liver_ml == 0:
         return f"{source}: no liver found"
-    if liver_ml < SMALL_LIVER_ML:
-        return (f"{source}: only {liver_ml:.0f} mL found, less than a whole liver: the scan may show part of "
-                "the liver or none of it (a scan of the chest or the pelvis?); check that it is liver")
-    return None
+    if liver_ml >= SMALL_LIVER_ML:
+        return None
+    width, length, fov = body or (0.0, 0.0, 0.0)
+    found = f"{source}: only {liver_ml:.0f} mL found, less than an adult's whole liver"
+    if length and length < SHORT_SCAN_MM:
+        return (f"{found}: the scan covers only {length:.0f} mm along the body, less than a liver's height; "
+                "check that what was found is liver")
+    if fov and not width:
+        return (f"{found}: the field of view ({fov:.0f} mm across) cuts through the body: the liver may lie "
+                "partly outside it; check the mask")
+    if width and width < SMALL_BODY_MM:
+        return (f"{found}: the body is small ({width:.0f} mm across: a child?); a small liver may be right, but "
+                "the model was trained on adults: check the mask")
+    return (f"{found}: the scan may show part of the liver or none of it (a scan of the chest or the pelvis?); "
+            "check that it is liver")
 
 
 def side_warning(volume: np.ndarray, liver: np.ndarray, x_spacing: float, source: str) -> str | None:
@@ -278,14 +310,17 @@ class LiverSegmenter:
         Running out of memory (host or device) is the user's to fix: it becomes a LiverSegError saying so,
         for every door alike.
         """
+        from LiverSegExtension.io import is_allocation_failure, not_enough_memory
+
         try:
             return self._segment_image(image, progress, cancel, source, probabilities)
-        except MemoryError:
-            raise LiverSegError(f"{source}: out of memory; close other programs or use a smaller volume") from None
-        except RuntimeError as exc:  # torch's allocation failures on CUDA and MPS, ONNX Runtime's on the CPU
-            if "out of memory" in str(exc).lower() or "failed to allocate" in str(exc).lower():
+        except (MemoryError, RuntimeError) as exc:  # numpy's and ITK's, torch's on a GPU, ONNX Runtime's
+            if not is_allocation_failure(exc):
+                raise
+            if self.device != "cpu":
                 raise LiverSegError(f"{source}: the device ran out of memory; try the CPU") from None
-            raise
+            voxels = int(np.prod(image.GetSize(), dtype=np.int64))
+            raise LiverSegError(f"{source}: {not_enough_memory(voxels=voxels)}; close other programs") from None
 
     def _segment_image(self, image: sitk.Image, progress: ProgressCallback | None, cancel: CancelCallback | None,
                        source: str, probabilities: bool = False) -> SegmentationResult:
@@ -340,7 +375,8 @@ class LiverSegmenter:
         liver_ml = volume_ml(mask, image.GetSpacing())
         # Both are said: a header that turns the anatomy often also makes the mask small (lits_117_crop as
         # written: 133 mL), and the orientation is then the reason to give first.
-        warnings = [w for w in (orientation, size_warning(liver_ml, source)) if w]
+        small = size_warning(liver_ml, source, body_extent(image)) if liver_ml < SMALL_LIVER_ML else None
+        warnings = [w for w in (orientation, small) if w]
         seconds = time.perf_counter() - start
         return SegmentationResult(mask, liver_ml, seconds, timings, warnings, uncertainty, probability)
 

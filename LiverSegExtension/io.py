@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from LiverSegExtension.compact_read import WIDE_TYPES, fits_int16, layout_of, read_compact
+from LiverSegExtension.compact_read import WIDE_TYPES, data_files, fits_int16, layout_of, read_compact
 from LiverSegExtension.errors import LiverSegError, OutputExistsError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -47,7 +47,8 @@ class InputCase:
 
     @property
     def label(self) -> str:
-        return f"{self.source} (series {self.series_uid})" if self.series_uid else str(self.source)
+        source = display_path(self.source)
+        return f"{source} (series {self.series_uid})" if self.series_uid else source
 
     @property
     def stem(self) -> str:
@@ -61,17 +62,42 @@ class InputCase:
         return name
 
 
+def display_path(path: str | Path) -> str:
+    """A path as text that can be printed and written to a CSV file: bytes of a file name that are not
+    UTF-8 (a Latin-1 name) are shown as ``\\xe9``."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def check_name_encoding(path: str | Path) -> None:
+    """ITK's C++ aborts the whole process on a file name that is not UTF-8: refuse it first, in one line."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LiverSegError(f"{display_path(path)}: the file name is not valid UTF-8 (bytes of another encoding); "
+                            "rename the file or folder") from None
+
+
 def is_volume_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
-def search_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+def is_liverseg_output(path: Path) -> bool:
+    """A file LiverSeg writes (``<name>_liver.<format>``, ``<name>_liver_prob.<format>``): never a CT."""
+    name = path.name.lower()
+    return any(name.endswith(f"_liver{ext}") or name.endswith(f"_liver_prob{ext}") for ext in OUTPUT_FORMATS.values())
+
+
+def search_folder(folder: Path, skip: tuple[Path, ...] = ()) -> tuple[list[Path], list[Path]]:
     """The folders under ``folder`` (itself included) and the volume files in them, each real location
     once: symlinked folders are followed (data is often linked in), but a link back up, or two links to
-    one folder, would otherwise give the same series twice or loop."""
+    one folder, would otherwise give the same series twice or loop. LiverSeg's own outputs, and the
+    folders in ``skip`` (the output folder), are left out: a rerun into a folder inside the inputs must
+    not take the first run's masks for CTs."""
     directories: list[Path] = []
     volumes: list[Path] = []
-    seen_dirs: set[str] = set()
+    # An output folder below the searched one is skipped; the searched folder itself is not (outputs written
+    # into it are left out by their names).
+    seen_dirs: set[str] = {os.path.realpath(s) for s in skip} - {os.path.realpath(folder)}
     seen_files: set[str] = set()
     for top, subdirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -84,7 +110,7 @@ def search_folder(folder: Path) -> tuple[list[Path], list[Path]]:
         directories.append(Path(top))
         for name in sorted(files, key=lambda f: (os.path.islink(os.path.join(top, f)), f)):
             file = Path(top) / name
-            if is_volume_file(file) and (key := os.path.realpath(file)) not in seen_files:
+            if is_volume_file(file) and not is_liverseg_output(file) and (key := os.path.realpath(file)) not in seen_files:
                 seen_files.add(key)
                 volumes.append(file)
     return sorted(directories), sorted(volumes)
@@ -103,10 +129,10 @@ def _modality(file: str) -> str:
         return ""
 
 
-def dicom_series(folder: Path) -> list[InputCase]:
+def dicom_series(folder: Path, skip: tuple[Path, ...] = ()) -> list[InputCase]:
     """One case per DICOM image series found in ``folder`` and below it (SEG, RTSTRUCT... are skipped)."""
     found: list[tuple[Path, str, tuple[str, ...]]] = []
-    for directory in search_folder(folder)[0]:
+    for directory in search_folder(folder, skip)[0]:
         reader = sitk.ImageSeriesReader
         for uid in reader.GetGDCMSeriesIDs(str(directory)) or ():
             files = reader.GetGDCMSeriesFileNames(str(directory), uid)
@@ -119,21 +145,34 @@ def dicom_series(folder: Path) -> list[InputCase]:
     return [InputCase(d, uid if per_dir[d] > 1 else None, files) for d, uid, files in found]
 
 
-def expand_inputs(paths: list[str | Path]) -> list[InputCase]:
+def expand_inputs(paths: list[str | Path], output_dir: Path | None = None,
+                  notes: list[str] | None = None) -> list[InputCase]:
     """Turn command-line paths into cases, the same for every door: a file is a case; a folder is searched
-    for volume files and DICOM image series (one case per series).
+    for volume files and DICOM image series (one case per series), leaving out ``output_dir`` and
+    LiverSeg's own outputs.
 
     Missing paths and folders with nothing readable become cases too, so they fail with their reason
-    in the summary instead of stopping the run.
+    in the summary instead of stopping the run. A case given twice (the same file or series, by any
+    path) is segmented once; ``notes`` gets a line saying so.
     """
+    skip = (Path(output_dir),) if output_dir is not None else ()
     cases: list[InputCase] = []
+    seen: dict[tuple[str, str], InputCase] = {}
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = [InputCase(f) for f in search_folder(path)[1]] + dicom_series(path)
-            cases.extend(found or [InputCase(path)])
+            found = [InputCase(f) for f in search_folder(path, skip)[1]] + dicom_series(path, skip)
+            found = found or [InputCase(path)]
         else:
-            cases.append(InputCase(path))
+            found = [InputCase(path)]
+        for case in found:
+            key = (os.path.realpath(case.files[0] if case.files else case.source), case.series_uid or "")
+            if key in seen:
+                if notes is not None:
+                    notes.append(f"{case.label}: the same input as {seen[key].label}; segmented once")
+                continue
+            seen[key] = case
+            cases.append(case)
     return cases
 
 
@@ -189,6 +228,8 @@ def quiet_native_logs(debug: bool) -> None:
 
 
 def read_case(case: InputCase) -> sitk.Image:
+    for name in case.files or (case.source,):
+        check_name_encoding(name)
     if case.files:
         return _read_dicom(case)
     return read_image(case.source)
@@ -204,11 +245,54 @@ def _read_dicom(case: InputCase) -> sitk.Image:
         check_slice_sizes(case, _slice_headers(case.files)[0])  # the usual cause, named with its file
         raise LiverSegError(f"{case.label}: unreadable DICOM series ({_first_line(exc)})") from None
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
+        frames = _frames(case.files[0])
+        if frames > 1:
+            raise LiverSegError(f"{case.label}: an enhanced (multi-frame) DICOM image, {frames} frames in one file: "
+                                "LiverSeg reads classic series of one slice per file; convert it first (dcm2niix, "
+                                "or load it in Slicer's DICOM module)")
         raise LiverSegError(f"{case.label}: a single-slice DICOM series is not a 3D volume")
     positions = _slice_positions(case, reader)
     if positions is not None:
         check_slice_positions(case, positions, np.array(image.GetDirection()).reshape(3, 3)[:, 2])
     return _to_compact_type(image)
+
+
+def _frames(file: str) -> int:
+    """A DICOM file's NumberOfFrames (1 when it has none or it cannot be read)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+        return int(reader.GetMetaData("0028|0008").strip()) if reader.HasMetaDataKey("0028|0008") else 1
+    except (RuntimeError, ValueError):
+        return 1
+
+
+def unreadable_neighbours(case: InputCase) -> list[str]:
+    """Files beside a series that are not in it and cannot be read as DICOM (cut short, damaged): the usual
+    reason for a slice missing from it."""
+    if not case.files:
+        return []
+    folder = Path(case.files[0]).parent
+    members = {os.path.realpath(f) for f in case.files}
+    found = []
+    for file in sorted(folder.iterdir()):
+        if not file.is_file() or os.path.realpath(file) in members or is_volume_file(file):
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(file))
+        try:
+            reader.ReadImageInformation()
+            sitk.ReadImage(str(file))  # the header may be whole and the pixels cut short
+        except RuntimeError:
+            if file.stat().st_size > 132 and _dicm_preamble(file):
+                found.append(file.name)
+    return found
+
+
+def _dicm_preamble(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
 
 
 def _slice_positions(case: InputCase, reader: sitk.ImageSeriesReader) -> list[list[float]] | None:
@@ -228,6 +312,44 @@ def check_series_layout(case: InputCase) -> None:
     check_slice_sizes(case, sizes)
     if None not in positions and normal is not None and len(positions) > 1:
         check_slice_positions(case, positions, normal)
+
+
+def series_files_in_order(case: InputCase) -> list[str]:
+    """The series' files sorted by position along the slices' normal, as Slicer's DICOM plugin hands them
+    to its reader (files named in another order, or a series without SeriesInstanceUID, would otherwise
+    be stacked as they come)."""
+    _, positions, normal = _slice_headers(case.files)
+    if normal is None or None in positions:
+        return list(case.files)
+    heights = [float(np.dot(p, normal)) for p in positions]
+    return [case.files[i] for i in np.argsort(heights, kind="stable")]
+
+
+def check_loaded_grid(case: InputCase, ijk_to_ras: np.ndarray, shape_kji: tuple[int, ...]) -> None:
+    """The grid another reader (Slicer's) made of a DICOM series must be the one its headers describe:
+    as many slices, each where its ImagePositionPatient says, with the files' pixel spacing. Compared in
+    RAS, whichever way the reader ordered K."""
+    _, positions, normal = _slice_headers(case.files)
+    if normal is None or None in positions:
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(case.files[0])
+    reader.ReadImageInformation()
+    columns, rows = reader.GetSize()[:2]
+    heights = np.array([float(np.dot(p, normal)) for p in positions])
+    lps = np.asarray(positions, dtype=float)[np.argsort(heights)]
+    ras = lps * [-1.0, -1.0, 1.0]
+    step = float(np.median(np.abs(np.diff(np.sort(heights))))) if len(heights) > 1 else 1.0
+    tolerance = max(0.01, 0.05 * min(step, *reader.GetSpacing()[:2]))
+    ends = [(ijk_to_ras @ [0, 0, k, 1.0])[:3] for k in (0, shape_kji[0] - 1)]
+    spacing = np.linalg.norm(np.asarray(ijk_to_ras)[:3, :3], axis=0)
+    same_ends = any(np.allclose(ends, pair, atol=tolerance) for pair in ([ras[0], ras[-1]], [ras[-1], ras[0]]))
+    if (tuple(shape_kji) != (len(positions), rows, columns) or not same_ends
+            or not np.allclose(spacing[:2], reader.GetSpacing()[:2], atol=tolerance)):
+        raise LiverSegError(f"{case.label}: the reader stacked the series on another grid than its headers give "
+                            f"({'x'.join(map(str, shape_kji[::-1]))} voxels of {', '.join(f'{v:.3g}' for v in spacing)} mm, "
+                            f"for {columns}x{rows}x{len(positions)} slices {step:.3g} mm apart): refused rather than "
+                            "segmented on a wrong grid")
 
 
 def check_slice_sizes(case: InputCase, sizes: list[tuple[int, ...] | None]) -> None:
@@ -282,9 +404,24 @@ def check_slice_positions(case: InputCase, positions: list[list[float]], normal:
                                 "duplicated files? remove them, or keep one series per folder")
     if not (np.all(steps > 0) or np.all(steps < 0)):
         raise LiverSegError(f"{case.label}: the slice positions go back and forth; not one volume")
+    # A tilted gantry: each slice is shifted within its plane, so the stack is sheared. ITK would stack the
+    # slices square, placing the far ones centimetres from where they are; refuse instead, in every door.
+    points = np.asarray(positions, dtype=float)[order]
+    drift = np.linalg.norm((points[-1] - points[0]) - np.dot(points[-1] - points[0], normal) * normal)
+    tilt = float(np.degrees(np.arctan2(drift, abs(heights[order[-1]] - heights[order[0]]))))
+    if tilt > 0.1:
+        raise LiverSegError(f"{case.label}: the slices are sheared against their orientation (a gantry tilt of "
+                            f"{tilt:.1f} degrees: the last slice lies {drift:.1f} mm off a square stack); "
+                            "LiverSeg needs an orthogonal grid: resample the series first (e.g. dcm2niix or "
+                            "Slicer's DICOM module, which correct the tilt)")
     uneven = np.abs(np.abs(steps) - step) > max(0.01, 0.1 * step)
     if uneven.any():
         n = int(np.argmax(uneven))
+        broken = unreadable_neighbours(case)
+        if broken:
+            raise LiverSegError(f"{case.label}: DICOM file {broken[0]} in the series' folder is unreadable (cut short "
+                                f"or damaged), and a slice is missing between {names[n]} and {names[n + 1]}: "
+                                "replace the file")
         raise LiverSegError(f"{case.label}: uneven slice spacing ({step:.2f} mm, but {abs(steps[n]):.2f} mm between "
                             f"{names[n]} and {names[n + 1]}): a slice missing, or two series mixed")
 
@@ -315,6 +452,7 @@ def input_grid(case: InputCase) -> sitk.Image:
 def read_image(path: str | Path) -> sitk.Image:
     """Read a volume file or a DICOM folder (its only series), with a one-line error for bad input."""
     path = Path(path)
+    check_name_encoding(path)
     if not path.exists():
         raise LiverSegError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -330,6 +468,7 @@ def read_image(path: str | Path) -> sitk.Image:
         return read_case(series[0])
     if path.stat().st_size == 0:
         raise LiverSegError(f"{path}: file is empty")
+    check_data_files_beside(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -345,7 +484,11 @@ def read_image(path: str | Path) -> sitk.Image:
         if layout is not None:  # float64 and the like: never held whole in the file's type
             return read_compact(path, reader, layout)
         image = reader.Execute()
+    except MemoryError:
+        raise LiverSegError(f"{path}: {not_enough_memory(reader)}") from None
     except RuntimeError as exc:
+        if is_allocation_failure(exc):
+            raise LiverSegError(f"{path}: {not_enough_memory(reader)}") from None
         if path.name.lower().endswith((".nii", ".nii.gz")):
             check_nifti_length(path)  # a damaged stream also defeats ITK's header read: say that, if so
         reason = _first_line(exc)
@@ -353,6 +496,18 @@ def read_image(path: str | Path) -> sitk.Image:
             reason = "not an image file LiverSeg can read (NIfTI, NRRD, MHA/MHD or a DICOM folder)"
         raise LiverSegError(f"{path}: {reason}") from None
     return _to_compact_type(image)
+
+
+def check_data_files_beside(path: Path) -> None:
+    """A header (NRRD, MetaImage) may read its voxels from any file on the machine; LiverSeg reads only data
+    files in the header's own folder (or below it), so that a file handed over never leads elsewhere (and
+    ``dataset add`` never copies another file's bytes into a dataset)."""
+    home = os.path.realpath(path.parent)
+    for name in data_files(path):
+        target = os.path.realpath(os.path.join(path.parent, os.path.expanduser(name)))
+        if os.path.commonpath([home, target]) != home:
+            raise LiverSegError(f"{path}: its header reads the voxels from {name}, outside the header's folder; "
+                                "LiverSeg reads data files only beside their header (move the data next to it)")
 
 
 def check_directions(path: Path, direction: tuple[float, ...]) -> None:
@@ -369,11 +524,26 @@ def check_directions(path: Path, direction: tuple[float, ...]) -> None:
                                 "line (collinear space directions); not a 3D grid")
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory (0 where it cannot be told)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+#: deflate cannot compress more than about 1032:1; a header that claims more is lying about its size
+MAX_GZIP_RATIO = 1032
+
+
 def check_nifti_length(path: Path, check_stream: bool = True) -> None:
-    """ITK fills a truncated NIfTI with zeros without a word; compare the data length with the header.
+    """ITK fills a truncated NIfTI with zeros without a word, and allocates whatever the header claims
+    before it reads a byte: check the claim first, against this machine's memory and (for .nii.gz) against
+    what the compressed stream can hold, then the data's real length.
 
     For .nii.gz the gzip trailer holds the uncompressed length (mod 2**32); with ``check_stream`` the
-    stream is also decompressed once for its CRC, which ITK never checks.
+    stream is also decompressed once, without keeping it, for its real length and its CRC (ITK checks
+    neither).
     """
     gz = path.name.lower().endswith(".gz")
     try:
@@ -396,26 +566,61 @@ def check_nifti_length(path: Path, check_stream: bool = True) -> None:
                             "is not a positive size in mm")
     bitpix = struct.unpack(endian + "h", header[72:74])[0]
     offset = int(struct.unpack(endian + "f", header[108:112])[0])
-    n = int(np.prod([max(1, d) for d in dims[1 : 1 + max(0, min(dims[0], 7))]], dtype=np.int64))
-    expected = offset + n * max(bitpix, 8) // 8
+    shape = [max(1, d) for d in dims[1 : 1 + max(0, min(dims[0], 7))]]
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * max(bitpix, 8) // 8
+    size = path.stat().st_size
+    claimed = f"{expected / 1e9:.1f} GB of voxels ({'x'.join(map(str, shape))})"
+    memory = memory_bytes()
+    if memory and expected > memory // 2:
+        raise LiverSegError(f"{path}: the header claims {claimed}, more than half of this machine's memory "
+                            f"({memory / 1e9:.0f} GB): not enough memory to read it (needed about "
+                            f"{3 * expected / 1e9:.0f} GB)")
+    if gz and expected > MAX_GZIP_RATIO * size:
+        raise LiverSegError(f"{path}: the header claims {claimed} from {size / 1e6:.2f} MB of compressed data, more "
+                            "than gzip can hold: a damaged or forged file")
     if gz:
         with open(path, "rb") as f:
             f.seek(-4, os.SEEK_END)
             actual = struct.unpack("<I", f.read(4))[0]
         ok = actual == expected % (1 << 32)
-        if ok and check_stream:  # ITK does not check the CRC: a damaged stream would give garbage voxels without a word
+        if ok and check_stream:  # the real length (the trailer's is mod 2**32) and the CRC, ITK checks neither
+            actual = 0
             try:
                 with gzip.open(path, "rb") as f:
-                    while f.read(1 << 24):
-                        pass
+                    while block := f.read(1 << 24):
+                        actual += len(block)
+                        if actual > expected:
+                            break
             except (OSError, EOFError, zlib.error) as exc:
                 raise LiverSegError(f"{path}: corrupt compressed data ({exc})") from None
+            ok = actual == expected
     else:
-        actual = path.stat().st_size
+        actual = size
         ok = actual >= expected
     if not ok:
-        held = "the compressed stream is incomplete" if gz else f"file holds {actual}"
-        raise LiverSegError(f"{path}: truncated file (header promises {expected} bytes, {held})")
+        held = f"the compressed stream holds {actual}" if gz else f"file holds {actual}"
+        raise LiverSegError(f"{path}: truncated or damaged file (header promises {expected} bytes, {held})")
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """ITK's, NIfTI's and ONNX Runtime's words for an allocation that failed."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(
+        words in text for words in ("bad_alloc", "failed to allocate", "out of memory", "nifti_image_load failed",
+                                    "memory allocation", "cannot allocate memory"))
+
+
+def not_enough_memory(reader: sitk.ImageFileReader | None = None, voxels: int = 0) -> str:
+    """"not enough memory (needed about N GB)", N from the image's size: LiverSeg's peak is about three times
+    the CT's int16 voxels plus the runtime (benchmarks/peak_memory.py)."""
+    try:
+        if reader is not None:
+            voxels = int(np.prod(reader.GetSize(), dtype=np.int64))
+    except RuntimeError:
+        voxels = 0
+    if not voxels:
+        return "not enough memory"
+    return f"not enough memory (needed about {max(1.0, (6 * voxels + 0.4e9) / 1e9):.0f} GB)"
 
 
 def _first_line(exc: Exception) -> str:
@@ -460,7 +665,12 @@ def result_status(liver_ml: float, warnings: list[str]) -> str:
 def case_warnings(case: InputCase, warnings: list[str]) -> list[str]:
     """The engine's warnings for a segmented case, and the doors' own: a DICOM series that says it is not
     CT (an MR series with CT-like values has passed the CT check, so it was segmented as CT)."""
-    modality = _modality(case.files[0]) if case.files else ""
+    if not case.files:  # a NIfTI file whose two placements of the grid disagree: say which one was used
+        from LiverSegExtension.nifti_header import disagreement
+
+        note = disagreement(case.source)
+        return [*warnings, note] if note else list(warnings)
+    modality = _modality(case.files[0])
     if modality and modality != "CT":
         return [*warnings, f"{case.label}: the series' Modality is {modality}, not CT, though its values look like "
                            "CT in HU; it was segmented as CT: check that this is the right series"]
@@ -498,7 +708,11 @@ def write_summary(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(merged.values())
-        atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()), overwrite=True)
+        try:
+            atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()), overwrite=True)
+        except OSError as exc:  # a full disk: the summary as it was stays whole
+            raise LiverSegError(f"{path}: could not be written ({exc.strerror or exc}); it still holds the rows "
+                                f"before this case ({', '.join(r['input'] for r in rows)})") from None
 
 
 @contextlib.contextmanager
@@ -657,9 +871,11 @@ def atomic_write(path: Path, write_to: Callable[[str], object], overwrite: bool 
             os.unlink(tmp)
 
 
-def write_mask(mask: np.ndarray, reference: sitk.Image, path: Path, overwrite: bool = False) -> None:
+def write_mask(mask: np.ndarray, reference: sitk.Image, path: Path, overwrite: bool = False,
+               header_source: Path | None = None) -> None:
     """Write a binary liver mask as .nii.gz, .nrrd or a Slicer .seg.nrrd, atomically; a file that was not
-    written whole (a full disk, a file size limit: ITK does not always say) never takes its final name."""
+    written whole (a full disk, a file size limit: ITK does not always say) never takes its final name.
+    A NIfTI mask of a NIfTI ``header_source`` gets that file's own qform and sform."""
     image = mask_image(mask, reference)
     path = Path(path)
 
@@ -671,6 +887,10 @@ def write_mask(mask: np.ndarray, reference: sitk.Image, path: Path, overwrite: b
                 sitk.WriteImage(image, tmp, useCompression=True)
         except RuntimeError as exc:
             raise LiverSegError(f"{path}: could not be written ({_first_line(exc)})") from None
+        if header_source is not None and path.name.lower().endswith((".nii", ".nii.gz")):
+            from LiverSegExtension.nifti_header import copy_transforms
+
+            copy_transforms(header_source, tmp)
         if not complete_output(Path(tmp)):
             raise LiverSegError(f"{path}: could not be written whole (is the disk full, or a file size limit set?)")
 

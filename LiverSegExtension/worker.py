@@ -71,7 +71,10 @@ class _Channel:
 def _read_once(path: str, read, cache: dict):
     """``read(path)``, or the image read from the same unchanged file by the previous request (a second
     click on one CT in Slicer hands over the same file)."""
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return read(path)  # says what is wrong with it
     key = ("image", path, stat.st_mtime_ns, stat.st_size)
     if key not in cache:
         for old in [k for k in cache if k[0] == "image"]:

@@ -268,7 +268,7 @@ def test_a_scan_with_part_of_the_liver_or_none_is_warned_about(threshold_segment
     cut = threshold_segmenter.segment_array(ct[:k].copy(), m)
     assert 20 < liver[:k].sum() * voxel_ml < 60 and dice(cut.mask, liver[:k]) > 0.9
     [warning] = cut.warnings
-    assert warning.startswith(f"input: only {cut.liver_ml:.0f} mL found, less than a whole liver")
+    assert warning.startswith(f"input: only {cut.liver_ml:.0f} mL found, less than an adult's whole liver")
     # the same cut under a header that swaps left and right: "swapped?" first, then the size
     swapped = image_from_array(ct[:k].copy(), np.diag([-1.0, 1, 1, 1]) @ m)
     orientation, size = threshold_segmenter.segment_image(swapped).warnings

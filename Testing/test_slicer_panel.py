@@ -542,7 +542,9 @@ def test_a_batch_case_leaves_no_node_behind(tmp_path, monkeypatch):
 
     m = make_affine((3.0, 3.0, 5.0), (40, 100, 110), left_handed=True)
     ct, _ = phantom((40, 100, 110), m)
-    sitk.WriteImage(image_from_array(ct, m), str(tmp_path / "ct.nii.gz"))
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        sitk.WriteImage(image_from_array(ct, m), str(tmp_path / folder / "ct.nii.gz"))
     spec = importlib.util.spec_from_file_location("LiverSegBatch", ROOT / "LiverSegModule" / "Scripts" / "LiverSegBatch.py")
     batch = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(batch)
@@ -554,18 +556,20 @@ def test_a_batch_case_leaves_no_node_behind(tmp_path, monkeypatch):
         contexts.append((self, nodes_by_class(self.scene)))
 
     monkeypatch.setattr(batch.SceneContext, "__init__", record)
-    assert batch.run(["--input", str(tmp_path / "ct.nii.gz"), str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "out"),
-                      "--labelmap", "--device", "cpu"]) == 0
+    assert batch.run(["--input", str(tmp_path / "a" / "ct.nii.gz"), str(tmp_path / "b" / "ct.nii.gz"), "-o",
+                      str(tmp_path / "out"), "--labelmap", "--device", "cpu"]) == 0
     ((ctx, before),) = contexts
-    assert (tmp_path / "out" / "ct_2_liver.nii.gz").is_file()
+    assert (tmp_path / "out" / "ct_liver.nii.gz").is_file() and (tmp_path / "out" / "ct_2_liver.nii.gz").is_file()
     assert nodes_by_class(ctx.scene) == before
 
 
-@pytest.mark.parametrize("error, said", [(MemoryError(), "out of memory; close other programs"),
-                                         (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
-                                          "the device ran out of memory; try the CPU")])
+@pytest.mark.parametrize("error, device, said", [
+    (MemoryError(), "cpu", r"not enough memory \(needed about 1 GB\); close other programs"),
+    (RuntimeError("onnxruntime: Failed to allocate memory for requested buffer of size 4194304"), "cpu",
+     r"not enough memory \(needed about 1 GB\)"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "cuda:0", "the device ran out of memory; try the CPU")])
 def test_running_out_of_memory_is_a_short_error_and_changes_nothing(scene, threshold_segmenter, monkeypatch,
-                                                                   error, said):
+                                                                   error, device, said):
     """The engine turns allocation failures into a user error, for every door (here the logic's)."""
     from LiverSeg import LiverSegLogic
 
@@ -573,6 +577,7 @@ def test_running_out_of_memory_is_a_short_error_and_changes_nothing(scene, thres
         raise error
 
     monkeypatch.setattr(threshold_segmenter, "predict", predict)
+    monkeypatch.setattr(threshold_segmenter.runtime, "device", device)
     logic = LiverSegLogic()
     logic._segmenters[("", "cpu")] = threshold_segmenter
     volume = add_ct("ct", shape=(40, 80, 80))

@@ -10,10 +10,11 @@ _MODULE_DIR = Path(__file__).resolve().parent.parent
 
 
 def _make_engine_importable() -> None:
-    try:
-        import LiverSegExtension  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(_MODULE_DIR.parent))
+    """The engine of this checkout comes first (a ``pip install``-ed one of another version must not be
+    mixed with this module); in a built extension it lies beside the module, on Slicer's path already."""
+    checkout = _MODULE_DIR.parent
+    if (checkout / "LiverSegExtension").is_dir() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
 
 
 _make_engine_importable()

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # LiverSegLib (
 
 import LiverSegLib  # noqa: E402,F401 - makes the engine importable
 import slicer  # noqa: E402
+import vtk  # noqa: E402
 from LiverSegLib.dependencies import needs_torch  # noqa: E402
 from LiverSegLib.mrml import (  # noqa: E402
     find_liver_segment,
@@ -40,6 +41,9 @@ from LiverSegExtension.io import (  # noqa: E402
     InputCase,
     atomic_write,
     case_warnings,
+    check_data_files_beside,
+    check_loaded_grid,
+    check_name_encoding,
     check_nifti_length,
     check_series_layout,
     check_writable_folder,
@@ -53,6 +57,7 @@ from LiverSegExtension.io import (  # noqa: E402
     quiet_native_logs,
     read_image,
     result_status,
+    series_files_in_order,
     shard,
     status_counts,
     summary_row,
@@ -80,6 +85,8 @@ class SceneContext:
     def load(self, case: InputCase):
         """The case as a volume node, through Slicer's own readers."""
         archetype = Path(case.files[0]) if case.files else case.source
+        for name in case.files or (case.source,):
+            check_name_encoding(name)  # ITK would abort the process
         if not archetype.exists():
             raise LiverSegError(f"{case.label}: no such file or folder")
         if archetype.is_dir():
@@ -89,14 +96,29 @@ class SceneContext:
         if archetype.name.lower().endswith((".nii", ".nii.gz")):
             check_nifti_length(archetype)  # ITK would silently zero-fill a truncated file
         if not case.files:
+            check_data_files_beside(case.source)  # Slicer's reader would follow a header anywhere
             input_grid(case)  # the header alone: collinear directions refused with the engine's words
-        node = self.volumes.AddArchetypeVolume(str(archetype), case.stem, 0)
+        if case.files:  # the series' own files, in slice order, as Slicer's DICOM plugin loads them
+            files = series_files_in_order(case)
+            file_list = vtk.vtkStringArray()
+            for file in files:
+                file_list.InsertNextValue(file)
+            node = self.volumes.AddArchetypeScalarVolume(files[0], case.stem, 0, file_list)
+        else:
+            node = self.volumes.AddArchetypeVolume(str(archetype), case.stem, 0)
         if node is None or node.GetImageData() is None:
             if node is not None:
                 self.scene.RemoveNode(node)
             if not case.files:
                 read_image(case.source)  # raises with the engine's clear reason
             raise LiverSegError(f"{case.label}: Slicer could not read this volume")
+        if case.files:
+            array, matrix = volume_array_and_matrix(node)
+            try:
+                check_loaded_grid(case, matrix, array.shape)
+            except LiverSegError:
+                self.scene.RemoveNode(node)
+                raise
         return node
 
 
@@ -171,7 +193,10 @@ def run(argv: list[str]) -> int:
         p.error(str(exc))
     clean_stale_temporaries(out)  # what a killed run left
     summary_path = out / ("summary.csv" if shard_n == 1 else f"summary_shard{shard_i}of{shard_n}.csv")
-    cases = expand_inputs(args.input)
+    notes: list[str] = []
+    cases = expand_inputs(args.input, out, notes)
+    for note in notes:
+        print(f"LiverSegBatch: {note}", flush=True)
     if args.shard:
         cases = shard(cases, shard_i, shard_n)
     logic = LiverSegLogic()
@@ -202,6 +227,7 @@ def run(argv: list[str]) -> int:
         wanted = [seg_path] + ([lab_path] if args.labelmap else []) + ([dcm_path] if args.dicom_seg and case.files else [])
         before = node_ids(ctx.scene)
         note = ""
+        written: list[Path] = []  # this case's outputs, removed if it fails after all
         try:
             # Decided before any work: an existing output is kept (a .seg.nrrd may have been corrected by
             # hand) unless --overwrite; an incomplete one is not counted as done.
@@ -224,7 +250,7 @@ def run(argv: list[str]) -> int:
                 from LiverSegExtension.metrics import volume_ml
 
                 array, grid = mask_on_file_grid(case, segmentation, segment_id, volume)
-                write_mask(array, grid, lab_path, False)
+                write_mask(array, grid, lab_path, False, None if case.files else case.source)
                 row["liver_ml"] = f"{volume_ml(array, grid.GetSpacing()):.1f}"
             else:
                 volume = ctx.load(case)
@@ -235,19 +261,22 @@ def run(argv: list[str]) -> int:
                 else:
                     result = logic.process(volume, None, device=args.device, modelPath=args.model)
                 write_node(result.segmentation_node, seg_path, args.overwrite)
+                written.append(seg_path)
                 make_labelmap = args.labelmap and lab_path not in existing
                 make_seg = dcm_path in wanted and dcm_path not in existing and result.liver_ml > 0
                 if make_labelmap or make_seg:  # the segment on the file's grid, once for both
                     array, grid = mask_on_file_grid(case, result.segmentation_node, result.segment_id, volume)
                 if make_labelmap:
-                    write_mask(array, grid, lab_path, args.overwrite)
+                    write_mask(array, grid, lab_path, args.overwrite, None if case.files else case.source)
+                    written.append(lab_path)
                 if make_seg:
                     from LiverSegExtension.catalog import default_model_dir, read_card
                     from LiverSegExtension.dicom_seg import write_dicom_seg
 
                     card = read_card(args.model or default_model_dir())
-                    write_dicom_seg(array, case.files, dcm_path, str(card.get("name", "liverseg")),
-                                    str(card.get("version", "")), args.overwrite)
+                    notes = write_dicom_seg(array, case.files, dcm_path, str(card.get("name", "liverseg")),
+                                            str(card.get("version", "")), args.overwrite)
+                    note = "; ".join(notes)
                 warnings = case_warnings(case, result.warnings)
                 row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
                            warning="; ".join(warnings), status=result_status(result.liver_ml, warnings),
@@ -265,6 +294,9 @@ def run(argv: list[str]) -> int:
             row.update(status="failed", output="", error=f"{case.label}: unexpected error: {exc}")
         finally:  # keep memory flat over long batches: every node the case added goes, color tables too
             remove_nodes_added_since(ctx.scene, before)
+        if row["status"] == "failed":  # a failed case leaves no output of its own behind
+            for path in written:
+                path.unlink(missing_ok=True)
         row["seconds"] = f"{time.perf_counter() - start:.2f}"
         rows.append(row)
         write_summary(summary_path, [row])
