@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from LiverSegExtension import __version__
 from LiverSegExtension.catalog import FINE_TUNE_EMA, FINE_TUNE_ITERATIONS, FINE_TUNE_LR
-from LiverSegExtension.errors import LiverSegError, OutputExistsError
+from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import OUTPUT_FORMATS, result_status
 
 log = logging.getLogger("liverseg")
@@ -103,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--overwrite", action="store_true", help="replace the picture if it exists")
     v.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    m = sub.add_parser("summary", help="merge the shard summaries of a job array into one summary.csv")
+    msub = m.add_subparsers(dest="summary_command", required=True)
+    mm = msub.add_parser("merge", help="merge OUT/summary_shardIofN.csv into OUT/summary.csv",
+                         description="Merge the summaries that --shard I/N runs wrote into OUT/summary.csv, with the "
+                                     "rules of every run's summary (rows kept, newest per input; a 'skipped' row never "
+                                     "replaces the row that made the output). Exit 1 when a shard's summary is missing.")
+    mm.add_argument("folder", type=Path, metavar="OUT", help="the --output-dir of the shards")
+    mm.add_argument("--debug", action="store_true")
+
     d = sub.add_parser("dataset", help="build and check MSD-layout training datasets")
     dsub = d.add_subparsers(dest="dataset_command", required=True)
     da = dsub.add_parser("add", help="add a CT and its liver mask as a new case")
@@ -143,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "summary":
+            return cmd_summary(args)
         if args.command == "view":
             from LiverSegExtension.view import render
 
@@ -205,8 +215,86 @@ class _Progress:
             self.bar.close()
 
 
+class _SegmentDoor:
+    """The CLI's part of a batch (:mod:`LiverSegExtension.batch`): its engine in this process, a progress bar
+    on a terminal, a line per case."""
+
+    def __init__(self, args: argparse.Namespace, notes: list[str]) -> None:
+        self.args, self.notes = args, notes  # notes: what the search for cases found
+        self.segmenter = None
+        self.show = not args.quiet and sys.stderr.isatty()
+
+    def wanted(self, case, name: str) -> list[Path]:
+        from LiverSegExtension import io
+
+        return [io.mask_path(self.args.output_dir, name, self.args.format)]
+
+    def prepare(self, planned) -> None:
+        args = self.args
+        for note in self.notes if not args.quiet else ():
+            print(f"liverseg: {note}", file=sys.stderr)
+        if args.format == "dicom-seg":
+            for case, _ in planned:
+                if not case.files and case.source.exists():
+                    raise UsageError(f"{case.label}: --format dicom-seg needs a DICOM series as input (a SEG's frames "
+                                     "reference the source's slices); this is not one: use nii.gz, nrrd or seg.nrrd")
+        if args.overwrite or not all(t.exists() for _, wanted in planned for t in wanted):
+            self.segmenter = _segmenter(args)  # a bad --model is a usage error, before any case
+            if not args.quiet:
+                print(f"liverseg: model {self.segmenter.model.name}, {self.segmenter.runs_on}", file=sys.stderr)
+
+    def segment(self, case, name: str, existing: list[Path], row: dict, written: list[Path]) -> str:
+        from LiverSegExtension import io
+
+        args, segmenter, (target,) = self.args, self.segmenter, self.wanted(case, name)
+        assert segmenter is not None
+        bar = _Progress(case.stem, self.show)
+        try:
+            image = io.read_case(case)
+            result = segmenter.segment_image(image, progress=bar, source=case.label, probabilities=args.probabilities)
+        finally:
+            bar.close()
+        warnings = io.case_warnings(case, result.warnings)
+        row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}", runtime=segmenter.runs_on,
+                   warning="; ".join(warnings), status=result_status(result.liver_ml, warnings))
+        source = None if case.files else case.source  # a NIfTI input's own qform and sform go along
+        notes: list[str] = []
+        if args.probabilities:  # uint8 255 x p: written as a mask is
+            probability = io.probability_path(args.output_dir, name, args.format)
+            io.write_mask(result.probability, image, probability, overwrite=args.overwrite, header_source=source)
+            written.append(probability)
+        if args.format != "dicom-seg":
+            io.write_mask(result.mask, image, target, overwrite=args.overwrite, header_source=source)
+            written.append(target)
+        elif result.liver_ml > 0:
+            from LiverSegExtension.dicom_seg import write_dicom_seg
+
+            card = segmenter.model.card
+            notes = write_dicom_seg(result.mask, case.files, target, str(card.get("name", "liverseg")),
+                                    str(card.get("version", "")), overwrite=args.overwrite)
+            written.append(target)
+        else:  # no SEG without a segment frame; the warning says no liver was found
+            row["output"] = ""
+        for warning in warnings:  # shown even with --quiet: the mask may be wrong
+            print(f"liverseg: warning: {warning}", file=sys.stderr)
+        return "; ".join(notes)
+
+    def report(self, index: int, total: int, case, row: dict, note: str) -> None:
+        if row["error"]:
+            _error(LiverSegError(row["error"]), False)
+        if self.args.quiet:
+            return
+        if note:
+            print(f"liverseg: {note}", file=sys.stderr)
+        if not self.show:
+            detail = f"{row['liver_ml']} mL" if row["liver_ml"] else ""
+            print(f"{row['status']:7s} {case.label} {detail} ({row['seconds']} s)".replace("  (", " ("),
+                  file=sys.stderr)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from LiverSegExtension import io
+    from LiverSegExtension.batch import run_batch
 
     out_dir: Path = args.output_dir
     if out_dir.exists() and not out_dir.is_dir():
@@ -219,103 +307,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise UsageError("--overwrite and --skip-existing contradict each other; give one")
     try:
         io.check_writable_folder(out_dir)
-    except LiverSegError as exc:
-        raise UsageError(str(exc)) from None
-    io.clean_stale_temporaries(out_dir)  # what a killed run left
-    try:
-        shard_i, shard_n = io.parse_shard(args.shard)
-    except ValueError as exc:
+        shard = io.parse_shard(args.shard)
+    except (LiverSegError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     notes: list[str] = []
-    cases = io.expand_inputs(args.inputs, out_dir, notes)
-    for note in notes if not args.quiet else ():
-        print(f"liverseg: {note}", file=sys.stderr)
-    if args.shard:
-        cases = io.shard(cases, shard_i, shard_n)
-    summary = out_dir / ("summary.csv" if not args.shard else f"summary_shard{shard_i}of{shard_n}.csv")
-    if args.format == "dicom-seg":
-        for case in cases:
-            if not case.files and case.source.exists():
-                raise UsageError(f"{case.label}: --format dicom-seg needs a DICOM series as input (a SEG's frames "
-                                 "reference the source's slices); this is not one: use nii.gz, nrrd or seg.nrrd")
-    names = io.output_names(cases)
-    targets = [io.mask_path(out_dir, name, args.format) for name in names]
-    segmenter = None
-    if args.overwrite or not all(t.exists() for t in targets):  # a bad --model is a usage error, before any case
-        segmenter = _segmenter(args)
-        if not args.quiet:
-            print(f"liverseg: model {segmenter.model.name}, {segmenter.runs_on}", file=sys.stderr)
-    show = not args.quiet and sys.stderr.isatty()
-    rows: list[dict] = []
-    for case, name, target in zip(cases, names, targets):
-        row = io.summary_row(case.label, str(target))
-        start = time.perf_counter()
-        bar = None
-        try:
-            if target.exists() and not args.overwrite:  # decided before any work
-                if not io.complete_output(target):
-                    raise LiverSegError(f"{target}: exists but is incomplete or unreadable; --overwrite replaces it")
-                row["status"] = "skipped"
-                if not args.skip_existing and not args.quiet:
-                    print(f"liverseg: {target}: exists, kept (--overwrite replaces it)", file=sys.stderr)
-            else:
-                bar = _Progress(case.stem, show)
-                image = io.read_case(case)
-                assert segmenter is not None
-                result = segmenter.segment_image(image, progress=bar, source=case.label,
-                                                 probabilities=args.probabilities)
-                warnings = io.case_warnings(case, result.warnings)
-                row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}", runtime=segmenter.runs_on,
-                           warning="; ".join(warnings), status=result_status(result.liver_ml, warnings))
-                source = None if case.files else case.source  # a NIfTI input's own qform and sform go along
-                if args.probabilities:
-                    io.write_mask(result.probability, image, io.probability_path(out_dir, name, args.format),
-                                  overwrite=args.overwrite, header_source=source)  # uint8 255 x p: written as a mask is
-                if args.format != "dicom-seg":
-                    io.write_mask(result.mask, image, target, overwrite=args.overwrite, header_source=source)
-                elif result.liver_ml > 0:
-                    from LiverSegExtension.dicom_seg import write_dicom_seg
-
-                    card = segmenter.model.card
-                    for note in write_dicom_seg(result.mask, case.files, target, str(card.get("name", "liverseg")),
-                                                str(card.get("version", "")), overwrite=args.overwrite):
-                        if not args.quiet:
-                            print(f"liverseg: {case.label}: {note}", file=sys.stderr)
-                else:  # no SEG without a segment frame; the warning says no liver was found
-                    row["output"] = ""
-                for warning in warnings:  # shown even with --quiet: the mask may be wrong
-                    print(f"liverseg: warning: {warning}", file=sys.stderr)
-        except OutputExistsError as exc:
-            if not io.complete_output(target):
-                row.update(status="failed", output="", error=str(exc))
-                _error(exc, args.debug)
-            else:  # a concurrent run on the same input wrote it meanwhile: done, and its row says how
-                row.update(status="skipped", liver_ml="", warning="")
-                if not args.quiet:
-                    print(f"liverseg: {target}: written meanwhile by another run, kept", file=sys.stderr)
-        except LiverSegError as exc:
-            row.update(status="failed", output="", error=str(exc))
-            _error(exc, args.debug)
-        except Exception as exc:  # an unexpected failure of one case must not stop the others
-            row.update(status="failed", output="", error=f"{case.label}: unexpected error: {exc}")
-            _error(LiverSegError(row["error"]), False)
-            if args.debug:
-                traceback.print_exc()
-        finally:
-            if bar is not None:
-                bar.close()
-        row["seconds"] = f"{time.perf_counter() - start:.2f}"
-        rows.append(row)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        io.write_summary(summary, [row])
-        if not args.quiet and not show:
-            detail = f"{row['liver_ml']} mL" if row["liver_ml"] else ""
-            print(f"{row['status']:7s} {case.label} {detail} ({row['seconds']} s)".replace("  (", " ("),
-                  file=sys.stderr)
-    failed = sum(r["status"] == "failed" for r in rows)
+    code, rows, summary = run_batch(args.inputs, out_dir, _SegmentDoor(args, notes), shard, args.overwrite,
+                                    args.skip_existing, notes)
     if not args.quiet:
         print(f"liverseg: {len(rows)} case(s): {io.status_counts(rows)}; summary in {summary}", file=sys.stderr)
-    return 1 if failed else 0
+    return code
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -396,6 +396,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not rows:
         raise LiverSegError(f"{args.pred}: no prediction matches a reference in {args.ref}")
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from LiverSegExtension import io
+
+    merged, missing = io.merge_shard_summaries(args.folder)
+    print(f"liverseg: {merged} row(s) from the shard summaries merged into {args.folder / 'summary.csv'}",
+          file=sys.stderr)
+    if missing:
+        print(f"liverseg: error: no summary from shard(s) {', '.join(missing)}: still running, or failed?",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:

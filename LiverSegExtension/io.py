@@ -715,6 +715,35 @@ def write_summary(path: Path, rows: list[dict]) -> None:
                                 f"before this case ({', '.join(r['input'] for r in rows)})") from None
 
 
+def merge_shard_summaries(folder: Path) -> tuple[int, list[str]]:
+    """Merge ``folder/summary_shardIofN.csv`` into ``folder/summary.csv`` (with :func:`write_summary`'s rules);
+    returns the number of rows read and the shards ``I/N`` with no summary."""
+    import re
+
+    folder = Path(folder)
+    shards = {}
+    for path in sorted(folder.glob("summary_shard*of*.csv")):
+        match = re.fullmatch(r"summary_shard(\d+)of(\d+)\.csv", path.name)
+        if match:
+            shards[(int(match.group(1)), int(match.group(2)))] = path
+    if not shards:
+        raise LiverSegError(f"{folder}: no shard summaries (summary_shardIofN.csv) to merge")
+    counts = {n for _, n in shards}
+    if len(counts) > 1:
+        raise LiverSegError(f"{folder}: shard summaries of different splits ({', '.join(f'of {n}' for n in sorted(counts))}): "
+                            "merge the ones of one run")
+    (n,) = counts
+    rows = []
+    for key in sorted(shards):
+        try:
+            with open(shards[key], newline="", encoding="utf-8") as f:
+                rows += [{k: row.get(k) or "" for k in SUMMARY_FIELDS} for row in csv.DictReader(f) if row.get("input")]
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise LiverSegError(f"{shards[key]}: unreadable summary ({exc})") from None
+    write_summary(folder / "summary.csv", rows)
+    return len(rows), [f"{i}/{n}" for i in range(1, n + 1) if (i, n) not in shards]
+
+
 @contextlib.contextmanager
 def locked(folder: Path, name: str) -> Iterator[None]:
     """An exclusive lock, shared by all processes (Slicer instances, CLI runs), on ``folder/name``.

@@ -1,42 +1,13 @@
-"""The engine as a long-lived process that speaks JSON lines: ``python -m LiverSegExtension.worker``.
+"""The engine as a long-lived process: ``python -m LiverSegExtension.worker``.
 
 A door that must not run torch in its own process (3D Slicer: its main thread holds the GIL in the Qt
 event loop, so a Python thread there starves, and Slicer ships no torch) starts this with its own Python,
-writes one request per line on stdin and reads one message per line on stdout. Volumes travel as files.
-
-Requests::
-
-    {"cmd": "segment", "id": 1, "input": "ct.nrrd", "output": "mask.nrrd", "model": "", "device": "auto",
-     "source": "CT name"}
-    {"cmd": "train", "id": 2, "init": "model folder", "data": ["dataset folder"], "output": "new model folder",
-     "device": "auto", "iterations": 200, "seed": 0, "version": "1.1.0"}
-    {"cmd": "export", "id": 3, "dataset": "dataset folder", "image": "ct.nrrd", "label": "label.nrrd",
-     "draft": "draft.nrrd (optional)", "provenance": {"model": "...", "annotator": "..."}}
-    {"cmd": "quit"}
-
-``segment`` may also name a ``probability_output`` (the liver probability x 255, uint8, on the input grid), a
-``runtime`` (``auto``, ``onnxruntime`` or ``torch``), and ask for ``attributes``: its result then names
-``draft_file`` and ``uncertain_file``, beside ``output``, holding the mask and the uncertain band as
-``masktext`` strings.
-
-Messages: ``{"event": "ready", "protocol": 2, "pid": N, "runtimes": {"onnxruntime": "1.x" or null, "torch":
-"2.x" or null}, "devices": [...]}`` once the engine is imported (torch is not: it is imported only to look for
-a GPU when a GPU build is installed, and to run on one), then per request ``progress`` (``fraction``,
-``stage``), and one ``result`` (``liver_ml``, ``seconds``, ``warnings``, ``uncertainty``, ``model_name``, ``timings``,
-``runtime``, ``device``) or ``error`` (``message``, ``user``: whether it is the user's to fix, ``details``). A
-request that is not understood gets an ``error`` and the engine serves the next one.
-A ``train`` request is a fine-tune (``finetune.fine_tune``): its ``progress`` also carries ``iteration``,
-``total``, ``loss`` and, while the guard scores, ``model``, ``case`` and ``val_dice``; ``note`` messages
-(``text``) say what the plan found; its ``result`` has ``model_dir``, ``accepted``, ``reason`` and ``rows``
-(the parent-versus-new comparison). An ``export``'s ``result`` has ``case``, the name the case got.
-The mask is written to ``output`` (uint8, on the input file's grid) before ``result`` is sent. Stdout carries
-only these lines: whatever a library prints goes to stderr. The process ends at ``quit`` or when stdin closes
-(its parent died), so it never outlives the door that started it.
+writes one request per line on stdin and reads one message per line on stdout, as
+:mod:`LiverSegExtension.protocol` says.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -44,15 +15,9 @@ import time
 import traceback
 from typing import Any, TextIO
 
-PROTOCOL = 2  # the door refuses an engine that speaks another version
+from LiverSegExtension import protocol
 
-
-REQUIRED = {"segment": ("input", "output"), "train": ("init", "data", "output"), "export": ("dataset", "image", "label")}
-
-
-def _no_constant(name: str) -> None:
-    """NaN and Infinity are not JSON: a request holding them is refused (they could not be echoed back)."""
-    raise ValueError(f"{name} is not JSON")
+PROTOCOL = protocol.VERSION
 
 
 class _Channel:
@@ -64,7 +29,7 @@ class _Channel:
         sys.stdout = sys.stderr
 
     def send(self, event: str, **fields: Any) -> None:
-        self._out.write(json.dumps({"event": event, **fields}) + "\n")
+        self._out.write(protocol.message(event, **fields) + "\n")
         self._out.flush()
 
 
@@ -217,7 +182,7 @@ def main() -> int:
         import LiverSegExtension.inference  # noqa: F401 - all the engine needs: "ready" means the first request is quick
         from LiverSegExtension.runtimes import available_devices, runtimes_installed
 
-        channel.send("ready", protocol=PROTOCOL, pid=os.getpid(), runtimes=runtimes_installed(),
+        channel.send(protocol.READY, protocol=PROTOCOL, pid=os.getpid(), runtimes=runtimes_installed(),
                      devices=available_devices())
     except ImportError as exc:  # the door installs the packages; say which one is missing
         channel.send("error", id=None, message=f"the LiverSeg engine cannot start: {exc}", user=True)
@@ -228,31 +193,19 @@ def main() -> int:
         if not line:
             continue
         try:
-            request = json.loads(line, parse_constant=_no_constant)
-        except ValueError:
-            request = None
-        if not isinstance(request, dict):
-            channel.send("error", id=None, message=f"not a request (a JSON object per line): {line[:80]}", user=False)
+            request = protocol.parse_request(line)
+        except protocol.BadRequest as exc:
+            channel.send(protocol.ERROR, id=exc.id, message=str(exc), user=False)
             continue
-        if not isinstance(request.get("id"), (int, str, type(None))) or isinstance(request.get("id"), bool):
-            channel.send("error", id=None, message="a request's id must be a number or a string", user=False)
-            continue
-        missing = [k for k in REQUIRED.get(request.get("cmd"), ()) if not request.get(k)]
-        if missing:
-            channel.send("error", id=request.get("id"), message=f"{request.get('cmd')} request without "
-                         f"{', '.join(missing)}", user=False)
-            continue
-        command = request.get("cmd")
-        if command == "quit":
+        command = request["cmd"]
+        if command == protocol.QUIT:
             break
-        if command == "segment":
+        if command == protocol.SEGMENT:
             _segment(request, channel, segmenters)
-        elif command == "train":
+        elif command == protocol.TRAIN:
             _train(request, channel)
-        elif command == "export":
-            _export(request, channel)
         else:
-            channel.send("error", id=request.get("id"), message=f"unknown command {command!r}", user=False)
+            _export(request, channel)
     return 0
 
 

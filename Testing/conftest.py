@@ -17,6 +17,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "StandIns"))
 sys.path.insert(0, str(ROOT / "LiverSegModule"))
 
 SHARED = Path(os.environ.get("LIVERSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+# -- tiers: `pytest --fast` (bash Testing/run_tests.sh --fast) runs the in-process tests alone ------------------
+def pytest_addoption(parser) -> None:
+    parser.addoption("--fast", action="store_true",
+                     help="the fast tier: skip the tests marked slow (training, every real CT) and every test that "
+                          "starts a process (the CLI, the batch, the engine process); CI runs all")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: trains a model or reads every real CT (left out by --fast)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--fast"):
+        skip = pytest.mark.skip(reason="slow tier: run without --fast")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _processes_belong_to_the_slow_tier(request, monkeypatch):
+    """With --fast, a test that starts a process (subprocess, QProcess, the engine) is skipped when it does."""
+    if request.config.getoption("--fast"):
+        import subprocess
+
+        def refuse(self, *args, **kwargs):
+            pytest.skip("starts a process: slow tier, run without --fast")
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data not found at {SHARED} (set LIVERSEG_SHARED_DATA)")
 
 

@@ -16,6 +16,8 @@ from synthetic import make_affine, phantom, rotation, write_dicom_series
 
 from LiverSegExtension.geometry import ijk_to_ras_of, image_from_array, same_grid
 
+pytestmark = pytest.mark.slow  # trains models, or runs processes
+
 pytest.importorskip("slicer")
 BATCH = ROOT / "LiverSegModule" / "Scripts" / "LiverSegBatch.py"
 

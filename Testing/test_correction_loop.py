@@ -49,6 +49,7 @@ def cli(*args, **kw):
                           capture_output=True, text=True, timeout=900, **kw)
 
 
+@pytest.mark.slow
 def test_export_corrected_segment_then_fine_tune(tmp_path, scene, tiny_model_dir, threshold_segmenter, dicom_ct):
     from LiverSeg import LiverSegLogic
     from LiverSegLib.mrml import oriented_image_from_mask, segment_mask

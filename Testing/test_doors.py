@@ -231,3 +231,26 @@ def test_view_draws_the_three_planes(tmp_path):
     r = run("-m", "LiverSegExtension.cli", "view", tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz", "-o", tmp_path / "pic.png")
     assert r.returncode == 1 and "already exists" in r.stderr
     assert run("-m", "LiverSegExtension.cli", "view").returncode == 2
+
+
+def test_shard_summaries_merge_into_one(tmp_path, tiny_model_dir):
+    """A job array's shards (docs/slurm_array.sh) give one summary.csv with every case, through `summary merge`;
+    a missing shard is said and exits 1."""
+    from LiverSegExtension.cli import main
+
+    m = make_affine((4.5, 4.5, 6.0), (30, 72, 80))
+    ct, _ = phantom((30, 72, 80), m)
+    for name in ("a", "b", "c"):
+        sitk.WriteImage(image_from_array(ct, m), str(tmp_path / f"{name}.nrrd"))
+    out = tmp_path / "out"
+    for i in (1, 2):
+        assert main(["segment", str(tmp_path), "-o", str(out), "--model", str(tiny_model_dir), "--shard", f"{i}/2",
+                     "-q"]) == 0
+    assert main(["summary", "merge", str(out)]) == 0
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(r["input"]).name for r in rows) == ["a.nrrd", "b.nrrd", "c.nrrd"]
+    (out / "summary_shard2of2.csv").unlink()
+    assert main(["summary", "merge", str(out)]) == 1
+    assert (out / "summary.csv").read_text().count(".nrrd,") == 3  # the record is kept
+    assert "#SBATCH" in (ROOT / "docs" / "slurm_array.sh").read_text()

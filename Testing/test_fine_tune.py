@@ -21,6 +21,8 @@ from test_training import make_dataset
 from LiverSegExtension.catalog import list_models
 from LiverSegExtension.finetune import CASE_DROP, HELD_BACK, MEAN_DROP, PARENT_VALIDATION, TRAINED, decide, plan
 
+pytestmark = pytest.mark.slow  # trains models, or runs processes
+
 WRONG = [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0]
 RIGHT = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 

@@ -16,7 +16,7 @@ from LiverSegExtension.geometry import ijk_to_ras_of
 from LiverSegExtension.io import expand_inputs, read_case, read_image
 from LiverSegExtension.metrics import dice
 
-pytestmark = requires_shared
+pytestmark = [requires_shared, pytest.mark.slow]  # every real CT
 
 
 def test_dicom_series_geometry_matches_the_dicom_tags():

@@ -128,6 +128,7 @@ def _oblique_cases():
         yield name, image_from_array(ct, m)
 
 
+@pytest.mark.slow
 @requires_bundled_model
 def test_onnx_runtime_and_torch_give_the_same_mask_on_synthetic_cts():
     from LiverSegExtension.inference import LiverSegmenter
@@ -143,6 +144,7 @@ def test_onnx_runtime_and_torch_give_the_same_mask_on_synthetic_cts():
         assert differ.sum() <= 0.001 * a.mask.sum(), name
 
 
+@pytest.mark.slow
 @requires_bundled_model
 @requires_shared
 def test_onnx_runtime_and_torch_give_the_same_mask_on_every_real_ct():

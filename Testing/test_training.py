@@ -18,6 +18,8 @@ from synthetic import make_affine, phantom
 from LiverSegExtension.geometry import image_from_array
 from LiverSegExtension.model import LiverModel
 
+pytestmark = pytest.mark.slow  # trains models, or runs processes
+
 
 def make_dataset(folder, n=3, shape=(24, 64, 72), spacing=(5.0, 5.0, 6.0)):
     (folder / "imagesTr").mkdir(parents=True)

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import LiverSegExtension
+from LiverSegExtension import protocol
 from LiverSegExtension.errors import CancelledError, LiverSegError
-from LiverSegExtension.worker import PROTOCOL
 
 ENGINE_ROOT = Path(LiverSegExtension.__file__).resolve().parent.parent  # the folder holding the engine package
 WORKER_ARGUMENTS = ["-u", "-m", "LiverSegExtension.worker"]
@@ -93,7 +93,7 @@ class EngineProcess:
         return int(pid) if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
 
     def send(self, request: dict) -> None:
-        self._process.write((json.dumps(request) + "\n").encode("utf-8"))
+        self._process.write((json.dumps(request) + "\n").encode("utf-8"))  # built by protocol.*_request
 
     def read(self) -> list[dict]:
         """The messages that arrived since the last call (never blocks)."""
@@ -106,19 +106,16 @@ class EngineProcess:
         *lines, self._buffer = self._buffer.split(b"\n")
         messages = []
         for line in lines:
-            try:
-                message = json.loads(line)
-            except ValueError:
+            message = protocol.parse_message(line)
+            if message is None:
                 logging.debug("LiverSeg engine (not a message): %r", line[:200])
                 continue
-            if not isinstance(message, dict):
-                continue
-            if message.get("event") == "ready":
-                if message.get("protocol") != PROTOCOL:  # an engine of another LiverSeg version: refuse it
-                    messages.append({"event": "error", "id": None, "user": True,
+            if message.get("event") == protocol.READY:
+                if message.get("protocol") != protocol.VERSION:  # an engine of another LiverSeg version: refuse it
+                    messages.append({"event": protocol.ERROR, "id": None, "user": True,
                                      "message": f"the LiverSeg engine speaks protocol {message.get('protocol')}, this "
-                                                f"panel {PROTOCOL}: the engine package and the module are of different "
-                                                "versions (reinstall the extension and restart Slicer)"})
+                                                f"panel {protocol.VERSION}: the engine package and the module are of "
+                                                "different versions (reinstall the extension and restart Slicer)"})
                     self.kill()
                     continue
                 self.ready = message
@@ -157,7 +154,7 @@ class EngineProcess:
     def stop(self) -> None:
         """Ask the process to quit, kill it if it does not within a few seconds."""
         if self.running:
-            self.send({"cmd": "quit"})
+            self.send({"cmd": protocol.QUIT})
             if not self._process.waitForFinished(3000):
                 self.kill()
 
@@ -192,11 +189,11 @@ class _EngineRun:
     def _take(self, message: dict) -> bool:
         """Take in a progress, result or error message (False for any other)."""
         event = message.get("event")
-        if event == "progress":
+        if event == protocol.PROGRESS:
             self.fraction, self.stage, self.info = float(message["fraction"]), str(message["stage"]), message
-        elif event == "result":
+        elif event == protocol.RESULT:
             self.result, self.fraction, self.stage = message, 1.0, "done"
-        elif event == "error":
+        elif event == protocol.ERROR:
             self.error = LiverSegError(message.get("message", "the engine failed"))
             self.details = message.get("details", "")
         else:
@@ -235,7 +232,7 @@ class SegmentRun(_EngineRun):
             if message.get("id") not in (self.id, None) or self.done:
                 continue
             event = message.get("event")
-            if event == "ready":
+            if event == protocol.READY:
                 self.stage = "engine ready"
             else:
                 self._take(message)
@@ -282,9 +279,9 @@ class TrainRun(_EngineRun):
         alive = self.engine.running
         for message in self.engine.read():
             event = message.get("event")
-            if event == "ready":
+            if event == protocol.READY:
                 self.stage = "preparing the training cases"
-            elif event == "note":
+            elif event == protocol.NOTE:
                 self.notes.append(str(message.get("text", "")))
             else:
                 self._take(message)

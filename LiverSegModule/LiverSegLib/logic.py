@@ -10,6 +10,7 @@ imports torch. The engine process comes from ``engineFactory`` (tests may give a
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import shutil
 import tempfile
@@ -24,9 +25,12 @@ try:
 except ImportError:  # plain Python with only slicer-core (batch runs): the base adds nothing we use there
     ScriptedLoadableModuleLogic = object  # type: ignore[misc,assignment]
 
+from LiverSegExtension import protocol
 from LiverSegExtension.errors import LiverSegError
 from LiverSegLib import mrml
 from LiverSegLib.engine import EngineProcess, SegmentRun, TrainRun
+
+FIXES_ATTRIBUTE = "LiverSeg.Fixes"  # the one-click fixes made on the node: JSON list, saved with the scene
 
 
 def outcome(run, what: str) -> dict[str, Any]:
@@ -69,6 +73,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         self._engine: EngineProcess | None = None
         self._datasetCounts: dict[str, tuple[float, int | None]] = {}
         self._ctCache: tuple[tuple, Path] | None = None  # the last CT handed to the engine, and what it was
+        self._undo: dict[str, list[tuple[str, str]]] = {}  # segmentation ID -> (mask, fixes) before each fix
         self._training: list[TrainRun] = []  # fine-tunes started here, each in its own engine process
         self._ids = itertools.count(1)
 
@@ -153,10 +158,8 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         try:
             ct_path = self._ctFile(input_volume)
             engine = self.engine()
-            request = {"cmd": "segment", "id": next(self._ids), "input": str(ct_path),
-                       "output": str(workdir / "mask.nrrd"), "attributes": True,
-                       "model": str(model_path or ""), "device": device,
-                       "source": input_volume.GetName()}
+            request = protocol.segment_request(next(self._ids), str(ct_path), str(workdir / "mask.nrrd"),
+                                               str(model_path or ""), device, input_volume.GetName(), attributes=True)
             engine.send(request)
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -308,6 +311,55 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             scene.GetNthNodeByClass(index, "vtkMRMLSliceNode").JumpSliceByCentering(*ras)
         return ras
 
+    # -- one-click fixes ---------------------------------------------------------------------------------
+    def fixAt(self, segmentationNode, volumeNode, ras, kind: str) -> float:
+        """``kind`` "add" (the region the last run gave a liver probability above 0.1, around ``ras``) or
+        "remove" (the part beyond the narrowest neck between ``ras`` and the liver) on the "Liver" segment;
+        other segments are left alone. The change is recorded on the node (the export lists it as the
+        annotator's) and can be undone. Returns the volume change in mL."""
+        from LiverSegExtension.fixes import add_here, remove_here
+        from LiverSegExtension.metrics import volume_ml
+
+        segment_id = mrml.find_liver_segment(segmentationNode) if segmentationNode is not None else None
+        if segment_id is None:
+            raise LiverSegError("no 'Liver' segment to fix: segment the liver first")
+        mask = mrml.segment_mask(segmentationNode, segment_id, volumeNode)
+        array, matrix = mrml.volume_array_and_matrix(volumeNode)
+        point = (np.linalg.inv(matrix) @ np.array([*ras[:3], 1.0]))[:3][::-1]  # (k, j, i)
+        if kind == "add":
+            draft = mrml.decode_mask(segmentationNode.GetAttribute(mrml.DRAFT_ATTRIBUTE), array.shape)
+            band = self.uncertainBand(segmentationNode, volumeNode)
+            if draft is None or band is None:
+                raise LiverSegError("this segmentation keeps no probability of a LiverSeg run: run Segment Liver first")
+            probability = np.where(draft > 0, 255, np.where(band, 128, 0)).astype(np.uint8)
+            fixed, _ = add_here(mask, probability, point)
+        elif kind == "remove":
+            fixed, _ = remove_here(mask, point)
+        else:
+            raise LiverSegError(f"unknown fix {kind!r}: add or remove")
+        self._undo.setdefault(segmentationNode.GetID(), []).append(
+            (mrml.encode_mask(mask), segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]"))
+        mrml.write_liver_segment(segmentationNode, volumeNode, fixed)
+        change = volume_ml(fixed, volumeNode.GetSpacing()) - volume_ml(mask, volumeNode.GetSpacing())
+        fixes = json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]")
+        fixes.append({"fix": kind, "ras": [round(float(v), 2) for v in ras[:3]], "ml": round(change, 2)})
+        segmentationNode.SetAttribute(FIXES_ATTRIBUTE, json.dumps(fixes))
+        return change
+
+    def canUndoFix(self, segmentationNode) -> bool:
+        return bool(self._undo.get(segmentationNode.GetID()))
+
+    def undoFix(self, segmentationNode, volumeNode) -> bool:
+        """Undo the last fix of this segmentation (False when there is none to undo)."""
+        stack = self._undo.get(segmentationNode.GetID() if segmentationNode is not None else "", [])
+        if not stack:
+            return False
+        encoded, fixes = stack.pop()
+        shape = mrml.volume_array_and_matrix(volumeNode)[0].shape
+        mrml.write_liver_segment(segmentationNode, volumeNode, mrml.decode_mask(encoded, shape))
+        segmentationNode.SetAttribute(FIXES_ATTRIBUTE, fixes)
+        return True
+
     # -- fine-tuning ---------------------------------------------------------------------------------
     def datasetCaseCount(self, datasetFolder: str | Path | None) -> int | None:
         """How many training cases ``dataset.json`` lists (None: no dataset there, or unreadable). Read
@@ -350,8 +402,8 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             output, version = Path(outputFolder), None
         else:
             output, version = new_model_dir(card)
-        request = {"cmd": "train", "id": next(self._ids), "init": str(parent), "data": [str(datasetFolder)],
-                   "output": str(output), "device": device, "iterations": iterations, "version": version}
+        request = protocol.train_request(next(self._ids), str(parent), [str(datasetFolder)], str(output), device,
+                                         iterations, version)
         engine = self.engineFactory().start()
         try:
             engine.send(request)
@@ -400,10 +452,11 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                 files["draft"] = workdir / "draft.nrrd"
                 sitk.WriteImage(image_from_array(np.asarray(draft, np.uint8), matrix), str(files["draft"]), False)
             provenance = {"model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
-                          "annotator": annotator or None}
+                          "annotator": annotator or None,
+                          "one_click_fixes": json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]") or None}
             engine = self.engine()
-            request = {"cmd": "export", "id": next(self._ids), "dataset": str(datasetFolder), "provenance": provenance,
-                       **{k: str(v) for k, v in files.items()}, "output": str(datasetFolder)}
+            request = protocol.export_request(next(self._ids), str(datasetFolder), {k: str(v) for k, v in files.items()},
+                                              provenance)
             engine.send(request)
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -429,5 +482,6 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         provenance = {
             "model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
             "annotator": annotator or None,
+            "one_click_fixes": json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]") or None,
         }
         return add_case_arrays(datasetFolder, array, label, matrix, provenance=provenance, draft=draftMask)

@@ -70,6 +70,9 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.ui.showUncertainCheckBox.connect("toggled(bool)", self.onShowUncertain)
         self.ui.jumpUncertainButton.connect("clicked(bool)", self.onJumpUncertain)
+        self.ui.addHereButton.connect("clicked(bool)", lambda: self.onFix("add"))
+        self.ui.removeHereButton.connect("clicked(bool)", lambda: self.onFix("remove"))
+        self.ui.undoFixButton.connect("clicked(bool)", self.onUndoFix)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.exportFolderPathLineEdit.connect("currentPathChanged(QString)", self.onExportFolderChanged)
@@ -197,6 +200,9 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                       and p.outputSegmentation.GetAttribute("LiverSeg.Uncertain"))
         self.ui.showUncertainCheckBox.enabled = banded and not busy
         self.ui.jumpUncertainButton.enabled = banded and not busy
+        self.ui.addHereButton.enabled = banded and not busy
+        self.ui.removeHereButton.enabled = bool(p and p.inputVolume and p.outputSegmentation) and not busy
+        self.ui.undoFixButton.enabled = bool(p and p.outputSegmentation and self.logic.canUndoFix(p.outputSegmentation))
         folder = self.ui.exportFolderPathLineEdit.currentPath
         exporting = self._exportRun is not None
         self.ui.exportButton.enabled = bool(p and p.inputVolume and p.outputSegmentation and folder) and not (
@@ -335,6 +341,27 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p and p.inputVolume and p.outputSegmentation:
             if self.logic.jumpToUncertainRegion(p.outputSegmentation, p.inputVolume) is None:
                 self.ui.statusLabel.text = "No uncertain region in the last run."
+
+    # -- one-click fixes -------------------------------------------------------------------------------
+    def onFix(self, kind: str) -> None:
+        """Add here / Remove here, at the crosshair (Shift + mouse move in a slice view puts it there)."""
+        p = self._parameterNode
+        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+        with slicer.util.tryWithErrorDisplay("LiverSeg could not fix the segment here.", waitCursor=True):
+            if crosshair is None:
+                from LiverSegExtension.errors import LiverSegError
+
+                raise LiverSegError("no crosshair: place it with Shift + mouse move in a slice view")
+            change = self.logic.fixAt(p.outputSegmentation, p.inputVolume, crosshair.GetCrosshairRAS(), kind)
+            verb = "Added" if kind == "add" else "Removed"
+            self.ui.statusLabel.text = f"{verb} {abs(change):.1f} mL at the crosshair (Undo fix restores it)."
+        self._updateButtons()
+
+    def onUndoFix(self) -> None:
+        p = self._parameterNode
+        if p and self.logic.undoFix(p.outputSegmentation, p.inputVolume):
+            self.ui.statusLabel.text = "The last fix was undone."
+        self._updateButtons()
 
     # -- export for training ---------------------------------------------------------------------------
     def onExportButton(self) -> None:

@@ -19,7 +19,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # LiverSegLib (and, from a checkout, the engine)
@@ -36,7 +35,8 @@ from LiverSegLib.mrml import (  # noqa: E402
     volume_array_and_matrix,
 )
 
-from LiverSegExtension.errors import LiverSegError, OutputExistsError  # noqa: E402
+from LiverSegExtension.batch import run_batch  # noqa: E402
+from LiverSegExtension.errors import LiverSegError  # noqa: E402
 from LiverSegExtension.io import (  # noqa: E402
     InputCase,
     atomic_write,
@@ -47,22 +47,15 @@ from LiverSegExtension.io import (  # noqa: E402
     check_nifti_length,
     check_series_layout,
     check_writable_folder,
-    clean_stale_temporaries,
-    complete_output,
-    expand_inputs,
     input_grid,
     mask_path,
-    output_names,
     parse_shard,
     quiet_native_logs,
     read_image,
     result_status,
     series_files_in_order,
-    shard,
     status_counts,
-    summary_row,
     write_mask,
-    write_summary,
 )
 
 
@@ -155,6 +148,99 @@ def mask_on_file_grid(case: InputCase, segmentation, segment_id: str, volume):
     return array, grid
 
 
+class BatchDoor:
+    """The batch's part of :func:`LiverSegExtension.batch.run_batch`: Slicer's readers, the module's logic
+    (ONNX Runtime here; the engine process on a GPU), Slicer's writers, a line per case."""
+
+    def __init__(self, args: argparse.Namespace, notes: list[str]) -> None:
+        from LiverSegLib.logic import LiverSegLogic
+
+        self.args, self.notes = args, notes
+        self.logic = LiverSegLogic()
+        # On a GPU the networks run in torch, which Slicer's process never imports: cases then go through the
+        # engine process, as the panel's do. On the CPU (ONNX Runtime) they run here.
+        self.through_engine = needs_torch(args.device)
+        self.ctx: SceneContext | None = None
+
+    def wanted(self, case: InputCase, name: str) -> list[Path]:
+        out, args = self.args.output_dir, self.args
+        return ([mask_path(out, name, "seg.nrrd")] + ([mask_path(out, name, "nii.gz")] if args.labelmap else [])
+                + ([mask_path(out, name, "dicom-seg")] if args.dicom_seg and case.files else []))
+
+    def prepare(self, planned) -> None:
+        for note in self.notes:
+            print(f"LiverSegBatch: {note}", flush=True)
+        if self.through_engine:  # checked as the engine will, without loading torch here
+            from LiverSegExtension.catalog import default_model_dir, has_networks, read_card
+
+            folder = Path(self.args.model) if self.args.model else default_model_dir()
+            if folder is None or not folder.is_dir() or not has_networks(folder):
+                raise LiverSegError(f"{folder or 'no bundled model'}: model folder not found (or not a model folder)")
+            read_card(folder)
+        else:
+            self.logic.segmenter(self.args.model, self.args.device)
+        self.ctx = SceneContext()
+
+    def segment(self, case: InputCase, name: str, existing: list[Path], row: dict, written: list[Path]) -> str:
+        ctx, args = self.ctx, self.args
+        seg_path, lab_path, dcm_path = (mask_path(args.output_dir, name, f) for f in ("seg.nrrd", "nii.gz", "dicom-seg"))
+        before = node_ids(ctx.scene)
+        try:
+            volume = ctx.load(case)
+            if seg_path in existing:  # only a labelmap is missing: made from the kept (perhaps corrected) segmentation
+                segmentation = ctx.segmentations.LoadSegmentationFromFile(str(seg_path), False, name)
+                if segmentation is None:
+                    raise LiverSegError(f"{seg_path}: could not be read to make the missing labelmap")
+                segment_id = find_liver_segment(segmentation)
+                if segment_id is None:
+                    raise LiverSegError(f"{seg_path}: has no segment named 'Liver' to make the labelmap from")
+                from LiverSegExtension.metrics import volume_ml
+
+                array, grid = mask_on_file_grid(case, segmentation, segment_id, volume)
+                write_mask(array, grid, lab_path, False, None if case.files else case.source)
+                written.append(lab_path)
+                row["liver_ml"] = f"{volume_ml(array, grid.GetSpacing()):.1f}"
+                return ""
+            result = self._segment(volume)
+            write_node(result.segmentation_node, seg_path, args.overwrite)
+            written.append(seg_path)
+            make_labelmap = args.labelmap and lab_path not in existing
+            make_seg = dcm_path in self.wanted(case, name) and dcm_path not in existing and result.liver_ml > 0
+            if make_labelmap or make_seg:  # the segment on the file's grid, once for both
+                array, grid = mask_on_file_grid(case, result.segmentation_node, result.segment_id, volume)
+            if make_labelmap:
+                write_mask(array, grid, lab_path, args.overwrite, None if case.files else case.source)
+                written.append(lab_path)
+            notes: list[str] = []
+            if make_seg:
+                from LiverSegExtension.catalog import default_model_dir, read_card
+                from LiverSegExtension.dicom_seg import write_dicom_seg
+
+                card = read_card(args.model or default_model_dir())
+                notes = write_dicom_seg(array, case.files, dcm_path, str(card.get("name", "liverseg")),
+                                        str(card.get("version", "")), args.overwrite)
+                written.append(dcm_path)
+            warnings = case_warnings(case, result.warnings)
+            row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
+                       warning="; ".join(warnings), status=result_status(result.liver_ml, warnings),
+                       runtime=result.runtime)
+            return "; ".join(notes)
+        finally:  # keep memory flat over long batches: every node the case added goes, color tables too
+            remove_nodes_added_since(ctx.scene, before)
+
+    def _segment(self, volume):
+        if self.through_engine:
+            run = self.logic.start(volume, None, self.args.model, self.args.device)
+            run.wait()
+            return self.logic.finish(run)
+        return self.logic.process(volume, None, device=self.args.device, modelPath=self.args.model)
+
+    def report(self, index: int, total: int, case: InputCase, row: dict, note: str) -> None:
+        detail = row["error"] or (f"{row['liver_ml']} mL" if row["liver_ml"] else note)
+        detail += f" WARNING: {row['warning']}" if row["warning"] else ""
+        print(f"[{index}/{total}] {row['status']:7s} {case.label} {detail} ({row['seconds']} s)", flush=True)
+
+
 def run(argv: list[str]) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
@@ -175,15 +261,12 @@ def run(argv: list[str]) -> int:
     if args.overwrite and args.skip_existing:
         p.error("--overwrite and --skip-existing contradict each other; give one")
     try:
-        shard_i, shard_n = parse_shard(args.shard)
+        shard = parse_shard(args.shard)
     except ValueError as exc:
         p.error(str(exc))  # exit 2, as every usage error
     quiet_native_logs(args.debug)
     logging.getLogger("highdicom").setLevel(logging.DEBUG if args.debug else logging.WARNING)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR, format="%(message)s")
-
-    from LiverSegLib.logic import LiverSegLogic
-
     out: Path = args.output_dir
     if out.exists() and not out.is_dir():
         p.error(f"{out}: exists and is not a folder")
@@ -191,121 +274,17 @@ def run(argv: list[str]) -> int:
         check_writable_folder(out)
     except LiverSegError as exc:
         p.error(str(exc))
-    clean_stale_temporaries(out)  # what a killed run left
-    summary_path = out / ("summary.csv" if shard_n == 1 else f"summary_shard{shard_i}of{shard_n}.csv")
     notes: list[str] = []
-    cases = expand_inputs(args.input, out, notes)
-    for note in notes:
-        print(f"LiverSegBatch: {note}", flush=True)
-    if args.shard:
-        cases = shard(cases, shard_i, shard_n)
-    logic = LiverSegLogic()
-    # On a GPU the networks run in torch, which Slicer's process never imports: cases then go through the
-    # engine process, as the panel's do. On the CPU (ONNX Runtime) they run here.
-    through_engine = needs_torch(args.device)
+    door = BatchDoor(args, notes)
     try:
-        if through_engine:  # checked as the engine will, without loading torch here
-            from LiverSegExtension.catalog import default_model_dir, has_networks, read_card
-
-            folder = Path(args.model) if args.model else default_model_dir()
-            if folder is None or not folder.is_dir() or not has_networks(folder):
-                raise LiverSegError(f"{folder or 'no bundled model'}: model folder not found (or not a model folder)")
-            read_card(folder)
-        else:
-            logic.segmenter(args.model, args.device)
-    except LiverSegError as exc:
+        code, rows, summary = run_batch(args.input, out, door, shard, args.overwrite, args.skip_existing, notes)
+    except LiverSegError as exc:  # what makes the whole run wrong (a model that cannot be loaded)
         print(f"LiverSegBatch: error: {exc}", file=sys.stderr)
         return 2
-    ctx = SceneContext()
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    for n, (case, name) in enumerate(zip(cases, output_names(cases)), 1):
-        seg_path, lab_path = mask_path(out, name, "seg.nrrd"), mask_path(out, name, "nii.gz")
-        row = summary_row(case.label, str(seg_path))
-        start = time.perf_counter()
-        dcm_path = mask_path(out, name, "dicom-seg")
-        wanted = [seg_path] + ([lab_path] if args.labelmap else []) + ([dcm_path] if args.dicom_seg and case.files else [])
-        before = node_ids(ctx.scene)
-        note = ""
-        written: list[Path] = []  # this case's outputs, removed if it fails after all
-        try:
-            # Decided before any work: an existing output is kept (a .seg.nrrd may have been corrected by
-            # hand) unless --overwrite; an incomplete one is not counted as done.
-            existing = [w for w in wanted if w.exists()] if not args.overwrite else []
-            for path in existing:
-                if not complete_output(path):
-                    raise LiverSegError(f"{path}: exists but is incomplete or unreadable; --overwrite replaces it")
-            if existing and not args.skip_existing:
-                note = f"kept existing {', '.join(w.name for w in existing)} (--overwrite replaces it)"
-            if len(existing) == len(wanted):
-                row["status"] = "skipped"
-            elif seg_path in existing:  # only the labelmap is missing: made from the kept segmentation
-                volume = ctx.load(case)
-                segmentation = ctx.segmentations.LoadSegmentationFromFile(str(seg_path), False, name)
-                if segmentation is None:
-                    raise LiverSegError(f"{seg_path}: could not be read to make the missing labelmap")
-                segment_id = find_liver_segment(segmentation)
-                if segment_id is None:
-                    raise LiverSegError(f"{seg_path}: has no segment named 'Liver' to make the labelmap from")
-                from LiverSegExtension.metrics import volume_ml
-
-                array, grid = mask_on_file_grid(case, segmentation, segment_id, volume)
-                write_mask(array, grid, lab_path, False, None if case.files else case.source)
-                row["liver_ml"] = f"{volume_ml(array, grid.GetSpacing()):.1f}"
-            else:
-                volume = ctx.load(case)
-                if through_engine:
-                    engine_run = logic.start(volume, None, args.model, args.device)
-                    engine_run.wait()
-                    result = logic.finish(engine_run)
-                else:
-                    result = logic.process(volume, None, device=args.device, modelPath=args.model)
-                write_node(result.segmentation_node, seg_path, args.overwrite)
-                written.append(seg_path)
-                make_labelmap = args.labelmap and lab_path not in existing
-                make_seg = dcm_path in wanted and dcm_path not in existing and result.liver_ml > 0
-                if make_labelmap or make_seg:  # the segment on the file's grid, once for both
-                    array, grid = mask_on_file_grid(case, result.segmentation_node, result.segment_id, volume)
-                if make_labelmap:
-                    write_mask(array, grid, lab_path, args.overwrite, None if case.files else case.source)
-                    written.append(lab_path)
-                if make_seg:
-                    from LiverSegExtension.catalog import default_model_dir, read_card
-                    from LiverSegExtension.dicom_seg import write_dicom_seg
-
-                    card = read_card(args.model or default_model_dir())
-                    notes = write_dicom_seg(array, case.files, dcm_path, str(card.get("name", "liverseg")),
-                                            str(card.get("version", "")), args.overwrite)
-                    note = "; ".join(notes)
-                warnings = case_warnings(case, result.warnings)
-                row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
-                           warning="; ".join(warnings), status=result_status(result.liver_ml, warnings),
-                           runtime=result.runtime)
-        except OutputExistsError as exc:  # written meanwhile by a concurrent run: done if complete
-            if all(complete_output(w) for w in wanted if w.exists()):
-                row.update(status="skipped", liver_ml="", warning="")
-                note = "written meanwhile by another run, kept"
-            else:
-                row.update(status="failed", output="", error=str(exc))
-        except LiverSegError as exc:
-            row.update(status="failed", output="", error=str(exc))
-        except Exception as exc:  # one bad case must not stop the batch
-            logging.debug("case failed", exc_info=True)
-            row.update(status="failed", output="", error=f"{case.label}: unexpected error: {exc}")
-        finally:  # keep memory flat over long batches: every node the case added goes, color tables too
-            remove_nodes_added_since(ctx.scene, before)
-        if row["status"] == "failed":  # a failed case leaves no output of its own behind
-            for path in written:
-                path.unlink(missing_ok=True)
-        row["seconds"] = f"{time.perf_counter() - start:.2f}"
-        rows.append(row)
-        write_summary(summary_path, [row])
-        detail = row["error"] or (f"{row['liver_ml']} mL" if row["liver_ml"] else note)
-        detail += f" WARNING: {row['warning']}" if row["warning"] else ""
-        print(f"[{n}/{len(cases)}] {row['status']:7s} {case.label} {detail} ({row['seconds']} s)", flush=True)
-    logic.shutdown()  # the engine process, if cases went through it
-    print(f"LiverSegBatch: {len(rows)} case(s): {status_counts(rows)}; summary in {summary_path}", flush=True)
-    return 1 if any(r["status"] == "failed" for r in rows) else 0
+    finally:
+        door.logic.shutdown()  # the engine process, if cases went through it
+    print(f"LiverSegBatch: {len(rows)} case(s): {status_counts(rows)}; summary in {summary}", flush=True)
+    return code
 
 
 def main() -> None:
