@@ -248,7 +248,7 @@ def test_a_killed_engine_gives_an_error_and_leaves_the_scene_unchanged(scene, sl
     logic = LiverSegLogic()
     before = scene.GetNumberOfNodes()
     try:
-        run = logic.start(volume, None, None, "cpu")
+        run = logic.start(volume, None, "cpu")
         wait_ready(run)
         pid = logic._engine.pid
         os.kill(logic._engine.engine_pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
@@ -260,7 +260,7 @@ def test_a_killed_engine_gives_an_error_and_leaves_the_scene_unchanged(scene, sl
         assert scene.GetNumberOfNodes() == before
         assert not run.workdir.exists()  # the private CT copy is gone
         # The next run starts a new engine and works.
-        run = logic.start(volume, None, None, "cpu")
+        run = logic.start(volume, None, "cpu")
         assert run.wait(300) and logic._engine.pid != pid
         assert logic.finish(run).segmentation_node is not None
     finally:
@@ -275,7 +275,7 @@ def test_a_killed_launcher_takes_the_engine_with_it(scene, slicer_launcher):
 
     logic = LiverSegLogic()
     try:
-        run = logic.start(add_ct("ct"), None, None, "cpu")
+        run = logic.start(add_ct("ct"), None, "cpu")
         wait_ready(run)
         engine = logic._engine.engine_pid
         os.kill(logic._engine.pid, signal.SIGKILL)
@@ -306,7 +306,7 @@ def test_a_volume_removed_during_the_run_is_an_error_not_a_crash(scene):
     volume = add_ct("ct")
     logic = LiverSegLogic()
     try:
-        run = logic.start(volume, None, None, "cpu")
+        run = logic.start(volume, None, "cpu")
         scene.RemoveNode(volume)
         assert run.wait(300)
         with pytest.raises(LiverSegError, match="input volume was removed"):

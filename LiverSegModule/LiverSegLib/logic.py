@@ -147,26 +147,25 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         if input_volume.GetImageData() is None:
             raise LiverSegError(f"{input_volume.GetName()}: the volume holds no voxels")
 
-    def start(self, input_volume, output_segmentation=None, model_path: str | Path | None = None,
-              device: str = "auto") -> SegmentRun:
+    def start(self, inputVolume, outputSegmentation=None, device: str = "auto",
+              modelPath: str | Path | None = None) -> SegmentRun:
         """Hand the volume to the engine process and return the run to poll (``run.poll()``), then
-        call ``finish(run)``. The nodes are fixed now: the result goes to these, whatever is selected later."""
-
-
-        self._check_inputs(input_volume)
+        call ``finish(run)``. The nodes are fixed now: the result goes to these, whatever is selected later.
+        Arguments as ``process``'s."""
+        self._check_inputs(inputVolume)
         workdir = Path(tempfile.mkdtemp(prefix="LiverSeg-"))  # private (0700), removed by finish or cancel
         try:
-            ct_path = self._ctFile(input_volume)
+            ct_path = self._ctFile(inputVolume)
             engine = self.engine()
             request = protocol.segment_request(next(self._ids), str(ct_path), str(workdir / "mask.nrrd"),
-                                               str(model_path or ""), device, input_volume.GetName(), attributes=True)
+                                               str(modelPath or ""), device, inputVolume.GetName(), attributes=True)
             engine.send(request)
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        return SegmentRun(engine, request, workdir, input_volume.GetScene(), input_volume.GetID(),
-                          output_segmentation.GetID() if output_segmentation is not None else None,
-                          input_volume.GetName())
+        return SegmentRun(engine, request, workdir, inputVolume.GetScene(), inputVolume.GetID(),
+                          outputSegmentation.GetID() if outputSegmentation is not None else None,
+                          inputVolume.GetName())
 
     def _ctFile(self, volume) -> Path:
         """The volume as a raw NRRD for the engine (uncompressed: written and read at disk speed; the engine
@@ -384,7 +383,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         self._datasetCounts[str(path)] = (stamp, count)
         return count
 
-    def startFineTune(self, datasetFolder: str | Path, modelPath: str | Path | None = None, device: str = "auto",
+    def startFineTune(self, datasetFolder: str | Path, device: str = "auto", modelPath: str | Path | None = None,
                       iterations: int | None = None, outputFolder: str | Path | None = None) -> TrainRun:
         """Fine-tune the model on the dataset's cases in an engine process of its own (the recipe and the
         regression guard of ``LiverSegExtension.finetune``); poll the run, then ``finishFineTune(run)``.

@@ -63,7 +63,7 @@ class LiverSegTest(ScriptedLoadableModuleTest):
         logic = LiverSegLogic()
         try:
             self.delayDisplay("Segmenting through the engine process")
-            run = logic.start(volume, None, None, "cpu")
+            run = logic.start(volume, None, "cpu")
             self.assertTrue(run.wait(300), "the engine process did not finish in 5 minutes")
             result = logic.finish(run)
         finally:

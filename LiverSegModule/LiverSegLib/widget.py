@@ -264,7 +264,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("LiverSeg could not start.", waitCursor=True):
             if not self._installFirst(p.device, False, self.onApplyButton):
                 return
-            self._run = self.logic.start(p.inputVolume, p.outputSegmentation, p.modelPath or None, p.device)
+            self._run = self.logic.start(p.inputVolume, p.outputSegmentation, p.device, p.modelPath or None)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = self._run.stage.capitalize() + "..."
             self._timer.start()
@@ -396,7 +396,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._installFirst(p.device, True, self.onTrainButton):
                 return
             self._trainRun = self.logic.startFineTune(self.ui.exportFolderPathLineEdit.currentPath,
-                                                      p.modelPath or None, p.device,
+                                                      p.device, p.modelPath or None,
                                                       iterations=int(self.ui.trainIterationsSpinBox.value))
             self.ui.trainProgressBar.value = 0
             self.ui.trainStatusLabel.text = "Starting..."

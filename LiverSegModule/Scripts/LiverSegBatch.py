@@ -230,7 +230,7 @@ class BatchDoor:
 
     def _segment(self, volume):
         if self.through_engine:
-            run = self.logic.start(volume, None, self.args.model, self.args.device)
+            run = self.logic.start(volume, None, self.args.device, self.args.model)
             run.wait()
             return self.logic.finish(run)
         return self.logic.process(volume, None, device=self.args.device, modelPath=self.args.model)
