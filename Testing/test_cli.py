@@ -1,7 +1,8 @@
 """The ``liverseg segment`` door: formats, bad input, no overwrite, devices, exit codes, summary.csv.
 
-These run the real CLI in a subprocess with a tiny untrained model (what is checked here is plumbing
-and geometry, not accuracy); the trained model is checked on real data in test_real_data.py.
+These run the real CLI in this process (``cli.main``; one test as a process of its own) with a tiny untrained
+model (what is checked here is plumbing and geometry, not accuracy); the trained model is checked on real
+data in test_real_data.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,24 @@ SHAPE, SPACING = (30, 48, 56), (4.0, 4.5, 6.0)
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "LiverSegExtension.cli", *map(str, args)], cwd=cwd or ROOT,
+    """``liverseg ARGS`` in this process (``cli.main``), its exit code and what it printed."""
+    import contextlib
+    import io
+
+    from LiverSegExtension.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd or ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess(["liverseg", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def run_cli_process(*args: str) -> subprocess.CompletedProcess:
+    """``liverseg ARGS`` as a process of its own, as a user runs it (the door's smoke test)."""
+    return subprocess.run([sys.executable, "-m", "LiverSegExtension.cli", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -151,7 +169,8 @@ def test_bad_inputs_fail_alone_with_one_clear_line(ct_case, tiny_model_dir, tmp_
 
 
 def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
-    r = run_cli("segment", tmp_path / "nothing.nii.gz", "-o", tmp_path / "o", "--model", tiny_model_dir, "-q", "--debug")
+    r = run_cli_process("segment", tmp_path / "nothing.nii.gz", "-o", tmp_path / "o", "--model", tiny_model_dir, "-q",
+                        "--debug")
     assert r.returncode == 1 and "Traceback" in r.stderr
 
 
