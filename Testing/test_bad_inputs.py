@@ -339,20 +339,20 @@ def test_a_full_disk_while_writing_the_summary_is_one_line(tmp_path, tiny_model_
     import errno
 
     from LiverSegExtension import cli as door
-    from LiverSegExtension import io
+    from LiverSegExtension.io import files, summary
 
     (ct, _), m = small_ct()
     sitk.WriteImage(image_from_array(ct, m), str(tmp_path / "ct.nii.gz"))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "summary.csv").write_text("input,output,status\nold.nii.gz,old_liver.nii.gz,ok\n")
-    real = io.atomic_write
+    real = files.atomic_write
 
     def full(path, write_to, overwrite=False):
         if Path(path).name == "summary.csv":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, write_to, overwrite)
 
-    monkeypatch.setattr(io, "atomic_write", full)
+    monkeypatch.setattr(summary, "atomic_write", full)  # what write_summary writes with
     assert door.main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "out"), "--model",
                       str(tiny_model_dir), "-q"]) == 1
     err = capsys.readouterr().err
@@ -417,7 +417,7 @@ def test_disagreeing_qform_and_sform_are_named_and_kept_in_the_mask(tmp_path, ti
         assert int(mask.header["qform_code"]) == 2 and int(mask.header["sform_code"]) == 1
     agree = nib.Nifti1Image(np.ascontiguousarray(ct.transpose(2, 1, 0)), affine)
     nib.save(agree, str(tmp_path / "agree.nii.gz"))
-    from LiverSegExtension.nifti_header import disagreement
+    from LiverSegExtension.io.nifti_header import disagreement
 
     assert disagreement(tmp_path / "agree.nii.gz") is None
 

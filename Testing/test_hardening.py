@@ -218,8 +218,7 @@ WIDE_CASES = [(ext, compress) for ext in (".nii", ".nrrd", ".mha") for compress 
 def test_wide_voxel_types_are_read_in_chunks_exactly_as_itk_reads_them(tmp_path, ext, compress, monkeypatch):
     """float64, int32... are decoded chunk by chunk into int16 (whole HU) or float32 (fractions): the same
     values and grid as ITK's whole read, and a chunk boundary that splits voxels changes nothing."""
-    from LiverSegExtension import compact_read
-    from LiverSegExtension.io import read_image
+    from LiverSegExtension.io import compact_read, read_image
 
     monkeypatch.setattr(compact_read, "CHUNK_BYTES", 4099)  # many chunks, none a whole number of voxels
     rng = np.random.default_rng(0)

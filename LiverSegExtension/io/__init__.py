@@ -1,0 +1,80 @@
+"""Files in and out, for every door: the cases found in what the user gave (``cases``), reading and checking
+a CT (``read``, ``dicom``, ``compact_read``, ``nifti_header``), the summary (``summary``), safe writing
+(``files``) and masks (``write``). Import from here; each module holds one job.
+"""
+
+from LiverSegExtension.io.cases import (
+    LIVER_SEGMENT,
+    NON_IMAGE_MODALITIES,
+    OUTPUT_FORMATS,
+    PROBABILITY_FORMATS,
+    VOLUME_SUFFIXES,
+    InputCase,
+    check_name_encoding,
+    dicom_series,
+    display_path,
+    expand_inputs,
+    is_liverseg_output,
+    is_volume_file,
+    mask_path,
+    output_names,
+    parse_shard,
+    probability_path,
+    search_folder,
+    shard,
+)
+from LiverSegExtension.io.dicom import (
+    check_loaded_grid,
+    check_series_layout,
+    check_slice_positions,
+    check_slice_sizes,
+    series_files_in_order,
+    unreadable_neighbours,
+)
+from LiverSegExtension.io.files import (
+    _HOST,
+    STALE_SECONDS,
+    TEMP_MARK,
+    atomic_write,
+    check_writable_folder,
+    clean_stale_temporaries,
+    complete_output,
+    locked,
+)
+from LiverSegExtension.io.read import (
+    MAX_GZIP_RATIO,
+    check_data_files_beside,
+    check_directions,
+    check_nifti_length,
+    input_grid,
+    is_allocation_failure,
+    memory_bytes,
+    not_enough_memory,
+    quiet_native_logs,
+    read_case,
+    read_image,
+)
+from LiverSegExtension.io.summary import (
+    STATUSES,
+    SUMMARY_FIELDS,
+    case_warnings,
+    merge_shard_summaries,
+    result_status,
+    status_counts,
+    summary_row,
+    write_summary,
+)
+from LiverSegExtension.io.write import mask_image, write_mask
+
+__all__ = [
+    "VOLUME_SUFFIXES", "OUTPUT_FORMATS", "PROBABILITY_FORMATS", "LIVER_SEGMENT", "InputCase", "display_path",
+    "check_name_encoding", "is_volume_file", "is_liverseg_output", "search_folder", "NON_IMAGE_MODALITIES",
+    "dicom_series", "expand_inputs", "parse_shard", "shard", "output_names", "mask_path", "probability_path",
+    "quiet_native_logs", "read_case", "input_grid", "read_image", "check_data_files_beside", "check_directions",
+    "memory_bytes", "MAX_GZIP_RATIO", "check_nifti_length", "is_allocation_failure", "not_enough_memory",
+    "unreadable_neighbours", "check_series_layout", "series_files_in_order", "check_loaded_grid",
+    "check_slice_sizes", "check_slice_positions", "SUMMARY_FIELDS", "STATUSES", "status_counts",
+    "result_status", "case_warnings", "summary_row", "write_summary", "merge_shard_summaries", "locked",
+    "check_writable_folder", "complete_output", "TEMP_MARK", "_HOST", "STALE_SECONDS",
+    "clean_stale_temporaries", "atomic_write", "mask_image", "write_mask",
+]

@@ -1,0 +1,211 @@
+"""The cases a door is given: volume files and DICOM series found in folders, each named once, shards, and
+where each case's outputs go."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from LiverSegExtension.errors import LiverSegError
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm"}
+
+
+#: where ``--probabilities`` goes for each mask format: a volume format (SEG and .seg.nrrd hold masks only)
+PROBABILITY_FORMATS = {"nii.gz": "nii.gz", "nrrd": "nrrd", "seg.nrrd": "nrrd", "dicom-seg": "nii.gz"}
+
+
+LIVER_SEGMENT = {
+    "name": "Liver",
+    "color": (221, 130, 101),
+    # Slicer terminology string: context~category(code^scheme^meaning)~type~modifier~anatomic context...
+    "terminology": "Segmentation category and type - 3D Slicer General Anatomy list"
+    "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^",
+}
+
+
+@dataclass
+class InputCase:
+    """One volume to segment: a file, or one series of a DICOM folder."""
+
+    source: Path
+    series_uid: str | None = None
+    files: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        source = display_path(self.source)
+        return f"{source} (series {self.series_uid})" if self.series_uid else source
+
+    @property
+    def stem(self) -> str:
+        name = self.source.name
+        for ext in VOLUME_SUFFIXES:
+            if name.lower().endswith(ext):
+                name = name[: -len(ext)]
+                break
+        if self.series_uid:
+            name = f"{name}_{self.series_uid.split('.')[-1]}"
+        return name
+
+
+def display_path(path: str | Path) -> str:
+    """A path as text that can be printed and written to a CSV file: bytes of a file name that are not
+    UTF-8 (a Latin-1 name) are shown as ``\\xe9``."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def check_name_encoding(path: str | Path) -> None:
+    """ITK's C++ aborts the whole process on a file name that is not UTF-8: refuse it first, in one line."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LiverSegError(f"{display_path(path)}: the file name is not valid UTF-8 (bytes of another encoding); "
+                            "rename the file or folder") from None
+
+
+def is_volume_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def is_liverseg_output(path: Path) -> bool:
+    """A file LiverSeg writes (``<name>_liver.<format>``, ``<name>_liver_prob.<format>``): never a CT."""
+    name = path.name.lower()
+    return any(name.endswith(f"_liver{ext}") or name.endswith(f"_liver_prob{ext}") for ext in OUTPUT_FORMATS.values())
+
+
+def search_folder(folder: Path, skip: tuple[Path, ...] = ()) -> tuple[list[Path], list[Path]]:
+    """The folders under ``folder`` (itself included) and the volume files in them, each real location
+    once: symlinked folders are followed (data is often linked in), but a link back up, or two links to
+    one folder, would otherwise give the same series twice or loop. LiverSeg's own outputs, and the
+    folders in ``skip`` (the output folder), are left out: a rerun into a folder inside the inputs must
+    not take the first run's masks for CTs."""
+    directories: list[Path] = []
+    volumes: list[Path] = []
+    # An output folder below the searched one is skipped; the searched folder itself is not (outputs written
+    # into it are left out by their names).
+    seen_dirs: set[str] = {os.path.realpath(s) for s in skip} - {os.path.realpath(folder)}
+    seen_files: set[str] = set()
+    for top, subdirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen_dirs:
+            subdirs[:] = []
+            continue
+        seen_dirs.add(real)
+        # Real folders and files before links to them: a case is named after where it lies.
+        subdirs.sort(key=lambda d: (os.path.islink(os.path.join(top, d)), d))
+        directories.append(Path(top))
+        for name in sorted(files, key=lambda f: (os.path.islink(os.path.join(top, f)), f)):
+            file = Path(top) / name
+            if is_volume_file(file) and not is_liverseg_output(file) and (key := os.path.realpath(file)) not in seen_files:
+                seen_files.add(key)
+                volumes.append(file)
+    return sorted(directories), sorted(volumes)
+
+
+NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG", "DOC"}
+
+
+def _modality(file: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+        return reader.GetMetaData("0008|0060").strip().upper() if reader.HasMetaDataKey("0008|0060") else ""
+    except RuntimeError:
+        return ""
+
+
+def dicom_series(folder: Path, skip: tuple[Path, ...] = ()) -> list[InputCase]:
+    """One case per DICOM image series found in ``folder`` and below it (SEG, RTSTRUCT... are skipped)."""
+    found: list[tuple[Path, str, tuple[str, ...]]] = []
+    for directory in search_folder(folder, skip)[0]:
+        reader = sitk.ImageSeriesReader
+        for uid in reader.GetGDCMSeriesIDs(str(directory)) or ():
+            files = reader.GetGDCMSeriesFileNames(str(directory), uid)
+            if files and _modality(files[0]) not in NON_IMAGE_MODALITIES:
+                found.append((directory, uid, tuple(files)))
+    per_dir: dict[Path, int] = {}
+    for directory, _, _ in found:
+        per_dir[directory] = per_dir.get(directory, 0) + 1
+    # The series UID goes into the case name only where a folder holds several series.
+    return [InputCase(d, uid if per_dir[d] > 1 else None, files) for d, uid, files in found]
+
+
+def expand_inputs(paths: list[str | Path], output_dir: Path | None = None,
+                  notes: list[str] | None = None) -> list[InputCase]:
+    """Turn command-line paths into cases, the same for every door: a file is a case; a folder is searched
+    for volume files and DICOM image series (one case per series), leaving out ``output_dir`` and
+    LiverSeg's own outputs.
+
+    Missing paths and folders with nothing readable become cases too, so they fail with their reason
+    in the summary instead of stopping the run. A case given twice (the same file or series, by any
+    path) is segmented once; ``notes`` gets a line saying so.
+    """
+    skip = (Path(output_dir),) if output_dir is not None else ()
+    cases: list[InputCase] = []
+    seen: dict[tuple[str, str], InputCase] = {}
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = [InputCase(f) for f in search_folder(path, skip)[1]] + dicom_series(path, skip)
+            found = found or [InputCase(path)]
+        else:
+            found = [InputCase(path)]
+        for case in found:
+            key = (os.path.realpath(case.files[0] if case.files else case.source), case.series_uid or "")
+            if key in seen:
+                if notes is not None:
+                    notes.append(f"{case.label}: the same input as {seen[key].label}; segmented once")
+                continue
+            seen[key] = case
+            cases.append(case)
+    return cases
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``I/N`` (1-based) as ``(I, N)``; ``(1, 1)`` when not given. A ValueError says what is wrong."""
+    if not text:
+        return 1, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 1/4), got {text!r}") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--shard I/N needs 1 <= I <= N, got {text!r}")
+    return i, n
+
+
+def shard(cases: list[InputCase], i: int, n: int) -> list[InputCase]:
+    """Cases I, I+N, I+2N... (1-based) of the case list sorted by input: shards partition it, whatever
+    order the inputs were given in."""
+    return sorted(cases, key=lambda c: c.label)[i - 1 :: n]
+
+
+def output_names(cases: list[InputCase]) -> list[str]:
+    """One output name per case (its stem; ``_2``, ``_3``... where stems repeat), for every door."""
+    taken: set[str] = set()
+    names = []
+    for case in cases:
+        name, n = case.stem, 2
+        while name in taken:
+            name, n = f"{case.stem}_{n}", n + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def mask_path(out_dir: Path, name: str, fmt: str) -> Path:
+    """Where a door writes a case's mask: ``OUT/<name>_liver.<format>``."""
+    return Path(out_dir) / f"{name}_liver{OUTPUT_FORMATS[fmt]}"
+
+
+def probability_path(out_dir: Path, name: str, fmt: str) -> Path:
+    """Where ``--probabilities`` writes a case's liver probability: ``OUT/<name>_liver_prob.<volume format>``."""
+    return Path(out_dir) / f"{name}_liver_prob{OUTPUT_FORMATS[PROBABILITY_FORMATS[fmt]]}"

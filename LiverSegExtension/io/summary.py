@@ -1,0 +1,114 @@
+"""The summary every door writes: one row per case, its status, merged into summary.csv under a lock (never
+replaced), and the shard summaries of a job array merged into one."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.io.cases import InputCase, _modality
+from LiverSegExtension.io.files import atomic_write, locked
+
+# -- writing ---------------------------------------------------------------------------------------
+SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "uncertainty", "seconds", "error", "warning", "runtime"]
+
+
+STATUSES = ("ok", "warning", "empty", "skipped", "failed")
+
+
+def status_counts(rows: list[dict]) -> str:
+    """``2 ok, 1 failed``: how a run's cases ended, for the last line of every door."""
+    return ", ".join(f"{sum(r['status'] == k for r in rows)} {k}" for k in STATUSES if any(r["status"] == k for r in rows)) \
+        or "none"
+
+
+def result_status(liver_ml: float, warnings: list[str]) -> str:
+    """The summary status of a segmented case, the same in every door: ``empty`` (no liver found),
+    ``warning`` (a mask was made but may be wrong: too small, or the header misstates the anatomy) or ``ok``."""
+    if liver_ml == 0:
+        return "empty"
+    return "warning" if warnings else "ok"
+
+
+def case_warnings(case: InputCase, warnings: list[str]) -> list[str]:
+    """The engine's warnings for a segmented case, and the doors' own: a DICOM series that says it is not
+    CT (an MR series with CT-like values has passed the CT check, so it was segmented as CT)."""
+    if not case.files:  # a NIfTI file whose two placements of the grid disagree: say which one was used
+        from LiverSegExtension.io.nifti_header import disagreement
+
+        note = disagreement(case.source)
+        return [*warnings, note] if note else list(warnings)
+    modality = _modality(case.files[0])
+    if modality and modality != "CT":
+        return [*warnings, f"{case.label}: the series' Modality is {modality}, not CT, though its values look like "
+                           "CT in HU; it was segmented as CT: check that this is the right series"]
+    return list(warnings)
+
+
+def summary_row(source: str, output: str) -> dict[str, str]:
+    """A summary.csv row for one case before it runs: status ok, every other field empty."""
+    return {**dict.fromkeys(SUMMARY_FIELDS, ""), "input": source, "output": output, "status": "ok"}
+
+
+def write_summary(path: Path, rows: list[dict]) -> None:
+    """Record this run's rows in ``summary.csv``, merged with what it already holds.
+
+    Rows of earlier runs are kept: a row is replaced only by a newer row for the same input, and a
+    "skipped" row never replaces the row that recorded how the output was made. The file is read,
+    merged and replaced under a lock, so concurrent runs into one folder lose no rows; the replacement
+    is atomic, so an interrupted run still leaves a whole summary.
+    """
+    path = Path(path)
+    with locked(path.parent, f".{path.name}.lock"):
+        merged: dict[str, dict] = {}
+        if path.exists():
+            try:
+                with open(path, newline="") as f:
+                    for old in csv.DictReader(f):
+                        if old.get("input"):
+                            merged[old["input"]] = {k: old.get(k) or "" for k in SUMMARY_FIELDS}
+            except (OSError, UnicodeDecodeError, csv.Error) as exc:
+                raise LiverSegError(f"{path}: unreadable summary ({exc}); move it away to start a new one") from None
+        for row in rows:
+            if row["status"] != "skipped" or row["input"] not in merged:
+                merged[row["input"]] = row
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(merged.values())
+        try:
+            atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()), overwrite=True)
+        except OSError as exc:  # a full disk: the summary as it was stays whole
+            raise LiverSegError(f"{path}: could not be written ({exc.strerror or exc}); it still holds the rows "
+                                f"before this case ({', '.join(r['input'] for r in rows)})") from None
+
+
+def merge_shard_summaries(folder: Path) -> tuple[int, list[str]]:
+    """Merge ``folder/summary_shardIofN.csv`` into ``folder/summary.csv`` (with :func:`write_summary`'s rules);
+    returns the number of rows read and the shards ``I/N`` with no summary."""
+    import re
+
+    folder = Path(folder)
+    shards = {}
+    for path in sorted(folder.glob("summary_shard*of*.csv")):
+        match = re.fullmatch(r"summary_shard(\d+)of(\d+)\.csv", path.name)
+        if match:
+            shards[(int(match.group(1)), int(match.group(2)))] = path
+    if not shards:
+        raise LiverSegError(f"{folder}: no shard summaries (summary_shardIofN.csv) to merge")
+    counts = {n for _, n in shards}
+    if len(counts) > 1:
+        raise LiverSegError(f"{folder}: shard summaries of different splits ({', '.join(f'of {n}' for n in sorted(counts))}): "
+                            "merge the ones of one run")
+    (n,) = counts
+    rows = []
+    for key in sorted(shards):
+        try:
+            with open(shards[key], newline="", encoding="utf-8") as f:
+                rows += [{k: row.get(k) or "" for k in SUMMARY_FIELDS} for row in csv.DictReader(f) if row.get("input")]
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise LiverSegError(f"{shards[key]}: unreadable summary ({exc})") from None
+    write_summary(folder / "summary.csv", rows)
+    return len(rows), [f"{i}/{n}" for i in range(1, n + 1) if (i, n) not in shards]
