@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from LiverSegExtension import __version__
-from LiverSegExtension.catalog import FINE_TUNE_EMA, FINE_TUNE_ITERATIONS, FINE_TUNE_LR
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import OUTPUT_FORMATS, result_status
+from LiverSegExtension.model.catalog import FINE_TUNE_EMA, FINE_TUNE_ITERATIONS, FINE_TUNE_LR
 
 log = logging.getLogger("liverseg")
 
@@ -186,7 +186,7 @@ def _error(exc: BaseException, debug: bool) -> None:
 
 
 def _segmenter(args: argparse.Namespace):  # noqa: ANN202 - avoids importing torch for --help
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     try:
         return LiverSegmenter(args.model, device=args.device, runtime=args.runtime)
@@ -267,7 +267,7 @@ class _SegmentDoor:
             io.write_mask(result.mask, image, target, overwrite=args.overwrite, header_source=source)
             written.append(target)
         elif result.liver_ml > 0:
-            from LiverSegExtension.dicom_seg import write_dicom_seg
+            from LiverSegExtension.io.dicom_seg import write_dicom_seg
 
             card = segmenter.model.card
             notes = write_dicom_seg(result.mask, case.files, target, str(card.get("name", "liverseg")),
@@ -319,7 +319,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from LiverSegExtension.catalog import STAGES
+    from LiverSegExtension.model.catalog import STAGES
 
     tuning = args.init is not None
     iterations = args.iterations if args.iterations is not None else (FINE_TUNE_ITERATIONS if tuning else 2000)
@@ -333,7 +333,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not name or not times.isdigit() or int(times) < 1:
             raise UsageError(f"--oversample {spec}: expected CASE=K with K a whole number of at least 1")
         oversample[name] = int(times)
-    from LiverSegExtension.catalog import safe_name
+    from LiverSegExtension.model.catalog import safe_name
 
     for option, value in (("--name", args.name), ("--model-version", args.model_version)):
         if value is not None and not safe_name(value):
@@ -354,17 +354,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     common = dict(val_cases=[v for v in args.val.split(",") if v], max_minutes=args.max_minutes, device=args.device,
                   seed=args.seed, name=args.name, version=args.model_version, oversample=oversample)
     if not tuning:
-        from LiverSegExtension.training import TrainConfig, train
+        from LiverSegExtension.training.loop import TrainConfig, train
 
         train(TrainConfig(data=args.data, output=args.output, iterations=iterations, val_every=args.val_every,
                           ema=0.998 if args.ema is None else args.ema, lr=args.lr,
                           stages=[s for s in STAGES if s in stages], **common), progress=progress)
         return 0
-    from LiverSegExtension.finetune import recipe
+    from LiverSegExtension.training.finetune import recipe
 
     cfg = recipe(args.data, args.output, args.init, iterations=iterations, stages=stages, ema=args.ema, lr=args.lr,
                  **common)
-    from LiverSegExtension.finetune import fine_tune
+    from LiverSegExtension.training.finetune import fine_tune
 
     replay = args.replay if args.replay in ("auto", "none") else Path(args.replay)
     result = fine_tune(cfg, replay=replay, holdout=args.holdout, progress=progress,
@@ -374,7 +374,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from LiverSegExtension.evaluation import evaluate_dataset, evaluate_folders, write_report
+    from LiverSegExtension.data.evaluation import evaluate_dataset, evaluate_folders, write_report
 
     cases = [c for c in args.cases.split(",") if c]
     missing: list[str] = []
@@ -412,7 +412,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from LiverSegExtension.dataset import add_case, check_dataset, dataset_entries
+    from LiverSegExtension.data.corrections import add_case, check_dataset, dataset_entries
 
     if args.dataset_command == "add":
         name = add_case(args.dataset, args.image, args.label, provenance={"annotator": args.annotator or None})

@@ -52,7 +52,7 @@ def _segment(request: dict, channel: _Channel, segmenters: dict) -> None:
     import SimpleITK as sitk
 
     from LiverSegExtension.errors import LiverSegError
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
     from LiverSegExtension.io import atomic_write, mask_image, read_image
 
     rid = request.get("id")
@@ -78,7 +78,7 @@ def _segment(request: dict, channel: _Channel, segmenters: dict) -> None:
         if attributes:  # what Slicer keeps with the segmentation node, as text made here, off its main thread
             from pathlib import Path
 
-            from LiverSegExtension.masktext import encode_mask, uncertain_band
+            from LiverSegExtension.inference.masktext import encode_mask, uncertain_band
 
             for name, mask in (("draft", result.mask), ("uncertain", uncertain_band(result.probability))):
                 path = Path(request["output"]).with_name(f"{name}.txt")  # a file: a long line would clog the pipe
@@ -104,7 +104,7 @@ def _export(request: dict, channel: _Channel) -> None:
     and hashing happen here, not on the door's main thread."""
     import SimpleITK as sitk
 
-    from LiverSegExtension.dataset import add_case_images
+    from LiverSegExtension.data.corrections import add_case_images
     from LiverSegExtension.errors import LiverSegError
 
     rid = request.get("id")
@@ -126,7 +126,7 @@ def _train(request: dict, channel: _Channel) -> None:
     from pathlib import Path
 
     from LiverSegExtension.errors import LiverSegError
-    from LiverSegExtension.finetune import fine_tune, recipe
+    from LiverSegExtension.training.finetune import fine_tune, recipe
 
     rid = request.get("id")
 
@@ -179,8 +179,8 @@ def main() -> int:
     _end_with_parent()
     channel = _Channel()
     try:
-        import LiverSegExtension.inference  # noqa: F401 - all the engine needs: "ready" means the first request is quick
-        from LiverSegExtension.runtimes import available_devices, runtimes_installed
+        import LiverSegExtension.inference.segmenter  # noqa: F401 - all the engine needs: "ready" means the first request is quick
+        from LiverSegExtension.model.runtimes import available_devices, runtimes_installed
 
         channel.send(protocol.READY, protocol=PROTOCOL, pid=os.getpid(), runtimes=runtimes_installed(),
                      devices=available_devices())

@@ -52,7 +52,7 @@ requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data not
 
 
 def bundled_model():
-    from LiverSegExtension.catalog import default_model_dir
+    from LiverSegExtension.model.catalog import default_model_dir
 
     return default_model_dir()
 
@@ -65,7 +65,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A real, untrained, small LiverSeg model folder (safetensors + card)."""
     import torch
 
-    from LiverSegExtension.model import DEFAULT_CONFIG, LiverModel
+    from LiverSegExtension.model.networks import DEFAULT_CONFIG, LiverModel
 
     torch.manual_seed(0)
     card = {"name": "tiny-test", "version": "0.0.1", **DEFAULT_CONFIG}
@@ -81,7 +81,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def threshold_segmenter(tiny_model_dir):
     """The real coarse-to-fine pipeline with the networks replaced by an intensity threshold, so that
     the expected mask is known exactly and every geometric step (grids, crops, resampling) is tested."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     class ThresholdSegmenter(LiverSegmenter):
         def predict(self, stage: str, volume: np.ndarray) -> np.ndarray:

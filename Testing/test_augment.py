@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LiverSegExtension.augment import RandAirArtefactd, RandFieldOfViewd, training_transforms
+from LiverSegExtension.training.augment import RandAirArtefactd, RandFieldOfViewd, training_transforms
 
 
 def blob_case(shape=(40, 50, 60)):
@@ -85,7 +85,7 @@ def test_patches_have_the_patch_size_even_from_scans_smaller_than_it(stage):
 
 
 def test_native_ct_simulation_takes_the_contrast_away_and_keeps_the_rest():
-    from LiverSegExtension.augment import RandNativeCTd
+    from LiverSegExtension.training.augment import RandNativeCTd
 
     hu = np.array([-1000.0, -100.0, 0.0, 20.0, 110.0, 110.0, 200.0, 250.0, 700.0, 1500.0], dtype=np.float32)
     label = np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0], dtype=np.uint8)
@@ -99,7 +99,7 @@ def test_native_ct_simulation_takes_the_contrast_away_and_keeps_the_rest():
 
 
 def test_dome_crop_centres_on_the_top_of_the_liver_and_shows_what_lies_above():
-    from LiverSegExtension.augment import RandDomeCropd
+    from LiverSegExtension.training.augment import RandDomeCropd
 
     shape, roi = (80, 40, 40), [32, 32, 32]
     image = np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None], shape)[None].copy()  # value = z
@@ -121,7 +121,7 @@ def test_dome_crop_centres_on_the_top_of_the_liver_and_shows_what_lies_above():
 
 
 def test_inferior_lobe_stretches_the_lowest_liver_down_and_moves_image_with_label():
-    from LiverSegExtension.augment import RandInferiorLobed
+    from LiverSegExtension.training.augment import RandInferiorLobed
 
     shape = (80, 60, 60)
     z = np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None], shape)

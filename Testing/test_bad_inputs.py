@@ -61,7 +61,7 @@ def blank_uids_and_scramble(files, folder, transfer_syntax=None):
 def test_a_series_without_uids_in_scrambled_files_gives_one_mask_in_both_doors(tmp_path):
     from pydicom.uid import JPEG2000Lossless
 
-    from LiverSegExtension.metrics import dice
+    from LiverSegExtension.data.metrics import dice
 
     shared = SHARED / "dicom" / "chaos_ct3"
     if shared.is_dir():  # chaos_ct3's slices, every other one (4 mm apart), as the report had it
@@ -173,7 +173,7 @@ def test_a_soft_label_is_refused_by_dataset_add(tmp_path):
 def test_a_card_name_that_leaves_the_models_folder_is_refused(tmp_path, tiny_model_dir):
     import shutil
 
-    from LiverSegExtension.catalog import new_model_dir, read_card
+    from LiverSegExtension.model.catalog import new_model_dir, read_card
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_model_dir, bad)
@@ -374,7 +374,7 @@ def test_a_dataset_folder_that_is_a_broken_link_is_one_line(tmp_path):
 # -- 15. messages that point the right way ------------------------------------------------------------------------
 def test_a_small_mask_is_explained_by_what_the_scan_shows():
     """A child-sized body is not "a scan of the chest or the pelvis"; nor is a scan too short for a liver."""
-    from LiverSegExtension.inference import body_extent, size_warning
+    from LiverSegExtension.inference.segmenter import body_extent, size_warning
 
     def body(width_mm: float, slices: int, spacing=(1.0, 1.0, 2.0)):
         ct = np.full((slices, 300, 400), -1000, np.int16)
@@ -426,8 +426,8 @@ def test_disagreeing_qform_and_sform_are_named_and_kept_in_the_mask(tmp_path, ti
 def test_a_seg_of_a_series_with_an_empty_sop_class_is_valid_and_one_without_series_uid_is_refused(tmp_path):
     import pydicom
 
-    from LiverSegExtension.dicom_seg import write_dicom_seg
     from LiverSegExtension.io import expand_inputs, read_case
+    from LiverSegExtension.io.dicom_seg import write_dicom_seg
 
     (ct, liver), m = small_ct()
     files = write_dicom_series(tmp_path / "src", ct, m)

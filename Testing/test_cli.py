@@ -211,8 +211,8 @@ def test_device_and_usage_errors_exit_2(tiny_model_dir, tmp_path):
 def test_resolve_device():
     import torch
 
-    from LiverSegExtension.devices import available_devices, resolve_device
     from LiverSegExtension.errors import LiverSegError
+    from LiverSegExtension.model.devices import available_devices, resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert str(resolve_device("auto")) == available_devices()[0]

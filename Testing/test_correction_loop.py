@@ -14,10 +14,10 @@ import SimpleITK as sitk
 from conftest import ROOT
 from synthetic import make_affine, phantom, ras_grid, rotation, write_dicom_series
 
-from LiverSegExtension.dataset import add_case_images, check_dataset
+from LiverSegExtension.data.corrections import add_case_images, check_dataset
+from LiverSegExtension.data.metrics import dice
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import ijk_to_ras_of, image_from_array
-from LiverSegExtension.metrics import dice
 
 slicer = pytest.importorskip("slicer")
 
@@ -116,7 +116,7 @@ def test_export_corrected_segment_then_fine_tune(tmp_path, scene, tiny_model_dir
     assert card["added_cases"] == [name] and card["verdict"]["accepted"] is False
     assert card["added_case_sources"][name]["annotator"] == "A. Reader"
     assert card["parent"]["weights_sha256"] == json.loads((tiny_model_dir / "card.json").read_text())["weights_sha256"]
-    from LiverSegExtension.catalog import list_models
+    from LiverSegExtension.model.catalog import list_models
 
     os.environ["LIVERSEG_MODELS_DIR"] = str(models)
     try:
@@ -222,7 +222,7 @@ def test_concurrent_exports_from_two_processes(tmp_path):
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
         import SimpleITK as sitk
-        from LiverSegExtension.dataset import add_case_images
+        from LiverSegExtension.data.corrections import add_case_images
         image, label = sitk.ReadImage({str(tmp_path / 'ct.nii.gz')!r}), sitk.ReadImage({str(tmp_path / 'mask.nii.gz')!r})
         for i in range(4):  # eight different corrections of one CT (the same one twice would be refused)
             edited = sitk.Image(label)

@@ -15,9 +15,9 @@ import SimpleITK as sitk
 from conftest import ROOT, SHARED, requires_bundled_model
 from synthetic import make_affine, phantom, rotation, write_dicom_series
 
-from LiverSegExtension.evaluation import on_grid_of
+from LiverSegExtension.data.evaluation import on_grid_of
+from LiverSegExtension.data.metrics import dice
 from LiverSegExtension.geometry import image_from_array, same_grid
-from LiverSegExtension.metrics import dice
 
 
 def segment(*args) -> subprocess.CompletedProcess:
@@ -113,7 +113,7 @@ def test_dicom_seg_is_refused_for_a_volume_file_and_skipped_when_empty(tmp_path,
 def test_probabilities_and_uncertainty(tmp_path):
     """The probability map thresholded at 128 (p = 0.5) is the mask; uncertainty is in 0..1 and higher on a
     deliberately degraded scan than on the clean one."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     shape = (44, 96, 104)
     m = make_affine((2.0, 2.6, 4.0), shape, rotation(0.1, 0.2, -0.1), left_handed=True)

@@ -17,8 +17,8 @@ from conftest import ROOT, requires_bundled_model
 from synthetic import make_affine, phantom, rotation
 
 from LiverSegExtension import cli
+from LiverSegExtension.data.metrics import dice
 from LiverSegExtension.geometry import ijk_to_ras_of, image_from_array, same_grid
-from LiverSegExtension.metrics import dice
 
 BATCH = ROOT / "LiverSegModule" / "Scripts" / "LiverSegBatch.py"
 
@@ -81,7 +81,7 @@ def test_cli_batch_and_module_logic_give_one_mask_on_the_input_grid(tmp_path, sc
 @pytest.mark.parametrize("order", ["RAS", "PIL", "SLA"])
 def test_the_engine_does_not_depend_on_the_index_order(order):
     """The same voxels in another index order give the same mask, voxel for voxel (no grid phase moves)."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     shape, spacing = (40, 90, 100), (1.9, 2.3, 3.7)
     m = make_affine(spacing, shape, rotation(0.15, 0.1, -0.25))

@@ -18,8 +18,8 @@ import SimpleITK as sitk
 from conftest import ROOT, SHARED, gone_within, requires_bundled_model, requires_shared
 from test_training import make_dataset
 
-from LiverSegExtension.catalog import list_models
-from LiverSegExtension.finetune import CASE_DROP, HELD_BACK, MEAN_DROP, PARENT_VALIDATION, TRAINED, decide, plan
+from LiverSegExtension.model.catalog import list_models
+from LiverSegExtension.training.finetune import CASE_DROP, HELD_BACK, MEAN_DROP, PARENT_VALIDATION, TRAINED, decide, plan
 
 pytestmark = pytest.mark.slow  # trains models, or runs processes
 
@@ -132,10 +132,10 @@ def test_rejected_and_unjudged_models_are_not_offered(tmp_path, tiny_model_dir, 
 def test_guard_accepts_an_unchanged_model_and_rejects_a_damaged_one(tmp_path):
     from conftest import bundled_model
 
-    from LiverSegExtension.dataset import add_case_images
-    from LiverSegExtension.finetune import compare, recipe
-    from LiverSegExtension.finetune import plan as make_plan
-    from LiverSegExtension.training import train
+    from LiverSegExtension.data.corrections import add_case_images
+    from LiverSegExtension.training.finetune import compare, recipe
+    from LiverSegExtension.training.finetune import plan as make_plan
+    from LiverSegExtension.training.loop import train
 
     parent = bundled_model()
     card = json.loads((parent / "card.json").read_text())
@@ -169,8 +169,8 @@ def test_readme_fine_tune_on_a_corrected_cort_does_not_grow_its_heart_leak(tmp_p
     the new model's mask above the corrected top is no larger than the parent's, or the model is rejected."""
     from conftest import bundled_model
 
-    from LiverSegExtension.dataset import add_case_images
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.data.corrections import add_case_images
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
     from LiverSegExtension.io import read_image
 
     parent = bundled_model()

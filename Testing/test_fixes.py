@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.fixes import add_here, remove_here
+from LiverSegExtension.inference.fixes import add_here, remove_here
 
 slicer = pytest.importorskip("slicer")
 

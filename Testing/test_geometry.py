@@ -7,10 +7,10 @@ import pytest
 import SimpleITK as sitk
 from synthetic import LIVER_CENTER_RAS, LIVER_RADII, make_affine, phantom, ras_grid, rotation
 
-from LiverSegExtension import inference
+from LiverSegExtension.data.metrics import dice
 from LiverSegExtension.geometry import Grid, ijk_to_ras_of, image_from_array
+from LiverSegExtension.inference import segmenter as inference
 from LiverSegExtension.io import read_image, write_mask
-from LiverSegExtension.metrics import dice
 
 GRIDS = {
     "axial_identity": dict(spacing=(3.0, 3.0, 3.0), rot=None, left_handed=False),
@@ -87,7 +87,7 @@ def test_grid_covering_is_centred_and_spans_the_box():
 def test_network_sees_the_liver_on_the_patients_right(name, tiny_model_dir):
     """The model grid is LPS-aligned (x index grows towards the patient's left), so the liver must sit
     at low x indices whatever the input's orientation. A mirrored conversion would show it the other way."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     seen = {}
 
@@ -109,7 +109,7 @@ def test_network_sees_the_liver_on_the_patients_right(name, tiny_model_dir):
 
 def test_fine_box_grows_when_the_coarse_stage_cuts_the_liver(tiny_model_dir):
     """The coarse stage sees only the top of the liver: the fine box must grow to catch the rest."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     class HalfBlindCoarse(LiverSegmenter):
         def predict(self, stage, volume):
@@ -131,7 +131,7 @@ def test_fine_box_never_grows_towards_the_head(tiny_model_dir):
     """A thick leak from the liver's dome into the heart reaches the top of the fine box. Growing the box
     there only let the fine net paint more heart (CORT: 100 mL became 270 mL on some checkpoints), and no
     labelled scan needs it (the coarse stage finds the dome), so the box grows every way but up."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     class LeakyFine(LiverSegmenter):
         def predict(self, stage, volume):  # the coarse stage sees the liver only; the fine one the heart too
@@ -163,7 +163,7 @@ def _rod(ras: np.ndarray, a, b, radius: float) -> np.ndarray:
 def test_leak_through_a_thin_neck_is_cut_off_and_thin_liver_kept(threshold_segmenter):
     """A liver-bright blob joined to the liver by a 7 mm neck (a leak into the heart, say) is dropped,
     while a 7 mm thin tip of the liver itself, as thin but free-ended, is kept."""
-    from LiverSegExtension.inference import largest_component
+    from LiverSegExtension.inference.segmenter import largest_component
 
     g = GRIDS["oblique"]
     shape = shape_for(g["spacing"])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from LiverSegExtension.metrics import case_metrics, dice, surface_metrics
+from LiverSegExtension.data.metrics import case_metrics, dice, surface_metrics
 
 
 def cube(shape, lo, hi):
@@ -49,7 +49,7 @@ def test_volume_error_and_empty_cases():
 def test_evaluate_folders_report(tmp_path):
     import SimpleITK as sitk
 
-    from LiverSegExtension.evaluation import evaluate_folders, write_report
+    from LiverSegExtension.data.evaluation import evaluate_folders, write_report
 
     (tmp_path / "pred").mkdir()
     (tmp_path / "ref").mkdir()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.model import LiverModel
+from LiverSegExtension.model.networks import LiverModel
 
 
 def test_round_trip_gives_identical_outputs(tiny_model_dir):
@@ -51,7 +51,7 @@ def test_pickle_weights_are_not_a_model(tiny_model_dir, tmp_path):
     with pytest.raises(LiverSegError):
         LiverModel.load(bad)
     card = json.loads((bad / "card.json").read_text())
-    from LiverSegExtension.model import sha256_of
+    from LiverSegExtension.model.networks import sha256_of
 
     card["weights_sha256"] = sha256_of(bad / "model.safetensors")
     (bad / "card.json").write_text(json.dumps(card))
@@ -70,7 +70,7 @@ def test_missing_and_invalid_model_folders(tmp_path):
 
 
 def test_no_trained_model_is_said_plainly(monkeypatch, tmp_path):
-    from LiverSegExtension import inference
+    from LiverSegExtension.inference import segmenter as inference
 
     monkeypatch.setattr(inference, "default_model_dir", lambda: None)
     with pytest.raises(LiverSegError, match="no trained LiverSeg model is installed"):
@@ -81,7 +81,7 @@ def test_segment_array_progress_and_cancel(tiny_model_dir):
     from synthetic import make_affine, phantom
 
     from LiverSegExtension.errors import CancelledError
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     m = make_affine((4.5, 4.5, 6.0), (30, 72, 80))
     ct, _ = phantom((30, 72, 80), m)
@@ -99,7 +99,7 @@ def test_segment_array_progress_and_cancel(tiny_model_dir):
 def test_user_models_folder_is_listed(tiny_model_dir, tmp_path, monkeypatch):
     import shutil
 
-    from LiverSegExtension.catalog import list_models
+    from LiverSegExtension.model.catalog import list_models
 
     shutil.copytree(tiny_model_dir, tmp_path / "tiny-test-v0.0.1")
     (tmp_path / "not-a-model").mkdir()
@@ -115,7 +115,7 @@ def test_the_engine_unet_is_monai_unet(channels, strides, units):
     into it strictly and give the same output, in training and in evaluation mode."""
     from monai.networks.nets import UNet as MonaiUNet
 
-    from LiverSegExtension.unet import UNet
+    from LiverSegExtension.model.unet import UNet
 
     torch.manual_seed(0)
     theirs = MonaiUNet(spatial_dims=3, in_channels=1, out_channels=2, channels=channels, strides=strides,
@@ -135,7 +135,7 @@ def test_hole_filling_is_monai_s():
     from monai.transforms import FillHoles
     from scipy import ndimage
 
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     z, y, x = np.mgrid[:40, :40, :40]
     r = np.sqrt((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2)

@@ -12,9 +12,9 @@ import pytest
 import SimpleITK as sitk
 from conftest import ROOT, SHARED, bundled_model, requires_bundled_model, requires_shared
 
+from LiverSegExtension.data.metrics import dice
 from LiverSegExtension.geometry import ijk_to_ras_of
 from LiverSegExtension.io import expand_inputs, read_case, read_image
-from LiverSegExtension.metrics import dice
 
 pytestmark = [requires_shared, pytest.mark.slow]  # every real CT
 
@@ -72,7 +72,7 @@ def test_cli_on_real_dicom_and_nifti(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("case,min_dice", [("ts_a", 0.90), ("ircad_e05", 0.90)])
 def test_shipped_model_on_held_out_cases(case, min_dice):
     """Cases the shipped model was validated on, never trained on (see its card)."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     card = json.loads((bundled_model() / "card.json").read_text())
     assert case not in card["training"]["cases"]
@@ -86,7 +86,7 @@ def test_shipped_model_on_held_out_cases(case, min_dice):
 def test_shipped_model_on_the_lits_crop_with_its_header_corrected():
     """lits_117_crop's header is turned 180 degrees in-plane (spine in front of the liver, liver on the left;
     see scripts/corrected_liver_train.py). With the rotation undone it is an ordinary held-out case."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     image = read_image(SHARED / "liver-train" / "imagesTr" / "lits_117_crop.nii.gz")
     ref = sitk.GetArrayFromImage(read_image(SHARED / "liver-train" / "labelsTr" / "lits_117_crop.nii.gz")) > 0
@@ -99,7 +99,7 @@ def test_shipped_model_on_the_lits_crop_with_its_header_corrected():
 def test_shipped_model_warns_of_a_header_that_turns_the_anatomy():
     """chaos_ct3 as it is: no warning. Under a header turned 180 degrees in-plane (as lits_117_crop's is), or
     one that mirrors front and back, the liver found lies in front of the spine, and a warning says so."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     [case] = expand_inputs([SHARED / "dicom" / "chaos_ct3"])
     image = read_case(case)
@@ -123,7 +123,7 @@ def test_shipped_model_warns_of_a_header_that_turns_the_anatomy():
                    "trunk) the mask leaks from the liver dome into the heart (95 mL there); see the model card")
 def test_shipped_model_finds_no_liver_in_the_chest():
     """CORT trunk scan (unlabelled, another scanner): no liver in the heart, and the liver on the right."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     image = read_image(SHARED / "unlabelled" / "cort_liver_trunk_3mm.nii.gz")
     result = LiverSegmenter(device="cpu").segment_image(image)

@@ -21,8 +21,8 @@ def test_sliding_window_is_monai_s(shape, roi):
     """One window or many, padded or not: the engine's numpy sliding window equals MONAI's gaussian inferer."""
     from monai.inferers import sliding_window_inference
 
-    from LiverSegExtension.runtimes import sliding_window
-    from LiverSegExtension.unet import UNet
+    from LiverSegExtension.model.runtimes import sliding_window
+    from LiverSegExtension.model.unet import UNet
 
     torch.manual_seed(0)
     net = UNet(1, 2, [4, 8, 8], [2, 2]).eval()
@@ -41,7 +41,7 @@ def test_sliding_window_is_monai_s(shape, roi):
 def test_gaussian_weights_are_monai_s():
     from monai.data.utils import compute_importance_map
 
-    from LiverSegExtension.runtimes import gaussian_importance
+    from LiverSegExtension.model.runtimes import gaussian_importance
 
     for roi in [(160, 96, 160), (32, 48, 16), (17, 5, 64)]:
         np.testing.assert_allclose(gaussian_importance(roi), compute_importance_map(roi, "gaussian").numpy(),
@@ -51,8 +51,8 @@ def test_gaussian_weights_are_monai_s():
 def test_saved_models_carry_an_onnx_twin_checked_against_torch(tiny_model_dir):
     """Every model saved writes model.onnx; the card records its sha256, opset and the check's difference,
     and ONNX Runtime gives torch's logits on inputs of any size the network takes."""
-    from LiverSegExtension.model import LiverModel
-    from LiverSegExtension.runtimes import OnnxRuntime, TorchRuntime
+    from LiverSegExtension.model.networks import LiverModel
+    from LiverSegExtension.model.runtimes import OnnxRuntime, TorchRuntime
 
     card = json.loads((tiny_model_dir / "card.json").read_text())
     info = card["onnx"]
@@ -66,7 +66,7 @@ def test_saved_models_carry_an_onnx_twin_checked_against_torch(tiny_model_dir):
 
 
 def test_onnx_file_is_checked_before_it_is_read(tiny_model_dir, tmp_path):
-    from LiverSegExtension.runtimes import OnnxRuntime
+    from LiverSegExtension.model.runtimes import OnnxRuntime
 
     bad = tmp_path / "m"
     shutil.copytree(tiny_model_dir, bad)
@@ -82,7 +82,7 @@ def test_onnx_file_is_checked_before_it_is_read(tiny_model_dir, tmp_path):
 
 def test_runtime_choice(monkeypatch):
     """CPU and auto: ONNX Runtime; GPUs: torch, or a clear error without it; no torch import to decide."""
-    from LiverSegExtension import runtimes
+    from LiverSegExtension.model import runtimes
 
     assert runtimes.choose("auto") == ("onnxruntime", "cpu")
     assert runtimes.choose("cpu") == ("onnxruntime", "cpu")
@@ -106,7 +106,7 @@ def test_a_cpu_build_of_torch_is_not_imported_to_look_for_a_gpu():
     import subprocess
     import sys
 
-    code = ("import sys; from LiverSegExtension.runtimes import available_devices, torch_may_reach_gpu; "
+    code = ("import sys; from LiverSegExtension.model.runtimes import available_devices, torch_may_reach_gpu; "
             "print(torch_may_reach_gpu(), available_devices(), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(__import__("conftest").ROOT)).stdout.split()
@@ -131,8 +131,8 @@ def _oblique_cases():
 @pytest.mark.slow
 @requires_bundled_model
 def test_onnx_runtime_and_torch_give_the_same_mask_on_synthetic_cts():
-    from LiverSegExtension.inference import LiverSegmenter
-    from LiverSegExtension.metrics import dice
+    from LiverSegExtension.data.metrics import dice
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     ort, pt = LiverSegmenter(device="cpu", runtime="onnxruntime"), LiverSegmenter(device="cpu", runtime="torch")
     for name, image in _oblique_cases():
@@ -148,9 +148,9 @@ def test_onnx_runtime_and_torch_give_the_same_mask_on_synthetic_cts():
 @requires_bundled_model
 @requires_shared
 def test_onnx_runtime_and_torch_give_the_same_mask_on_every_real_ct():
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.data.metrics import dice
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
     from LiverSegExtension.io import expand_inputs, read_case
-    from LiverSegExtension.metrics import dice
 
     ort, pt = LiverSegmenter(device="cpu", runtime="onnxruntime"), LiverSegmenter(device="cpu", runtime="torch")
     files = sorted((SHARED / "liver-train" / "imagesTr").glob("*.nii.gz")) + sorted(SHARED.glob("unlabelled/*.nii.gz"))

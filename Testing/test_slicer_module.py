@@ -9,9 +9,9 @@ import SimpleITK as sitk
 from conftest import requires_bundled_model, requires_shared
 from synthetic import make_affine, phantom, ras_grid, rotation
 
+from LiverSegExtension.data.metrics import dice
 from LiverSegExtension.errors import CancelledError, LiverSegError
 from LiverSegExtension.geometry import image_from_array
-from LiverSegExtension.metrics import dice
 
 slicer = pytest.importorskip("slicer")
 

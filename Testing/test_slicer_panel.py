@@ -19,8 +19,8 @@ import pytest
 from conftest import ROOT, alive, bundled_model, close_panel, gone_within, open_panel, requires_bundled_model
 from synthetic import make_affine, phantom
 
+from LiverSegExtension.data.metrics import dice
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.metrics import dice
 
 slicer = pytest.importorskip("slicer")
 TESTING = ROOT / "Testing"

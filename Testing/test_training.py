@@ -16,7 +16,7 @@ from conftest import ROOT
 from synthetic import make_affine, phantom
 
 from LiverSegExtension.geometry import image_from_array
-from LiverSegExtension.model import LiverModel
+from LiverSegExtension.model.networks import LiverModel
 
 pytestmark = pytest.mark.slow  # trains models, or runs processes
 
@@ -102,7 +102,7 @@ def test_fine_tune_resume_finish_and_segment(tmp_path, tiny_model_dir):
 
 def test_training_with_validation_keeps_the_best_weights(tmp_path, tiny_model_dir):
     """Without the guard (training, not fine-tuning), validation every N iterations picks the weights kept."""
-    from LiverSegExtension.training import TrainConfig, train
+    from LiverSegExtension.training.loop import TrainConfig, train
 
     data = make_dataset(tmp_path / "data")
     out = train(TrainConfig(data=[data], output=tmp_path / "m", init=tiny_model_dir, val_cases=["case2"],
@@ -117,7 +117,7 @@ def test_training_with_validation_keeps_the_best_weights(tmp_path, tiny_model_di
 
 def test_resume_refusal_names_only_what_differs():
     from LiverSegExtension.errors import LiverSegError
-    from LiverSegExtension.training import _check_resume
+    from LiverSegExtension.training.loop import _check_resume
 
     then = {"training cases": ["a", "b"], "seed": 1}
     with pytest.raises(LiverSegError) as err:

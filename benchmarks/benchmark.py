@@ -53,7 +53,7 @@ def synthetic_ct(shape_kji):
 
 def run_case(name: str, model: str | None, device: str) -> dict:
     sys.path.insert(0, str(ROOT))
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
     from LiverSegExtension.io import read_image
 
     t0 = time.perf_counter()

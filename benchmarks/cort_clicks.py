@@ -21,8 +21,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from LiverSegExtension.fixes import remove_here  # noqa: E402
-from LiverSegExtension.inference import LiverSegmenter  # noqa: E402
+from LiverSegExtension.inference.fixes import remove_here  # noqa: E402
+from LiverSegExtension.inference.segmenter import LiverSegmenter  # noqa: E402
 from LiverSegExtension.io import read_image  # noqa: E402
 
 

@@ -22,10 +22,10 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from LiverSegExtension.catalog import default_model_dir  # noqa: E402
-from LiverSegExtension.dataset import add_case_images  # noqa: E402
-from LiverSegExtension.inference import LiverSegmenter  # noqa: E402
+from LiverSegExtension.data.corrections import add_case_images  # noqa: E402
+from LiverSegExtension.inference.segmenter import LiverSegmenter  # noqa: E402
 from LiverSegExtension.io import read_image  # noqa: E402
+from LiverSegExtension.model.catalog import default_model_dir  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from LiverSegExtension.catalog import default_model_dir  # noqa: E402
-from LiverSegExtension.dataset import add_case  # noqa: E402
+from LiverSegExtension.data.corrections import add_case  # noqa: E402
+from LiverSegExtension.model.catalog import default_model_dir  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "liver-train"
 CORRECTIONS = ("ircad_e02", "ircad_e03", "ircad_e04")

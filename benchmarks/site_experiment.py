@@ -24,8 +24,8 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from LiverSegExtension.catalog import default_model_dir, read_card  # noqa: E402
-from LiverSegExtension.finetune import (  # noqa: E402
+from LiverSegExtension.model.catalog import default_model_dir, read_card  # noqa: E402
+from LiverSegExtension.training.finetune import (  # noqa: E402
     HELD_BACK,
     PARENT_VALIDATION,
     fine_tune,

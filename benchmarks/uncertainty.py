@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIVERSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT))
 
-from LiverSegExtension.inference import LiverSegmenter  # noqa: E402
+from LiverSegExtension.data.metrics import UNSURE, dice  # noqa: E402
+from LiverSegExtension.inference.segmenter import LiverSegmenter  # noqa: E402
 from LiverSegExtension.io import read_image  # noqa: E402
-from LiverSegExtension.metrics import UNSURE, dice  # noqa: E402
 
 CASES = ["ts_a", "lits_117_crop", "ircad_e05", "ircad_e12"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LiverSegExtension.model import LiverModel  # noqa: E402
+from LiverSegExtension.model.networks import LiverModel  # noqa: E402
 
 
 def main() -> int:

@@ -59,7 +59,7 @@ class LiverSegRun:
     seconds: float
     model_name: str
     warnings: list[str] = field(default_factory=list)  # e.g. no liver found, or a header that misstates the anatomy
-    uncertainty: float = 0.0  # see LiverSegExtension.inference.uncertainty_of
+    uncertainty: float = 0.0  # see LiverSegExtension.data.metrics.uncertainty_of
     runtime: str = ""  # what ran the networks, and where: "onnxruntime 1.20.1 on cpu"
 
 
@@ -86,7 +86,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     # -- models and devices ------------------------------------------------------------------------
     @staticmethod
     def availableModels() -> list[Path]:
-        from LiverSegExtension.catalog import list_models
+        from LiverSegExtension.model.catalog import list_models
 
         return list_models()
 
@@ -100,7 +100,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     def modelCard(model_path: str | Path | None) -> dict[str, Any]:
         """The model's card for display; empty when there is no model or its card is unusable (the model
         selector must still open; running it then reports the engine's error)."""
-        from LiverSegExtension.catalog import default_model_dir, read_card
+        from LiverSegExtension.model.catalog import default_model_dir, read_card
 
         folder = Path(model_path) if model_path else default_model_dir()
         if folder is None:
@@ -112,7 +112,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
 
     def segmenter(self, model_path: str | Path | None = None, device: str = "auto"):
         """A cached in-process segmenter (for ``process``; loading a model takes a moment)."""
-        from LiverSegExtension.inference import LiverSegmenter
+        from LiverSegExtension.inference.segmenter import LiverSegmenter
 
         key = (str(model_path or ""), device)
         if key not in self._segmenters:
@@ -237,7 +237,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         segmentation.SetAttribute("LiverSeg.Model", model_name)
         segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, draft or mrml.encode_mask(mask))
         if uncertain is None and probability is not None and tuple(probability.shape) == tuple(expected):
-            from LiverSegExtension.masktext import uncertain_band
+            from LiverSegExtension.inference.masktext import uncertain_band
 
             uncertain = mrml.encode_mask(uncertain_band(probability))
         if uncertain is not None:
@@ -316,8 +316,8 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         "remove" (the part beyond the narrowest neck between ``ras`` and the liver) on the "Liver" segment;
         other segments are left alone. The change is recorded on the node (the export lists it as the
         annotator's) and can be undone. Returns the volume change in mL."""
-        from LiverSegExtension.fixes import add_here, remove_here
-        from LiverSegExtension.metrics import volume_ml
+        from LiverSegExtension.data.metrics import volume_ml
+        from LiverSegExtension.inference.fixes import add_here, remove_here
 
         segment_id = mrml.find_liver_segment(segmentationNode) if segmentationNode is not None else None
         if segment_id is None:
@@ -386,9 +386,9 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     def startFineTune(self, datasetFolder: str | Path, device: str = "auto", modelPath: str | Path | None = None,
                       iterations: int | None = None, outputFolder: str | Path | None = None) -> TrainRun:
         """Fine-tune the model on the dataset's cases in an engine process of its own (the recipe and the
-        regression guard of ``LiverSegExtension.finetune``); poll the run, then ``finishFineTune(run)``.
+        regression guard of ``LiverSegExtension.training.finetune``); poll the run, then ``finishFineTune(run)``.
         The new model goes to a free ``<name>-v<version>`` folder of the user's models unless given."""
-        from LiverSegExtension.catalog import default_model_dir, new_model_dir, read_card
+        from LiverSegExtension.model.catalog import default_model_dir, new_model_dir, read_card
 
         count = self.datasetCaseCount(datasetFolder)
         if not count:
@@ -475,7 +475,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                           draftMask=None, modelName: str | None = None) -> str:
         """Add the CT and its (corrected) Liver segment to an MSD dataset, in this process (scripts; the panel
         uses ``startExport``); returns the new case name."""
-        from LiverSegExtension.dataset import add_case_arrays
+        from LiverSegExtension.data.corrections import add_case_arrays
 
         array, matrix, label, draftMask = self._exportInputs(inputVolume, segmentationNode, draftMask)
         provenance = {

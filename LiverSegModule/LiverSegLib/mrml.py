@@ -7,8 +7,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from LiverSegExtension.inference.masktext import decode_mask, encode_mask  # noqa: F401 - the node attributes' format
 from LiverSegExtension.io import LIVER_SEGMENT
-from LiverSegExtension.masktext import decode_mask, encode_mask  # noqa: F401 - the node attributes' format
 
 SEGMENT_NAME = LIVER_SEGMENT["name"]
 DRAFT_ATTRIBUTE = "LiverSeg.Draft"

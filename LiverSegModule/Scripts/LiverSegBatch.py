@@ -171,7 +171,7 @@ class BatchDoor:
         for note in self.notes:
             print(f"LiverSegBatch: {note}", flush=True)
         if self.through_engine:  # checked as the engine will, without loading torch here
-            from LiverSegExtension.catalog import default_model_dir, has_networks, read_card
+            from LiverSegExtension.model.catalog import default_model_dir, has_networks, read_card
 
             folder = Path(self.args.model) if self.args.model else default_model_dir()
             if folder is None or not folder.is_dir() or not has_networks(folder):
@@ -194,7 +194,7 @@ class BatchDoor:
                 segment_id = find_liver_segment(segmentation)
                 if segment_id is None:
                     raise LiverSegError(f"{seg_path}: has no segment named 'Liver' to make the labelmap from")
-                from LiverSegExtension.metrics import volume_ml
+                from LiverSegExtension.data.metrics import volume_ml
 
                 array, grid = mask_on_file_grid(case, segmentation, segment_id, volume)
                 write_mask(array, grid, lab_path, False, None if case.files else case.source)
@@ -213,8 +213,8 @@ class BatchDoor:
                 written.append(lab_path)
             notes: list[str] = []
             if make_seg:
-                from LiverSegExtension.catalog import default_model_dir, read_card
-                from LiverSegExtension.dicom_seg import write_dicom_seg
+                from LiverSegExtension.io.dicom_seg import write_dicom_seg
+                from LiverSegExtension.model.catalog import default_model_dir, read_card
 
                 card = read_card(args.model or default_model_dir())
                 notes = write_dicom_seg(array, case.files, dcm_path, str(card.get("name", "liverseg")),

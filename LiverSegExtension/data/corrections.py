@@ -20,10 +20,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from LiverSegExtension import __version__
+from LiverSegExtension.data.metrics import dice, volume_ml
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import image_from_array, same_grid
 from LiverSegExtension.io import atomic_write, clean_stale_temporaries, locked, read_image
-from LiverSegExtension.metrics import dice, volume_ml
 
 LOCK_FILE = ".liverseg.lock"
 

@@ -1,7 +1,7 @@
 """Model folders and their cards, without torch: what a door lists and shows before the engine runs.
 
 The Slicer panel imports only this (Slicer ships no torch until the user agrees to install it);
-``LiverSegExtension.model`` loads the weights.
+``LiverSegExtension.model.networks`` loads the weights.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ FINE_TUNE_EMA = 0.99  # the moving average of the weights spans about the last 1
 def bundled_models_dir() -> Path:
     """Where the extension ships its models: ``Resources/Models`` beside the package (source tree or
     installed extension), or the copy installed with the wheel."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the engine package (this is its model/ folder)
     installed = Path(sys.prefix) / "share" / "liverseg" / "Models"  # pip install . puts it there
     for candidate in (here.parent / "Resources" / "Models", installed):
         if candidate.is_dir():

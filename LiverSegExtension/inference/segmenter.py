@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from LiverSegExtension.catalog import ModelInfo, default_model_dir
+from LiverSegExtension.data.metrics import uncertainty_of, volume_ml
 from LiverSegExtension.errors import CancelledError, LiverSegError
 from LiverSegExtension.geometry import (
     Grid,
@@ -31,8 +31,8 @@ from LiverSegExtension.geometry import (
     resample_to_grid,
     to_original_order,
 )
-from LiverSegExtension.metrics import uncertainty_of, volume_ml
-from LiverSegExtension.runtimes import load_runtime, sliding_window
+from LiverSegExtension.model.catalog import ModelInfo, default_model_dir
+from LiverSegExtension.model.runtimes import load_runtime, sliding_window
 
 ProgressCallback = Callable[[float, str], None]
 CancelCallback = Callable[[], bool]
@@ -263,7 +263,7 @@ class LiverSegmenter:
 
     ``model`` is a model folder (the bundled one when None) or a loaded ``LiverModel`` (training validates
     its networks in place). ``runtime``: ``auto`` runs ONNX Runtime on the CPU and PyTorch on a GPU (see
-    :mod:`LiverSegExtension.runtimes`); ``onnxruntime`` or ``torch`` insists on one.
+    :mod:`LiverSegExtension.model.runtimes`); ``onnxruntime`` or ``torch`` insists on one.
     """
 
     def __init__(self, model: ModelInfo | str | Path | None = None, device: str = "auto", runtime: str = "auto") -> None:

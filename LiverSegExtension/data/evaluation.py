@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from LiverSegExtension.data import case_name, load_msd
+from LiverSegExtension.data.metrics import case_metrics
+from LiverSegExtension.data.msd import case_name, load_msd
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import canonical, same_grid
 from LiverSegExtension.io import atomic_write, is_volume_file, read_image
-from LiverSegExtension.metrics import case_metrics
 
 COLUMNS = ["case", "dice", "hd95_mm", "msd_mm", "pred_ml", "ref_ml", "volume_error_pct", "note", "error"]
 
@@ -91,7 +91,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, cases: list[str] | None = No
 def evaluate_dataset(data: Path, model: Path | None, cases: list[str], device: str = "auto",
                      runtime: str = "auto") -> list[dict[str, Any]]:
     """Segment the dataset's cases with ``model`` and score them."""
-    from LiverSegExtension.inference import LiverSegmenter
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
 
     segmenter = LiverSegmenter(model, device=device, runtime=runtime)
     all_cases = load_msd(data)

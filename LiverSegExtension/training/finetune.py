@@ -29,10 +29,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from LiverSegExtension.catalog import CARD_FILE
-from LiverSegExtension.data import Case, load_msd
+from LiverSegExtension.data.msd import Case, load_msd
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import atomic_write
+from LiverSegExtension.model.catalog import CARD_FILE
 
 CORRECTION_SHARE = 1 / 3  # of the samples drawn, when the parent's data is replayed
 MEAN_DROP = 0.005  # about the spread of mean validation Dice between seeds (0.007)
@@ -59,7 +59,7 @@ def data_search_dirs() -> list[Path]:
     ``~/.liverseg/data``, then ``shared/data`` beside a source checkout of LiverSeg."""
     dirs = [Path(p) for p in os.environ.get("LIVERSEG_DATA_DIR", "").split(os.pathsep) if p]
     dirs.append(Path.home() / ".liverseg" / "data")
-    dirs.append(Path(__file__).resolve().parent.parent.parent / "shared" / "data")
+    dirs.append(Path(__file__).resolve().parents[3] / "shared" / "data")
     return dirs
 
 
@@ -172,8 +172,8 @@ def plan(parent_card: dict[str, Any], corrections: list[Path], val_names: list[s
 
 def compare(parent_dir: Path, child_dir: Path, p: Plan, device: str, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Both models on the plan's guard cases: one row per case, parent and new side by side."""
-    from LiverSegExtension.model import LiverModel
-    from LiverSegExtension.training import load_validation, validate
+    from LiverSegExtension.model.networks import LiverModel
+    from LiverSegExtension.training.loop import load_validation, validate
 
     cases = load_validation(p.guard)  # read once, scored by both models
 
@@ -281,8 +281,8 @@ def _record(out: Path, rows: list[dict[str, Any]], verdict: dict[str, Any], p: P
 def recipe(data: list[Path], output: Path, init: Path, *, iterations: int | None = None, stages: list[str] | None = None,
            ema: float | None = None, lr: float | None = None, **options: Any) -> Any:
     """The fine-tuning recipe as a ``training.TrainConfig``; what is not given takes the recipe's value."""
-    from LiverSegExtension.catalog import FINE_TUNE_EMA, FINE_TUNE_ITERATIONS, FINE_TUNE_LR, STAGES
-    from LiverSegExtension.training import TrainConfig
+    from LiverSegExtension.model.catalog import FINE_TUNE_EMA, FINE_TUNE_ITERATIONS, FINE_TUNE_LR, STAGES
+    from LiverSegExtension.training.loop import TrainConfig
 
     n = iterations or FINE_TUNE_ITERATIONS
     return TrainConfig(data=list(data), output=Path(output), init=Path(init), iterations=n, val_every=n,
@@ -294,8 +294,8 @@ def recipe(data: list[Path], output: Path, init: Path, *, iterations: int | None
 def fine_tune(cfg: Any, replay: str | Path = "auto", holdout: int | None = None,
               progress: Progress | None = None, log: Callable[[str], None] = print) -> FineTuneResult:
     """Plan, train and guard (see the module doc); ``cfg`` is a ``training.TrainConfig`` with ``init`` set."""
-    from LiverSegExtension.catalog import read_card
-    from LiverSegExtension.training import finished_run, train
+    from LiverSegExtension.model.catalog import read_card
+    from LiverSegExtension.training.loop import finished_run, train
 
     if cfg.init is None:
         raise LiverSegError("fine-tuning needs the model to start from (--init)")

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from LiverSegExtension.catalog import CARD_FILE, ONNX_FILE, STAGES, WEIGHTS_FILE, ModelInfo, read_card, sha256_of
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import atomic_write
-from LiverSegExtension.unet import UNet
+from LiverSegExtension.model.catalog import CARD_FILE, ONNX_FILE, STAGES, WEIGHTS_FILE, ModelInfo, read_card, sha256_of
+from LiverSegExtension.model.unet import UNet
 
 #: Architecture and preprocessing of a new model; the card of a trained model records its own copy.
 DEFAULT_CONFIG: dict[str, Any] = {

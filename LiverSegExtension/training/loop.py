@@ -27,15 +27,15 @@ from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from LiverSegExtension.augment import training_transforms
-from LiverSegExtension.catalog import STAGES, next_version
-from LiverSegExtension.data import Case, load_msd, to_grid
-from LiverSegExtension.devices import resolve_device
+from LiverSegExtension.data.metrics import case_metrics
+from LiverSegExtension.data.msd import Case, load_msd, to_grid
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.inference import LiverSegmenter
+from LiverSegExtension.inference.segmenter import LiverSegmenter
 from LiverSegExtension.io import atomic_write
-from LiverSegExtension.metrics import case_metrics
-from LiverSegExtension.model import LiverModel
+from LiverSegExtension.model.catalog import STAGES, next_version
+from LiverSegExtension.model.devices import resolve_device
+from LiverSegExtension.model.networks import LiverModel
+from LiverSegExtension.training.augment import training_transforms
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "training_log.csv"

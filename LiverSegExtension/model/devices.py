@@ -1,7 +1,7 @@
 """PyTorch devices for training and the torch runtime: CUDA or MPS when present, the CPU otherwise.
 
 torch is imported only when a function here is called: segmenting on the CPU needs no torch at all
-(see :mod:`LiverSegExtension.runtimes`).
+(see :mod:`LiverSegExtension.model.runtimes`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.runtimes import TORCH_HINT, available_devices, installed
+from LiverSegExtension.model.runtimes import TORCH_HINT, available_devices, installed
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 

@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 
-from LiverSegExtension.metrics import UNSURE
+from LiverSegExtension.data.metrics import UNSURE
 
 
 def encode_mask(mask: np.ndarray) -> str:

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from LiverSegExtension.catalog import CARD_FILE, ONNX_FILE, STAGES, WEIGHTS_FILE, has_networks, read_card, sha256_of
 from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.model.catalog import CARD_FILE, ONNX_FILE, STAGES, WEIGHTS_FILE, has_networks, read_card, sha256_of
 
 RUNTIMES = ("auto", "onnxruntime", "torch")
 GPU_DEVICES = ("cuda", "mps")
@@ -163,14 +163,14 @@ class OnnxRuntime:
 
 
 class TorchRuntime:
-    """A :class:`LiverSegExtension.model.LiverModel`'s networks in PyTorch on a device."""
+    """A :class:`LiverSegExtension.model.networks.LiverModel`'s networks in PyTorch on a device."""
 
     name = "torch"
 
     def __init__(self, model: Any, device: str = "cpu") -> None:
         import torch
 
-        from LiverSegExtension.devices import resolve_device
+        from LiverSegExtension.model.devices import resolve_device
 
         self.torch = torch
         self._device = resolve_device(device)
@@ -235,7 +235,7 @@ def sliding_window(x: np.ndarray, roi: Sequence[int], predict: Callable[[np.ndar
 
 def load_runtime(model: Any, device: str | None = "auto", runtime: str | None = "auto") -> Any:
     """A runtime for ``model``: a model folder (ONNX Runtime or torch, as :func:`choose` picks) or a loaded
-    :class:`~LiverSegExtension.model.LiverModel` (torch, on ``device``)."""
+    :class:`~LiverSegExtension.model.networks.LiverModel` (torch, on ``device``)."""
     if not isinstance(model, (str, Path)):
         chosen, device = choose(str(device or "auto"), "torch")
         return TorchRuntime(model, device)
@@ -248,6 +248,6 @@ def load_runtime(model: Any, device: str | None = "auto", runtime: str | None = 
     chosen, device = choose(device, runtime, has_onnx=(folder / ONNX_FILE).is_file())
     if chosen == "onnxruntime":
         return OnnxRuntime(folder, card)
-    from LiverSegExtension.model import LiverModel
+    from LiverSegExtension.model.networks import LiverModel
 
     return TorchRuntime(LiverModel.load(folder), device)
