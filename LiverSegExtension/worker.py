@@ -33,19 +33,21 @@ class _Channel:
         self._out.flush()
 
 
-def _read_once(path: str, read, cache: dict):
+_last_image: dict = {}  # the image the previous request read, by (path, mtime, size): one entry at most
+
+
+def _read_once(path: str, read):
     """``read(path)``, or the image read from the same unchanged file by the previous request (a second
     click on one CT in Slicer hands over the same file)."""
     try:
         stat = os.stat(path)
     except OSError:
         return read(path)  # says what is wrong with it
-    key = ("image", path, stat.st_mtime_ns, stat.st_size)
-    if key not in cache:
-        for old in [k for k in cache if k[0] == "image"]:
-            del cache[old]
-        cache[key] = read(path)
-    return cache[key]
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _last_image:
+        _last_image.clear()
+        _last_image[key] = read(path)
+    return _last_image[key]
 
 
 def _segment(request: dict, channel: _Channel, segmenters: dict) -> None:
@@ -67,7 +69,7 @@ def _segment(request: dict, channel: _Channel, segmenters: dict) -> None:
             progress(0.0, "loading the model")
             segmenters[key] = LiverSegmenter(key[0] or None, device=key[1], runtime=key[2])
         segmenter = segmenters[key]
-        image = _read_once(str(request["input"]), read_image, segmenters)
+        image = _read_once(str(request["input"]), read_image)
         attributes = bool(request.get("attributes"))
         wanted = bool(request.get("probability_output")) or attributes
         result = segmenter.segment_image(image, progress=progress, source=source, probabilities=wanted)

@@ -272,7 +272,7 @@ class LiverSegmenter:
             if model is None:
                 raise LiverSegError("no trained LiverSeg model is installed; pass a model folder with --model")
         self.runtime = load_runtime(model, device, runtime)
-        self.model: ModelInfo = ModelInfo.read(model) if isinstance(model, (str, Path)) else model
+        self.model: ModelInfo = self.runtime.model  # the card, read once (by the runtime)
         self._low, self._high = (float(v) for v in self.model.window)
 
     @property

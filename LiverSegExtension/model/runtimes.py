@@ -23,7 +23,16 @@ from typing import Any
 import numpy as np
 
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.model.catalog import CARD_FILE, ONNX_FILE, STAGES, WEIGHTS_FILE, has_networks, read_card, sha256_of
+from LiverSegExtension.model.catalog import (
+    CARD_FILE,
+    ONNX_FILE,
+    STAGES,
+    WEIGHTS_FILE,
+    ModelInfo,
+    has_networks,
+    read_card,
+    sha256_of,
+)
 
 RUNTIMES = ("auto", "onnxruntime", "torch")
 GPU_DEVICES = ("cuda", "mps")
@@ -134,6 +143,7 @@ class OnnxRuntime:
 
         folder = Path(folder)
         card = card if card is not None else read_card(folder)
+        self.model = ModelInfo(card, folder)  # the card it runs by (a runtime's ``model``, as TorchRuntime's)
         path = folder / ONNX_FILE
         info = card.get("onnx") if isinstance(card.get("onnx"), dict) else {}
         if not path.is_file():
@@ -173,6 +183,7 @@ class TorchRuntime:
         from LiverSegExtension.model.devices import resolve_device
 
         self.torch = torch
+        self.model = model
         self._device = resolve_device(device)
         self.device = str(self._device)
         self.networks = {s: net.to(self._device).eval() for s, net in model.networks.items()}
@@ -244,10 +255,9 @@ def load_runtime(model: Any, device: str | None = "auto", runtime: str | None = 
         raise LiverSegError(f"{folder}: model folder not found")
     if not has_networks(folder):
         raise LiverSegError(f"{folder}: not a model folder (needs {CARD_FILE} and {ONNX_FILE} or {WEIGHTS_FILE})")
-    card = read_card(folder)
     chosen, device = choose(device, runtime, has_onnx=(folder / ONNX_FILE).is_file())
     if chosen == "onnxruntime":
-        return OnnxRuntime(folder, card)
+        return OnnxRuntime(folder)
     from LiverSegExtension.model.networks import LiverModel
 
     return TorchRuntime(LiverModel.load(folder), device)

@@ -24,6 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from LiverSegExtension.errors import CancelledError, LiverSegError
+from LiverSegExtension.model.runtimes import installed
 
 #: What segmenting on the CPU needs beyond Slicer's own packages (import name -> requirement).
 SEGMENT_REQUIREMENTS = {"onnxruntime": "onnxruntime>=1.16"}
@@ -37,11 +38,8 @@ GPU_DEVICES = ("cuda", "mps")
 
 
 def importable(name: str) -> bool:
-    """Whether ``import name`` would find a module, without importing it."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+    """Whether ``import name`` would find a module, without importing it (the engine's own test)."""
+    return installed(name)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

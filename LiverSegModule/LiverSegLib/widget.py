@@ -41,6 +41,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._exportRun = None
         self._installRun = None
         self._afterInstall = None
+        self._hints = None  # _gpuHints
         self._timer = None
         VTKObservationMixin.__init__(self)
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -152,15 +153,21 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if select is not None:
             self._selectCombo(self.ui.modelComboBox, select)
 
+    def _gpuHints(self, refresh: bool = False) -> tuple[dict[str, bool], bool]:
+        """(where a GPU may be: an NVIDIA driver, Apple silicon; whether PyTorch is missing), looked up once
+        (the panel asks on every timer tick) and again after an install."""
+        from LiverSegLib.dependencies import torch_needed
+
+        if refresh or self._hints is None:
+            self._hints = ({"cuda": shutil.which("nvidia-smi") is not None,
+                            "mps": platform.system() == "Darwin" and platform.machine() == "arm64"}, torch_needed())
+        return self._hints
+
     def _updateDevices(self) -> None:
         """A GPU can be picked once the engine has found it, or, before PyTorch is installed, where one may
         be (an NVIDIA driver; Apple silicon): picking it then installs PyTorch."""
-        from LiverSegLib.dependencies import torch_needed
-
         present = self.logic.engineDevices()
-        maybe = {"cuda": shutil.which("nvidia-smi") is not None,
-                 "mps": platform.system() == "Darwin" and platform.machine() == "arm64"}
-        no_torch = torch_needed()
+        maybe, no_torch = self._gpuHints()
         for index, (_, value) in enumerate(self.DEVICES):
             found = present is not None and any(d.startswith(value) for d in present)
             usable = value in ("auto", "cpu") or found or (no_torch and maybe.get(value, False))
@@ -247,6 +254,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._afterInstall = None
         still = run.still_missing() if run.error is None else []
         self._updateButtons()
+        self._gpuHints(refresh=True)
         self._updateDevices()
         if isinstance(run.error, CancelledError):
             self.ui.statusLabel.text = "Installation cancelled."
