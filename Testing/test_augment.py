@@ -1,5 +1,5 @@
-"""Training augmentation: reconstructed-air artefacts, the field-of-view cut, and patches of the right size
-from small or cropped scans."""
+"""Training augmentation: reconstructed-air artefacts, the field-of-view cut, contrast phases, metal, body
+size, and patches of the right size from small or cropped scans."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 from LiverSegExtension.training.augment import RandAirArtefactd, RandFieldOfViewd, training_transforms
 
 
-def blob_case(shape=(40, 50, 60)):
-    image = np.full((1, *shape), 0.5, dtype=np.float32)
+def blob_case(shape=(40, 50, 60), box=(slice(10, 30), slice(15, 35), slice(20, 45)), background=0.5, liver=0.8):
+    image = np.full((1, *shape), background, dtype=np.float32)
     label = np.zeros((1, *shape), dtype=np.uint8)
-    label[0, 10:30, 15:35, 20:45] = 1
-    image[label > 0] = 0.8
+    label[(0, *box)] = 1
+    image[label > 0] = liver
     return {"image": image, "label": label}
 
 
@@ -84,18 +84,101 @@ def test_patches_have_the_patch_size_even_from_scans_smaller_than_it(stage):
     assert seen_liver > 0
 
 
-def test_native_ct_simulation_takes_the_contrast_away_and_keeps_the_rest():
-    from LiverSegExtension.training.augment import RandNativeCTd
+PHASE_HU = np.array([-1000.0, -100.0, 0.0, 20.0, 110.0, 110.0, 200.0, 250.0, 300.0, 700.0, 1500.0], dtype=np.float32)
+PHASE_LABEL = np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0], dtype=np.uint8)
 
-    hu = np.array([-1000.0, -100.0, 0.0, 20.0, 110.0, 110.0, 200.0, 250.0, 700.0, 1500.0], dtype=np.float32)
-    label = np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0], dtype=np.uint8)
-    t = RandNativeCTd("image", "label", prob=1.0)
+
+@pytest.mark.parametrize("phase", ["native", "arterial", "portal", "delayed"])
+def test_contrast_phase_moves_liver_and_blood_to_the_phase_and_keeps_the_rest(phase):
+    """Each phase puts the liver (110 HU here) and the blood pool (300 HU) at its own levels; air, fat, water
+    and bone keep their values."""
+    from LiverSegExtension.data.simulate import PHASES
+    from LiverSegExtension.training.augment import RandContrastPhased
+
+    (l_lo, l_hi), (b_lo, b_hi) = PHASES[phase]
+    t = RandContrastPhased("image", "label", prob=1.0, phases={phase: 1.0})
     for seed in range(5):
         t.set_random_state(seed)
-        out = t({"image": hu.reshape(1, 1, 1, -1), "label": label.reshape(1, 1, 1, -1)})["image"].ravel()
-        np.testing.assert_array_equal(out[[0, 1, 2, 3, 8, 9]], hu[[0, 1, 2, 3, 8, 9]])  # air, fat, water, bone kept
-        assert 15 <= out[4] <= 70  # liver parenchyma at a native level, normal or fatty
-        assert 30 <= out[6] <= 50 and 30 <= out[7] <= 50  # enhanced blood and heart lose their contrast
+        out = t({"image": PHASE_HU.reshape(1, 1, 1, -1), "label": PHASE_LABEL.reshape(1, 1, 1, -1)})["image"].ravel()
+        np.testing.assert_array_equal(out[[0, 1, 2, 3, 10]], PHASE_HU[[0, 1, 2, 3, 10]])
+        assert l_lo <= out[4] <= l_hi and b_lo <= out[8] <= b_hi
+        between = sorted((out[4], out[8]))  # what lies between liver and blood stays between their new levels
+        assert between[0] - 30 <= out[6] <= between[1] + 30 and between[0] <= out[7] <= between[1] + 30
+
+
+def test_native_phase_takes_the_contrast_away_and_arterial_keeps_the_liver_texture():
+    """Native: the enhanced blood (300 HU) falls to the liver's level, where the heart looks like liver.
+    Arterial: the liver barely enhanced, the blood brighter, and noise in the liver not amplified."""
+    from LiverSegExtension.training.augment import RandContrastPhased
+
+    rng = np.random.default_rng(0)
+    liver = (110.0 + rng.normal(0, 10, 1000)).astype(np.float32)
+    image = np.concatenate([liver, [300.0] * 10]).astype(np.float32).reshape(1, 1, 1, -1)
+    label = np.concatenate([np.ones(1000), np.zeros(10)]).astype(np.uint8).reshape(1, 1, 1, -1)
+    native = RandContrastPhased("image", "label", prob=1.0, phases={"native": 1.0})
+    arterial = RandContrastPhased("image", "label", prob=1.0, phases={"arterial": 1.0})
+    n = native({"image": image, "label": label})["image"].ravel()
+    a = arterial({"image": image, "label": label})["image"].ravel()
+    assert abs(n[-1] - np.median(n[:1000])) <= 55 and n[-1] <= 50
+    assert a[-1] > np.median(a[:1000]) + 120
+    assert np.std(a[:1000]) <= np.std(liver) * 1.05  # the map's slope near the liver is at most 1
+
+
+def metal_case():
+    """A liver at 110 HU in soft tissue at 40 HU."""
+    return blob_case((40, 80, 80), (slice(10, 30), slice(20, 50), slice(15, 45)), 40.0, 110.0)
+
+
+def test_metal_draws_cores_and_bright_and_dark_streaks_on_a_slab_of_slices_only():
+    from LiverSegExtension.training.augment import RandMetalArtefactd
+
+    case = metal_case()
+    t = RandMetalArtefactd("image", "label", spacing=2.5, prob=1.0, slab_mm=(10.0, 10.0), strength_hu=(800.0, 800.0))
+    for seed in range(4):
+        t.set_random_state(seed)
+        out = t(case)
+        changed = np.nonzero(np.any(out["image"] != case["image"], axis=(0, 2, 3)))[0]
+        assert len(changed) == 4 and np.ptp(changed) == 3  # 10 mm at 2.5 mm: 4 adjacent slices
+        assert 10 <= changed.mean() < 30  # at the liver's height
+        slab = out["image"][0, changed]
+        assert (slab >= 3000).any()  # a metal core
+        assert (slab > 40 + 300).mean() > 0.002 and (slab < 40 - 300).mean() > 0.002  # bright and dark streaks
+        np.testing.assert_array_equal(out["label"], case["label"])  # the liver under the streaks is still liver
+
+
+def test_metal_is_drawn_at_its_rate_and_never_without_liver():
+    from LiverSegExtension.training.augment import RandMetalArtefactd
+
+    t = RandMetalArtefactd("image", "label", prob=0.2)
+    t.set_random_state(0)
+    case = metal_case()
+    drawn = sum(bool(np.any(t(case)["image"] != case["image"])) for _ in range(200))
+    assert 25 <= drawn <= 55
+    empty = {"image": case["image"], "label": np.zeros_like(case["label"])}
+    assert all(t(empty)["image"] is empty["image"] for _ in range(20))
+
+
+def test_scale_range_reaches_a_childs_body_and_a_large_adults():
+    """The affine zoom spans 0.6 to 1.25 of the anatomy's size (grid factors 1 + scale, up to 1.7 wider)."""
+    from LiverSegExtension.training.augment import SCALE_RANGE
+
+    for lo, hi in SCALE_RANGE:
+        assert 1 / (1 + hi) <= 0.6 and 1 / (1 + lo) >= 1.2
+
+
+def test_simulated_body_size_scales_every_spacing_and_keeps_the_voxels():
+    import SimpleITK as sitk
+
+    from LiverSegExtension.data.simulate import scaled
+
+    image = sitk.GetImageFromArray(np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+    image.SetSpacing((0.8, 0.9, 2.5))
+    image.SetOrigin((-10.0, 5.0, 3.0))
+    small = scaled(image, 0.6)
+    np.testing.assert_allclose(small.GetSpacing(), (0.48, 0.54, 1.5))
+    assert small.GetOrigin() == image.GetOrigin()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(small), sitk.GetArrayFromImage(image))
+    assert image.GetSpacing() == (0.8, 0.9, 2.5)  # the input is not changed
 
 
 def test_dome_crop_centres_on_the_top_of_the_liver_and_shows_what_lies_above():

@@ -119,12 +119,18 @@ def test_fine_box_grows_when_the_coarse_stage_cuts_the_liver(tiny_model_dir):
                 found[: int(np.percentile(rows, 85)) if rows.size else 0] = 0  # keep only the top 15 % (z is axis 0)
             return found
 
+    ct, truth, m, _ = oblique_phantom()
+    result = HalfBlindCoarse(tiny_model_dir, device="cpu").segment_array(ct, m)
+    assert dice(result.mask, truth) > 0.96
+
+
+def oblique_phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(CT, liver, ijk-to-RAS matrix, RAS of every voxel) of the phantom on the oblique grid."""
     g = GRIDS["oblique"]
     shape = shape_for(g["spacing"])
     m = make_affine(g["spacing"], shape, g["rot"], g["left_handed"])
-    ct, truth = phantom(shape, m)
-    result = HalfBlindCoarse(tiny_model_dir, device="cpu").segment_array(ct, m)
-    assert dice(result.mask, truth) > 0.96
+    ct, liver = phantom(shape, m)
+    return ct, liver, m, ras_grid(shape, m)
 
 
 def test_fine_box_never_grows_towards_the_head(tiny_model_dir):
@@ -137,11 +143,7 @@ def test_fine_box_never_grows_towards_the_head(tiny_model_dir):
         def predict(self, stage, volume):  # the coarse stage sees the liver only; the fine one the heart too
             return (np.asarray(volume) > (140 if stage == "coarse" else 95)).astype(np.float32)
 
-    g = GRIDS["oblique"]
-    shape = shape_for(g["spacing"])
-    m = make_affine(g["spacing"], shape, g["rot"], g["left_handed"])
-    ct, liver = phantom(shape, m)
-    ras = ras_grid(shape, m)
+    ct, liver, m, ras = oblique_phantom()
     top = LIVER_CENTER_RAS[2] + LIVER_RADII[2]
     heart = (np.linalg.norm(ras[..., :2] - LIVER_CENTER_RAS[:2], axis=-1) <= 25) & (ras[..., 2] > top - 15)
     ct[heart & ~liver.astype(bool)] = 120
@@ -165,11 +167,7 @@ def test_leak_through_a_thin_neck_is_cut_off_and_thin_liver_kept(threshold_segme
     while a 7 mm thin tip of the liver itself, as thin but free-ended, is kept."""
     from LiverSegExtension.inference.segmenter import largest_component
 
-    g = GRIDS["oblique"]
-    shape = shape_for(g["spacing"])
-    m = make_affine(g["spacing"], shape, g["rot"], g["left_handed"])
-    ct, liver = phantom(shape, m)
-    ras = ras_grid(shape, m)
+    ct, liver, m, ras = oblique_phantom()
     c = LIVER_CENTER_RAS
     blob = np.linalg.norm(ras - (c + [-105, 0, 0]), axis=-1) <= 25
     neck = _rod(ras, c + [-80, 0, 0], c + [-50, 0, 0], 3.5) & ~blob
@@ -182,6 +180,26 @@ def test_leak_through_a_thin_neck_is_cut_off_and_thin_liver_kept(threshold_segme
     assert mask[blob].mean() < 0.01
     assert mask[tip].mean() > 0.8
     assert dice(mask, liver.astype(bool) | tip) > 0.96
+
+
+def test_liver_cut_in_two_by_a_band_of_slices_keeps_both_parts_and_drops_an_organ_beside_it(threshold_segmenter):
+    """Metal streaks across a few slices can leave nothing marked there: the liver falls into an upper and a
+    lower part. Both parts stay (the largest alone would lose a third of the liver); a liver-bright organ
+    beside the liver, on the same slices (a spleen), is still dropped."""
+    ct, liver, m, ras = oblique_phantom()
+    c = LIVER_CENTER_RAS
+    band = np.abs(ras[..., 2] - (c[2] - 5)) <= 7.5  # 15 mm of slices, below the liver's middle
+    ct[band & liver.astype(bool)] = 30
+    spleen = np.linalg.norm(ras - (c + [-150, 0, 0]), axis=-1) <= 30
+    ct[spleen] = 160
+    expected = liver.astype(bool) & ~band
+    lower = expected & (ras[..., 2] < c[2] - 5)
+    assert 0.1 < lower.sum() / expected.sum() < 0.5  # the part that the largest component alone would lose
+
+    mask = threshold_segmenter.segment_array(ct, m).mask.astype(bool)
+    assert mask[lower].mean() > 0.95
+    assert mask[spleen].mean() < 0.01
+    assert dice(mask, expected) > 0.96
 
 
 def test_liver_on_the_patients_left_is_warned_about(threshold_segmenter):

@@ -1,8 +1,10 @@
 """Complete a trained model's card for shipping: data sources and licences, per-case validation metrics
-(from ``liverseg evaluate --output``), and CPU time (from ``benchmarks/benchmark.py``). The weights and
-their sha256 are not touched.
+(from ``liverseg evaluate --output``), CPU time (from ``benchmarks/benchmark.py``) and Dice per simulated
+condition, this model's and its parent's (from ``benchmarks/conditions.py --summary``). The weights and their
+sha256 are not touched.
 
-    python scripts/finalize_card.py MODEL_DIR --data DATASET --evaluation validation.csv [--benchmark bench.jsonl]
+    python scripts/finalize_card.py MODEL_DIR --data DATASET --evaluation validation.csv [--benchmark bench.jsonl] \
+        [--conditions conditions.json --conditions parent-conditions.json]
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--evaluation", type=Path, required=True)
     p.add_argument("--benchmark", type=Path)
+    p.add_argument("--conditions", type=Path, action="append", default=[],
+                   help="benchmarks/conditions.py --summary of this model (and of its parent, to compare)")
     args = p.parse_args()
     card_path = args.model / "card.json"
     card = json.loads(card_path.read_text())
@@ -48,6 +52,14 @@ def main() -> None:
     }
     if args.benchmark and args.benchmark.is_file():
         card["cpu_time"] = [json.loads(line) for line in args.benchmark.read_text().splitlines() if line.startswith("{")]
+    if args.conditions:
+        measured = [json.loads(path.read_text()) for path in args.conditions]
+        card["conditions"] = {
+            "protocol": measured[0]["protocol"],
+            "cases": measured[0]["cases"],
+            "results": [{k: m.get(k) for k in ("model", "version", "weights_sha256", "dice", "cort_heart_ml")}
+                        for m in measured],
+        }
     card["licence"] = ("Weights derived from data licensed for non-commercial research (CC BY-NC-SA 4.0 and similar): "
                        "research use only, not for clinical or commercial use.")
     card["intended_use"] = "Liver segmentation in abdominal CT for research; review every result."

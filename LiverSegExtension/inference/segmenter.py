@@ -42,6 +42,10 @@ GROW_ROUNDS = 2  # times the fine box may grow where the liver touches it (never
 SMALL_SCAN_MM = 300.0  # scans no larger than this on every axis skip the coarse stage
 GROW_MM = 40.0
 NECK_MM = 5.0  # parts joined to the liver through a neck thinner than twice this are cut off
+# A part of the mask cut off from the liver by a band of slices (metal streaks) is kept when the gap is at
+# most this and the part at least this share of the liver (a metal band of 5 slices of 3 mm is 15 mm).
+SPLIT_GAP_MM = 30.0
+SPLIT_SHARE = 0.1
 # The liver's side is judged only on scans whose body is at least this wide (not crops around the liver);
 # a liver whose centre lies this far to the patient's left of the body's centre is worth a warning.
 SIDE_CHECK_WIDTH_MM = 250.0
@@ -71,8 +75,42 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(sizes.argmax())
 
 
-def liver_body(mask: np.ndarray, neck_voxels: int) -> np.ndarray:
-    """The largest component, less whatever hangs on to it by a thin neck.
+def split_parts(mask: np.ndarray, main: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """The parts of ``mask`` that a band of slices cut off from ``main``, the liver found.
+
+    Metal streaks or a motion band across a few slices can leave the net nothing on them, and the liver
+    falls into an upper and a lower part; keeping the largest alone would turn that local failure into the
+    loss of a whole part. A part is kept when it lies wholly above or below ``main`` within
+    :data:`SPLIT_GAP_MM`, overlaps ``main``'s outline seen from above by half its own, and is at least
+    :data:`SPLIT_SHARE` of ``main``'s size; an organ beside the liver (the spleen, a kidney) shares the
+    liver's slices and is not kept."""
+    out = np.zeros(mask.shape, dtype=bool)
+    if not main.any():
+        return out
+    rest = mask & ~ndimage.binary_dilation(main, structure=np.ones((3, 3, 3), bool))
+    labels, n = ndimage.label(rest, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return out
+    main_zs = np.nonzero(main.any(axis=(1, 2)))[0]
+    outline = main.any(axis=0)
+    gap = SPLIT_GAP_MM / spacing_mm
+    size = int(main.sum())
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        part = labels[box] == i
+        if part.sum() < SPLIT_SHARE * size:
+            continue
+        z0, z1 = box[0].start, box[0].stop - 1
+        below = z1 < main_zs.min() and main_zs.min() - z1 <= gap
+        above = z0 > main_zs.max() and z0 - main_zs.max() <= gap
+        footprint = part.any(axis=0)
+        if (below or above) and (footprint & outline[box[1:]]).sum() >= 0.5 * footprint.sum():
+            out[box] |= part
+    return out
+
+
+def liver_body(mask: np.ndarray, neck_voxels: int, spacing_mm: float = 2.5) -> np.ndarray:
+    """The largest component, less whatever hangs on to it by a thin neck, plus the parts of the liver a
+    band of slices cut off from it (:func:`split_parts`).
 
     A leak into the heart or a bowel loop is often joined to the liver only through a few voxels, so
     the largest component keeps it. Eroding by ``neck_voxels`` cuts such necks; every voxel of the mask
@@ -80,7 +118,12 @@ def liver_body(mask: np.ndarray, neck_voxels: int) -> np.ndarray:
     Unlike an opening, thin parts of the liver itself (its edges, the tip of a lobe) stay, since the
     liver's own core is nearest to them.
     """
-    mask = largest_component(mask)
+    largest = largest_component(mask)
+    body = _without_necks(largest, neck_voxels)
+    return body | split_parts(mask & ~largest, body, spacing_mm)
+
+
+def _without_necks(mask: np.ndarray, neck_voxels: int) -> np.ndarray:
     if neck_voxels < 1 or not mask.any():
         return mask
     box = ndimage.find_objects(mask.view(np.uint8))[0]
@@ -405,7 +448,9 @@ class LiverSegmenter:
         grid = Grid.covering(corners.min(axis=0), corners.max(axis=0), self.model.stage("coarse")["spacing_mm"])
         volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, pixel_type=sitk.sitkFloat32))
         prob = self.predict("coarse", volume)
-        liver = largest_component(prob > 0.5)
+        above = prob > 0.5
+        liver = largest_component(above)
+        liver |= split_parts(above & ~liver, liver, min(grid.spacing))
         if not liver.any():
             return None, None
         side = side_warning(volume, liver, grid.spacing[0], source)
@@ -450,7 +495,7 @@ class LiverSegmenter:
     def _body(self, prob: np.ndarray) -> np.ndarray:
         """The liver on the fine grid: :func:`liver_body` of the thresholded probabilities."""
         spacing = min(self.model.stage("fine")["spacing_mm"])
-        return liver_body(prob >= 0.5, int(round(NECK_MM / spacing)))
+        return liver_body(prob >= 0.5, int(round(NECK_MM / spacing)), spacing)
 
     @staticmethod
     def clean(prob: np.ndarray, liver: np.ndarray) -> np.ndarray:

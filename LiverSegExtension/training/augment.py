@@ -32,6 +32,8 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
+from LiverSegExtension.data.simulate import PHASES, liver_level, metal_streaks, phase_curve
+
 
 def _drawn_liver(transform: Randomizable, prob: float, data: dict, label_key: str) -> np.ndarray | None:
     """The ``[z, y, x]`` liver mask of ``data`` when ``transform`` is drawn (probability ``prob``) and the
@@ -83,31 +85,61 @@ class RandAirArtefactd(Randomizable, MapTransform):
         return self.keys[0]
 
 
-class RandNativeCTd(Randomizable, MapTransform):
-    """Make a contrast-enhanced scan look native (no contrast): liver parenchyma to 15-70 HU (fatty to
-    normal), and everything enhanced beyond it (blood pool, heart, vessels, kidneys) down to 30-50 HU,
-    as without contrast. In a native CT the heart above the liver dome looks much like liver; a
-    model trained on enhanced scans only learns "bright blood is not liver" and leaks into the heart.
-    Continuous; air, fat, water and bone keep their values. Works on HU, with the case's liver label."""
+class RandContrastPhased(Randomizable, MapTransform):
+    """Move a scan to another contrast phase: the liver's parenchyma and everything enhanced beyond it (blood
+    pool, heart, vessels, kidneys) to a phase's levels (``data.simulate.PHASES``): native (no contrast: in a
+    native CT the heart above the dome looks much like liver, and a model trained on enhanced scans only
+    learns "bright blood is not liver" and leaks into it), arterial (bright aorta, liver barely enhanced),
+    portal venous, delayed (liver and blood alike). Continuous; air, fat, water and bone keep their values.
+    Works on HU, with the case's liver label."""
 
-    def __init__(self, keys: str = "image", label_key: str = "label", prob: float = 0.25) -> None:
+    def __init__(self, keys: str = "image", label_key: str = "label", prob: float = 0.5,
+                 phases: dict[str, float] | None = None) -> None:
         MapTransform.__init__(self, [keys])
         self.label_key, self.prob = label_key, prob
+        self.phases = phases or dict(PHASE_WEIGHTS)
 
     def __call__(self, data: dict) -> dict:
         if self.R.rand() >= self.prob:
             return data
+        names = list(self.phases)
+        weights = np.array([self.phases[n] for n in names], dtype=float)
+        (l_lo, l_hi), (b_lo, b_hi) = PHASES[names[self.R.choice(len(names), p=weights / weights.sum())]]
         d = dict(data)
         img = np.asarray(d[self.keys[0]], dtype=np.float32)
-        liver = np.asarray(d[self.label_key]) > 0
-        level = float(np.median(img[liver])) if liver.any() else 110.0
-        level = min(max(level, 40.0), 200.0)
-        # Native liver is 50-70 HU, or down to 15 HU when fatty (common, and then darker than blood).
-        native_liver, native_blood = self.R.uniform(15, 70), self.R.uniform(30, 50)
-        # Outer knots far beyond any HU: np.interp clamps outside its knots.
-        xs = [-1e5, 20.0, level, level + 40.0, 300.0, 500.0, 1e5]
-        ys = [-1e5, 20.0, native_liver, native_blood, native_blood, 500.0, 1e5]
-        d[self.keys[0]] = np.interp(img, xs, ys).astype(np.float32)
+        liver = np.asarray(d[self.label_key])[0] > 0
+        d[self.keys[0]] = phase_curve(img, liver_level(img[0], liver), self.R.uniform(l_lo, l_hi),
+                                      self.R.uniform(b_lo, b_hi))
+        return d
+
+
+class RandMetalArtefactd(Randomizable, MapTransform):
+    """Draw metal into a slab of slices (``data.simulate.metal_streaks``): bright implant cores and the bright
+    and dark streaks they throw across each slice, as from spinal hardware behind the liver, or from clips,
+    coils and drains beside or in it. Arrays ``[1, z, y, x]`` in HU on a grid of ``spacing`` mm, z towards
+    the head. The label is kept: the liver under the streaks is still liver."""
+
+    def __init__(self, keys: str = "image", label_key: str = "label", spacing: float = 2.5, prob: float = 0.2,
+                 slab_mm: tuple[float, float] = (5.0, 30.0), strength_hu: tuple[float, float] = (200.0, 2000.0)) -> None:
+        MapTransform.__init__(self, [keys])
+        self.label_key, self.spacing, self.prob = label_key, spacing, prob
+        self.slab_mm, self.strength_hu = slab_mm, strength_hu
+
+    def __call__(self, data: dict) -> dict:
+        label = _drawn_liver(self, self.prob, data, self.label_key)
+        if label is None:
+            return data
+        zyx = np.argwhere(label)
+        z, y, x = zyx[self.R.randint(len(zyx))]
+        if self.R.rand() < 0.5:  # behind the liver, where the spine and its hardware are
+            ys = np.nonzero(label[z, :, x])[0]
+            y = min(label.shape[1] - 1, int(ys.max()) + self.R.randint(5, 20))
+        slices = max(1, int(round(self.R.uniform(*self.slab_mm) / self.spacing)))
+        rng = np.random.default_rng(self.R.randint(2**31))
+        d = dict(data)
+        img = np.asarray(d[self.keys[0]], dtype=np.float32)
+        d[self.keys[0]] = metal_streaks(img[0], [self.spacing] * 3, (z, y, x), slices, self.R.uniform(*self.strength_hu),
+                                        rng, cores=int(self.R.randint(1, 3)))[None]
         return d
 
 
@@ -171,7 +203,12 @@ class RandDomeCropd(Randomizable, MapTransform):
 
 # Scale factors: the grid is sampled this much wider (>0) or tighter (<0), so the anatomy shrinks or grows.
 # Skewed towards shrinking: a scan whose written spacing is smaller than the truth shows a small liver.
-SCALE_RANGE = ((-0.2, 0.45),) * 3
+# From a child's body (0.6 of an adult's: a grid 1.7 times wider) to a large adult's (1.25).
+SCALE_RANGE = ((-0.2, 0.7),) * 3
+# How often each contrast phase is drawn when a scan is moved to another one: the data is portal venous,
+# native and arterial scans are what it lacks (and where the heart leaks, and a third of a liver is lost).
+PHASE_WEIGHTS = {"native": 0.45, "arterial": 0.35, "delayed": 0.1, "portal": 0.1}
+METAL = 0.2  # share of samples with metal drawn in
 DOME_CROP = 0.25  # share of fine-stage crops centred at the liver's dome
 INFERIOR_LOBE = 0.25  # share of fine-stage samples whose liver gets a longer lowest part
 
@@ -242,7 +279,8 @@ def training_transforms(stage: str, window: tuple[float, float], patch: list[int
                 SpatialPadd(keys, spatial_size=patch, value=0)]
     return Compose([
         RandAirArtefactd("image", "label", prob=0.4),
-        RandNativeCTd("image", "label", prob=0.25),
+        RandContrastPhased("image", "label", prob=0.5),
+        RandMetalArtefactd("image", "label", spacing_mm, prob=METAL),
         ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
         *crop,
         RandFieldOfViewd(keys, "label", prob=0.15),

@@ -168,11 +168,19 @@ def kill_pid(pid: int) -> None:
 
 
 class _EngineRun:
-    """What a request to an engine process shares: its output, whether it is done, waiting for it."""
+    """What a request to an engine process shares: its output, reading the engine's messages, whether it is
+    done, waiting for it."""
 
-    request: dict
-    result: dict | None
-    error: LiverSegError | None
+    ready_stage = "engine ready"  # what the panel shows once the engine has started
+
+    def __init__(self, engine: EngineProcess, request: dict, stage: str) -> None:
+        self.engine, self.request, self.stage = engine, request, stage
+        self.fraction = 0.0
+        self.info: dict = {}  # the last progress message
+        self.notes: list[str] = []
+        self.result: dict | None = None
+        self.error: LiverSegError | None = None
+        self.details = ""  # a traceback from the engine, for an unexpected error
 
     @property
     def output_path(self) -> Path:
@@ -185,6 +193,32 @@ class _EngineRun:
     def wait(self, timeout_s: float | None = None, progress=None) -> bool:
         """Block until done (scripts and tests), calling ``progress(fraction, stage)`` on each change."""
         return wait_for(self, timeout_s, progress)
+
+    def poll(self) -> bool:
+        """Take in what the engine said; True once the run has a result or an error."""
+        if self.done:
+            return True
+        alive = self.engine.running  # before reading: whatever it wrote before it ended is read below
+        for message in self.engine.read():
+            if self.done or not self._mine(message):
+                continue
+            event = message.get("event")
+            if event == protocol.READY:
+                self.stage = self.ready_stage
+            elif event == protocol.NOTE:
+                self.notes.append(str(message.get("text", "")))
+            else:
+                self._take(message)
+        self._ended(alive)
+        return self.done
+
+    def _mine(self, message: dict) -> bool:
+        """Whether a message answers this run (an engine may serve several, one after another)."""
+        return True
+
+    def _ended(self, alive: bool) -> None:
+        """After reading: what this run does when it is done, or when the engine ended without answering."""
+        raise NotImplementedError
 
     def _take(self, message: dict) -> bool:
         """Take in a progress, result or error message (False for any other)."""
@@ -210,37 +244,22 @@ class SegmentRun(_EngineRun):
 
     def __init__(self, engine: EngineProcess, request: dict, workdir: Path, scene, volume_id: str,
                  segmentation_id: str | None, source: str) -> None:
-        self.engine, self.request, self.workdir, self.scene = engine, request, workdir, scene
+        super().__init__(engine, request, "starting the engine" if engine.ready is None else "queued")
+        self.workdir, self.scene = workdir, scene
         self.volume_id, self.segmentation_id, self.source = volume_id, segmentation_id, source
-        self.fraction = 0.0
-        self.stage = "starting the engine" if engine.ready is None else "queued"
-        self.info: dict = {}  # the last progress message
-        self.result: dict | None = None
-        self.error: LiverSegError | None = None
-        self.details = ""  # a traceback from the engine, for an unexpected error
 
     @property
     def id(self) -> int:
         return int(self.request["id"])
 
-    def poll(self) -> bool:
-        """Take in what the engine said; True once the run has a result or an error."""
-        if self.done:
-            return True
-        alive = self.engine.running  # before reading: whatever it wrote before it ended is read below
-        for message in self.engine.read():
-            if message.get("id") not in (self.id, None) or self.done:
-                continue
-            event = message.get("event")
-            if event == protocol.READY:
-                self.stage = "engine ready"
-            else:
-                self._take(message)
+    def _mine(self, message: dict) -> bool:
+        return message.get("id") in (self.id, None)
+
+    def _ended(self, alive: bool) -> None:
         if not self.done and not alive:  # it ended without answering: whatever its exit code says, it crashed
             self.error = LiverSegError(f"{self.source}: {CRASHED} before it finished ({self.engine.description()}); "
                                        "the scene was not changed")
             self.details = self.engine.stderr_tail
-        return self.done
 
     def cancel(self) -> None:
         """Stop now: the engine process is killed (the next run starts a new one)."""
@@ -261,38 +280,18 @@ class TrainRun(_EngineRun):
     cancel kills the process and removes the new model's folder if this run created it.
     """
 
-    def __init__(self, engine: EngineProcess, request: dict) -> None:
-        self.engine, self.request = engine, request
-        self.created = not Path(request["output"]).exists()
-        self.fraction = 0.0
-        self.stage = "starting the engine"
-        self.info: dict = {}  # the last progress message
-        self.notes: list[str] = []
-        self.result: dict | None = None
-        self.error: LiverSegError | None = None
-        self.details = ""
+    ready_stage = "preparing the training cases"
 
-    def poll(self) -> bool:
-        """Take in what the engine said; True once the run has a result or an error."""
-        if self.done:
-            return True
-        alive = self.engine.running
-        for message in self.engine.read():
-            event = message.get("event")
-            if event == protocol.READY:
-                self.stage = "preparing the training cases"
-            elif event == protocol.NOTE:
-                self.notes.append(str(message.get("text", "")))
-            else:
-                self._take(message)
-            if self.done:
-                break
+    def __init__(self, engine: EngineProcess, request: dict) -> None:
+        super().__init__(engine, request, "starting the engine")
+        self.created = not Path(request["output"]).exists()
+
+    def _ended(self, alive: bool) -> None:
         if self.done or not alive:
             self.engine.stop()  # this process served one fine-tune
             if not self.done:
                 self.error = LiverSegError(f"fine-tuning stopped: {CRASHED} ({self.engine.description()})")
                 self.details = self.engine.stderr_tail
-        return self.done
 
     def cancel(self) -> None:
         if not self.done:

@@ -21,6 +21,14 @@ from LiverSegLib.texts import card_summary, comparison_html
 SETTINGS_EXPORT_FOLDER = "LiverSeg/ExportFolder"
 
 
+def show_progress(run, bar, label) -> bool:
+    """Poll ``run`` (an install, segmentation or training run) and show its progress; whether it has ended."""
+    done = run.poll()
+    bar.value = int(run.fraction * 100)
+    label.text = run.stage[:1].upper() + run.stage[1:]
+    return done
+
+
 def show_error(text: str, details: str = "") -> None:
     """An error dialog; details only when there are some (``detailedText=None`` shows the word "None")."""
     kwargs = {"detailedText": details} if details else {}
@@ -245,10 +253,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from LiverSegExtension.errors import CancelledError, LiverSegError
 
         run = self._installRun
-        done = run.poll()
-        self.ui.progressBar.value = int(run.fraction * 100)
-        self.ui.statusLabel.text = run.stage[:1].upper() + run.stage[1:]
-        if not done:
+        if not show_progress(run, self.ui.progressBar, self.ui.statusLabel):
             return
         self._installRun, then = None, self._afterInstall
         self._afterInstall = None
@@ -308,10 +313,8 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from LiverSegExtension.errors import CancelledError, LiverSegError
 
         run = self._run
-        done = run.poll()
+        done = show_progress(run, self.ui.progressBar, self.ui.statusLabel)
         self._updateDevices()
-        self.ui.progressBar.value = int(run.fraction * 100)
-        self.ui.statusLabel.text = run.stage.capitalize()
         if not done:
             return
         self._run = None
@@ -422,10 +425,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from LiverSegExtension.errors import CancelledError, LiverSegError
 
         run = self._trainRun
-        done = run.poll()
-        self.ui.trainProgressBar.value = int(run.fraction * 100)
-        self.ui.trainStatusLabel.text = run.stage[:1].upper() + run.stage[1:]
-        if not done:
+        if not show_progress(run, self.ui.trainProgressBar, self.ui.trainStatusLabel):
             return
         self._trainRun = None
         try:
