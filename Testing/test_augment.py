@@ -232,3 +232,18 @@ def test_inferior_lobe_stretches_the_lowest_liver_down_and_moves_image_with_labe
     # No liver: nothing to stretch.
     empty = {"image": image, "label": np.zeros_like(label)}
     assert t(empty)["image"] is image
+
+
+def test_simulated_metal_sits_behind_the_liver_at_its_mid_height_on_the_slab_asked_for():
+    """The benchmark's metal: a 15 mm slab at the liver's mid-height, implants behind the liver (larger y)."""
+    from LiverSegExtension.data.simulate import METAL_HU, metal_behind_liver
+
+    case = metal_case()
+    hu, liver = case["image"][0], case["label"][0] > 0
+    out = metal_behind_liver(hu, liver, (2.5, 1.0, 1.0), 15.0, 800.0, np.random.default_rng(0))
+    changed = np.nonzero(np.any(out != hu, axis=(1, 2)))[0]
+    assert len(changed) == 6 and 17 <= changed.mean() <= 22  # 15 mm at 2.5 mm, around slice 19.5
+    cores = np.argwhere(out[changed] >= METAL_HU)
+    assert cores.size and cores[:, 1].min() > 49 - 30  # beside or behind the liver's back edge (y 49), not in front
+    assert np.median(cores[:, 1]) > 49
+    np.testing.assert_array_equal(hu, case["image"][0])  # the input is not changed

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from conftest import SHARED, requires_bundled_model, requires_shared
 
@@ -136,12 +137,17 @@ def test_onnx_runtime_and_torch_give_the_same_mask_on_synthetic_cts():
 
     ort, pt = LiverSegmenter(device="cpu", runtime="onnxruntime"), LiverSegmenter(device="cpu", runtime="torch")
     for name, image in _oblique_cases():
-        a, b = ort.segment_image(image, probabilities=True), pt.segment_image(image, probabilities=True)
+        a, b = ort.segment_image(image), pt.segment_image(image)
         assert a.mask.any(), name
         assert dice(a.mask, b.mask) >= 0.999, name
-        # rounding may move a boundary voxel across the clean-up's threshold, and its probability with it
-        differ = np.abs(a.probability.astype(int) - b.probability.astype(int)) > 2
-        assert differ.sum() <= 0.001 * a.mask.sum(), name
+        # Each stage's probabilities alike, wherever they lie: on a phantom the model is unsure of much of the
+        # image, so the clean-up may keep a voxel in one runtime and drop it in the other, but the nets agree:
+        # within 0.02 (5 of the map's 255 steps) where a window is 160 voxels wide, whose instance norms sum 4
+        # million float32 values in another order in each runtime (v1.0.0: 0.005, v1.1.0: 0.010 at most here).
+        volume = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32))[::2, ::2, ::2]
+        for stage in ("coarse", "fine"):
+            differ = np.abs(ort.predict(stage, volume) - pt.predict(stage, volume))
+            assert differ.max() < 0.02 and np.mean(differ > 1 / 255) < 0.005, (name, stage)
 
 
 @pytest.mark.slow

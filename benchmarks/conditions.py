@@ -7,8 +7,8 @@ streaks of 400, 800 and 1600 HU; the body scaled 0.6, 0.8 and 1.2 (every spacing
 and blood remapped to the native, arterial and delayed phases. Dice on the streaked slab alone is reported too.
 CORT (unlabelled native trunk CT): mL of mask in the heart region located by eye (Testing/test_real_data.py).
 
-    python benchmarks/conditions.py --data runs/liver-train-corrected --model Resources/Models/liverseg-v1.0.0 \
-        --out runs/conditions-v1.0.0.csv --cort ../shared/data/unlabelled/cort_liver_trunk_3mm.nii.gz
+    python benchmarks/conditions.py --data runs/liver-train-corrected --model Resources/Models/liverseg-v1.1.0 \
+        --out runs/conditions.csv --summary runs/conditions.json --cort ../shared/data/unlabelled/cort_liver_trunk_3mm.nii.gz
 """
 
 from __future__ import annotations
@@ -78,17 +78,22 @@ def conditions(seed: int) -> dict[str, Callable[[sitk.Image, sitk.Image], tuple[
     return table
 
 
+def cort_heart_region(image: sitk.Image) -> np.ndarray:
+    """``[k, j, i]`` voxels of CORT's heart, located by eye (RAS mm): above S = 13, where the liver's left lobe has
+    ended, and less than 29.5 mm to the right, where the right lobe's dome (up to S = 30) has not begun."""
+    m = np.eye(4)
+    m[:3, :3] = np.diag([-1, -1, 1]) @ np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    m[:3, 3] = np.diag([-1, -1, 1]) @ np.array(image.GetOrigin())
+    kji = np.indices(image.GetSize()[::-1]).reshape(3, -1).T
+    ras = kji[:, ::-1] @ m[:3, :3].T + m[:3, 3]
+    return ((ras[:, 2] > 13.0) & (ras[:, 0] < 29.5)).reshape(image.GetSize()[::-1])
+
+
 def cort_heart_ml(seg: LiverSegmenter, path: Path) -> tuple[float, float]:
     """(mL of mask in CORT's heart region, mL of the whole mask)."""
     image = read_image(path)
     result = seg.segment_image(image)
-    m = np.eye(4)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    m[:3, :3] = np.diag([-1, -1, 1]) @ direction @ np.diag(image.GetSpacing())
-    m[:3, 3] = np.diag([-1, -1, 1]) @ np.array(image.GetOrigin())
-    kji = np.argwhere(result.mask)
-    ras = (m @ np.c_[kji[:, ::-1], np.ones(len(kji))].T).T[:, :3]
-    heart = np.count_nonzero((ras[:, 2] > 13.0) & (ras[:, 0] < 29.5)) * np.prod(image.GetSpacing()) / 1000
+    heart = np.count_nonzero(result.mask.astype(bool) & cort_heart_region(image)) * np.prod(image.GetSpacing()) / 1000
     return float(heart), float(result.liver_ml)
 
 

@@ -148,24 +148,24 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             raise LiverSegError(f"{input_volume.GetName()}: the volume holds no voxels")
 
     def start(self, inputVolume, outputSegmentation=None, device: str = "auto",
-              modelPath: str | Path | None = None) -> SegmentRun:
+              modelPath: str | Path | None = None, source: str | None = None) -> SegmentRun:
         """Hand the volume to the engine process and return the run to poll (``run.poll()``), then
         call ``finish(run)``. The nodes are fixed now: the result goes to these, whatever is selected later.
         Arguments as ``process``'s."""
         self._check_inputs(inputVolume)
+        source = source or inputVolume.GetName()
         workdir = Path(tempfile.mkdtemp(prefix="LiverSeg-"))  # private (0700), removed by finish or cancel
         try:
             ct_path = self._ctFile(inputVolume)
             engine = self.engine()
             request = protocol.segment_request(next(self._ids), str(ct_path), str(workdir / "mask.nrrd"),
-                                               str(modelPath or ""), device, inputVolume.GetName(), attributes=True)
+                                               str(modelPath or ""), device, source, attributes=True)
             engine.send(request)
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         return SegmentRun(engine, request, workdir, inputVolume.GetScene(), inputVolume.GetID(),
-                          outputSegmentation.GetID() if outputSegmentation is not None else None,
-                          inputVolume.GetName())
+                          outputSegmentation.GetID() if outputSegmentation is not None else None, source)
 
     def _ctFile(self, volume) -> Path:
         """The volume as a raw NRRD for the engine (uncompressed: written and read at disk speed; the engine
@@ -249,17 +249,18 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         return LiverSegRun(segmentation, segment_id, liver_ml, seconds, model_name, warnings)
 
     def process(self, inputVolume, outputSegmentation=None, device: str = "auto", modelPath: str | None = None,
-                progress=None, cancel=None) -> LiverSegRun:
+                progress=None, cancel=None, source: str | None = None) -> LiverSegRun:
         """Segment ``inputVolume`` into ``outputSegmentation`` (a new node when None), synchronously, in this
         process (it imports torch here).
 
-        ``progress(fraction, stage)`` and ``cancel() -> bool`` are called at every step of the engine.
+        ``progress(fraction, stage)`` and ``cancel() -> bool`` are called at every step of the engine;
+        ``source`` names the input in warnings and errors (default: the volume's name; the batch gives its file).
         """
         from LiverSegExtension.geometry import image_from_array
 
         self._check_inputs(inputVolume)
         segmenter = self.segmenter(modelPath, device)
-        source = inputVolume.GetName()
+        source = source or inputVolume.GetName()
         image = image_from_array(*mrml.volume_array_and_matrix(inputVolume))
         result = segmenter.segment_image(image, progress=progress, cancel=cancel, source=source, probabilities=True)
         run = self._write_result(inputVolume, outputSegmentation, result.mask, result.liver_ml, result.seconds,

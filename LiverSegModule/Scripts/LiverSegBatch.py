@@ -201,7 +201,7 @@ class BatchDoor:
                 written.append(lab_path)
                 row["liver_ml"] = f"{volume_ml(array, grid.GetSpacing()):.1f}"
                 return ""
-            result = self._segment(volume)
+            result = self._segment(volume, case.label)
             write_node(result.segmentation_node, seg_path, args.overwrite)
             written.append(seg_path)
             make_labelmap = args.labelmap and lab_path not in existing
@@ -228,12 +228,13 @@ class BatchDoor:
         finally:  # keep memory flat over long batches: every node the case added goes, color tables too
             remove_nodes_added_since(ctx.scene, before)
 
-    def _segment(self, volume):
+    def _segment(self, volume, source: str):
+        """Segment through the engine process or here; warnings name ``source``, as the CLI's do."""
         if self.through_engine:
-            run = self.logic.start(volume, None, self.args.device, self.args.model)
+            run = self.logic.start(volume, None, self.args.device, self.args.model, source)
             run.wait()
             return self.logic.finish(run)
-        return self.logic.process(volume, None, device=self.args.device, modelPath=self.args.model)
+        return self.logic.process(volume, None, device=self.args.device, modelPath=self.args.model, source=source)
 
     def report(self, index: int, total: int, case: InputCase, row: dict, note: str) -> None:
         detail = row["error"] or (f"{row['liver_ml']} mL" if row["liver_ml"] else note)
