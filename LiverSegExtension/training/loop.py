@@ -222,6 +222,35 @@ def _stage_net(model: LiverModel, stage: str, net: torch.nn.Module) -> Iterator[
 Progress = Callable[[dict[str, Any]], None]
 
 
+def _starting_model(parent: LiverModel | None, device: torch.device | str) -> LiverModel:
+    """A new model of the parent's architecture and weights (or a fresh default one), on ``device``, training."""
+    model = LiverModel.new(architecture(parent.card) if parent else None)
+    if parent:
+        for s in STAGES:
+            model.networks[s].load_state_dict(parent.networks[s].state_dict())
+    for net in model.networks.values():
+        net.to(device).train()
+    return model
+
+
+def _resume(ckpt_path: Path, model: LiverModel, settings: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+    """(where the run stands, the optimizer's state, the moving average's state): from the checkpoint, whose
+    weights go into ``model``, when there is one written under the same settings; else the start."""
+    state: dict[str, Any] = {"stage_index": 0, "iteration": 0, "best": -1.0, "elapsed": 0.0}
+    if not ckpt_path.is_file():
+        return state, None, None
+    ckpt = load_checkpoint(ckpt_path)
+    _check_resume(ckpt_path, ckpt.get("settings"), settings)
+    for s in STAGES:
+        try:
+            model.networks[s].load_state_dict(ckpt[f"net_{s}"])
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise LiverSegError(f"{ckpt_path}: its {s} weights do not fit this model ({str(exc)[:120]})") from None
+    state = {k: ckpt[k] for k in state}
+    _log(f"resuming from {ckpt_path}: stage {STAGES[int(state['stage_index'])]}, iteration {int(state['iteration'])}")
+    return state, ckpt.get("optim"), ckpt.get("ema")
+
+
 def train(cfg: TrainConfig, progress: Progress | None = None,
           split: tuple[list[Case], list[Case]] | None = None) -> Path:
     """Train (or fine-tune from ``cfg.init``) and return the output model folder.
@@ -232,7 +261,6 @@ def train(cfg: TrainConfig, progress: Progress | None = None,
     """
     device = resolve_device(cfg.device)
     set_determinism(seed=cfg.seed)
-    rng = random.Random(cfg.seed)
     if split is None:
         cases: list[Case] = [c for d in cfg.data for c in load_msd(d)]
         train_cases, val_cases = split_cases(cases, cfg.val_cases)
@@ -253,29 +281,11 @@ def train(cfg: TrainConfig, progress: Progress | None = None,
     out.mkdir(parents=True, exist_ok=True)
 
     parent = LiverModel.load(cfg.init) if cfg.init else None
-    model = LiverModel.new(architecture(parent.card) if parent else None)
-    if parent:
-        for s in STAGES:
-            model.networks[s].load_state_dict(parent.networks[s].state_dict())
-    for net in model.networks.values():
-        net.to(device).train()
-
+    model = _starting_model(parent, device)
     ckpt_path = out / CHECKPOINT
-    state: dict[str, Any] = {"stage_index": 0, "iteration": 0, "best": -1.0, "elapsed": 0.0}
-    optim_state = ema_state = None
-    if ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        _check_resume(ckpt_path, ckpt.get("settings"), settings)
-        for s in STAGES:
-            try:
-                model.networks[s].load_state_dict(ckpt[f"net_{s}"])
-            except (RuntimeError, TypeError, AttributeError) as exc:
-                raise LiverSegError(f"{ckpt_path}: its {s} weights do not fit this model ({str(exc)[:120]})") from None
-        state = {k: ckpt[k] for k in state}
-        optim_state = ckpt.get("optim")
-        ema_state = ckpt.get("ema")
-        rng = random.Random(cfg.seed + int(state["iteration"]) + 1000 * int(state["stage_index"]))
-        _log(f"resuming from {ckpt_path}: stage {STAGES[int(state['stage_index'])]}, iteration {int(state['iteration'])}")
+    state, optim_state, ema_state = _resume(ckpt_path, model, settings)
+    # The samples' random stream, seeded by where the run stands: a resumed run draws on, not again.
+    rng = random.Random(cfg.seed + int(state["iteration"]) + 1000 * int(state["stage_index"]))
 
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     shares = {"coarse": 0.25, "fine": 0.75}
