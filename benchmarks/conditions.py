@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from LiverSegExtension.data.metrics import dice  # noqa: E402
 from LiverSegExtension.data.msd import load_msd  # noqa: E402
 from LiverSegExtension.data.simulate import PHASES, liver_level, metal_behind_liver, phase_curve, scaled  # noqa: E402
+from LiverSegExtension.geometry import ijk_to_ras_of  # noqa: E402
 from LiverSegExtension.inference.segmenter import LiverSegmenter  # noqa: E402
 from LiverSegExtension.io import read_image  # noqa: E402
 
@@ -81,9 +82,7 @@ def conditions(seed: int) -> dict[str, Callable[[sitk.Image, sitk.Image], tuple[
 def cort_heart_region(image: sitk.Image) -> np.ndarray:
     """``[k, j, i]`` voxels of CORT's heart, located by eye (RAS mm): above S = 13, where the liver's left lobe has
     ended, and less than 29.5 mm to the right, where the right lobe's dome (up to S = 30) has not begun."""
-    m = np.eye(4)
-    m[:3, :3] = np.diag([-1, -1, 1]) @ np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
-    m[:3, 3] = np.diag([-1, -1, 1]) @ np.array(image.GetOrigin())
+    m = ijk_to_ras_of(image)
     kji = np.indices(image.GetSize()[::-1]).reshape(3, -1).T
     ras = kji[:, ::-1] @ m[:3, :3].T + m[:3, 3]
     return ((ras[:, 2] > 13.0) & (ras[:, 0] < 29.5)).reshape(image.GetSize()[::-1])

@@ -24,12 +24,12 @@ PHASES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
 METAL_HU = 3000.0  # a metal core, well above bone; the model's window clips it to bright anyway
 
 
-def phase_curve(img: np.ndarray, liver_level: float, liver_hu: float, blood_hu: float) -> np.ndarray:
-    """``img`` (HU) remapped so that the liver's level becomes ``liver_hu`` and what is enhanced beyond it
-    (blood pool, heart, vessels, kidneys: up to 300 HU) goes to ``blood_hu``; air, fat, water and bone keep
+def phase_curve(img: np.ndarray, level: float, liver_hu: float, blood_hu: float) -> np.ndarray:
+    """``img`` (HU) remapped so that the liver's ``level`` (:func:`liver_level`) becomes ``liver_hu`` and what is
+    enhanced beyond it (blood pool, heart, vessels, kidneys: up to 300 HU) goes to ``blood_hu``; air, fat, water and bone keep
     their values, and the map is continuous. Within 30 HU above the liver's level the slope stays at most 1,
     so that the liver's texture and noise are not amplified into bright speckle."""
-    level = min(max(float(liver_level), 40.0), 200.0)
+    level = min(max(float(level), 40.0), 200.0)
     blood_hu = min(float(blood_hu), 499.0)
     near = liver_hu + min(30.0, max(blood_hu - liver_hu, 0.0))
     # Outer knots far beyond any HU: np.interp clamps outside its knots.

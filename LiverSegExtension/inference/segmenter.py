@@ -61,22 +61,29 @@ SPINE_ON_RIGHT_MM = 10.0
 BONE_HU = 150.0  # a vertebra's spongy bone, on the 2.5 mm grid; the liver is left out however bright it is
 
 
+def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(26-connected component labels of a binary mask, each label's size; the background's counted as 0)."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels, sizes
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of a binary mask.
 
     scipy rather than MONAI's KeepLargestConnectedComponent, which needs scikit-image on the CPU: one
     package fewer to install into Slicer.
     """
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if n <= 1:
+    labels, sizes = components(mask)
+    if len(sizes) <= 2:
         return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
     return labels == int(sizes.argmax())
 
 
-def split_parts(mask: np.ndarray, main: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """The parts of ``mask`` that a band of slices cut off from ``main``, the liver found.
+def split_parts(labels: np.ndarray, sizes: np.ndarray, main: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """The components of a mask (``labels``, ``sizes``: :func:`components`) that a band of slices cut off from
+    ``main``, the liver found in the largest of them.
 
     Metal streaks or a motion band across a few slices can leave the net nothing on them, and the liver
     falls into an upper and a lower part; keeping the largest alone would turn that local failure into the
@@ -84,21 +91,18 @@ def split_parts(mask: np.ndarray, main: np.ndarray, spacing_mm: float) -> np.nda
     :data:`SPLIT_GAP_MM`, overlaps ``main``'s outline seen from above by half its own, and is at least
     :data:`SPLIT_SHARE` of ``main``'s size; an organ beside the liver (the spleen, a kidney) shares the
     liver's slices and is not kept."""
-    out = np.zeros(mask.shape, dtype=bool)
-    if not main.any():
-        return out
-    rest = mask & ~ndimage.binary_dilation(main, structure=np.ones((3, 3, 3), bool))
-    labels, n = ndimage.label(rest, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
+    out = np.zeros(labels.shape, dtype=bool)
+    size = int(main.sum())
+    candidates = [i for i in np.nonzero(sizes >= max(1, SPLIT_SHARE * size))[0] if i != int(sizes.argmax())]
+    if not candidates or size == 0:
         return out
     main_zs = np.nonzero(main.any(axis=(1, 2)))[0]
     outline = main.any(axis=0)
     gap = SPLIT_GAP_MM / spacing_mm
-    size = int(main.sum())
-    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+    boxes = ndimage.find_objects(labels)
+    for i in candidates:
+        box = boxes[i - 1]
         part = labels[box] == i
-        if part.sum() < SPLIT_SHARE * size:
-            continue
         z0, z1 = box[0].start, box[0].stop - 1
         below = z1 < main_zs.min() and main_zs.min() - z1 <= gap
         above = z0 > main_zs.max() and z0 - main_zs.max() <= gap
@@ -118,9 +122,11 @@ def liver_body(mask: np.ndarray, neck_voxels: int, spacing_mm: float = 2.5) -> n
     Unlike an opening, thin parts of the liver itself (its edges, the tip of a lobe) stay, since the
     liver's own core is nearest to them.
     """
-    largest = largest_component(mask)
-    body = _without_necks(largest, neck_voxels)
-    return body | split_parts(mask & ~largest, body, spacing_mm)
+    labels, sizes = components(mask)
+    if len(sizes) <= 1:  # an empty mask
+        return mask.astype(bool)
+    body = _without_necks(labels == int(sizes.argmax()), neck_voxels)
+    return body | split_parts(labels, sizes, body, spacing_mm)
 
 
 def _without_necks(mask: np.ndarray, neck_voxels: int) -> np.ndarray:
@@ -448,11 +454,11 @@ class LiverSegmenter:
         grid = Grid.covering(corners.min(axis=0), corners.max(axis=0), self.model.stage("coarse")["spacing_mm"])
         volume = sitk.GetArrayFromImage(resample_to_grid(image, grid, pixel_type=sitk.sitkFloat32))
         prob = self.predict("coarse", volume)
-        above = prob > 0.5
-        liver = largest_component(above)
-        liver |= split_parts(above & ~liver, liver, min(grid.spacing))
-        if not liver.any():
+        labels, sizes = components(prob > 0.5)
+        if len(sizes) <= 1:
             return None, None
+        liver = labels == int(sizes.argmax())
+        liver |= split_parts(labels, sizes, liver, min(grid.spacing))
         side = side_warning(volume, liver, grid.spacing[0], source)
         zyx = np.argwhere(liver)
         lo = grid.index_to_physical(zyx.min(axis=0)[::-1])
