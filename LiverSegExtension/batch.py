@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Protocol
 
 from LiverSegExtension import io
-from LiverSegExtension.errors import LiverSegError, OutputExistsError
+from LiverSegExtension.errors import LiverSegError, UsageError
+from LiverSegExtension.io import records
 
 LOG = logging.getLogger("liverseg")
 
@@ -34,10 +35,24 @@ class Door(Protocol):
         """Tell the user how a case ended."""
 
 
-def summary_path(out_dir: Path, shard: tuple[int, int]) -> Path:
-    """``summary.csv``, or ``summary_shardIofN.csv`` for one of several shards (tasks never share a file)."""
-    i, n = shard
-    return Path(out_dir) / ("summary.csv" if n == 1 else f"summary_shard{i}of{n}.csv")
+def check_options(out_dir: Path, overwrite: bool, skip_existing: bool, shard: str | None) -> tuple[int, int]:
+    """The options every batch door shares, checked before any work: the output folder (a folder that can be
+    written, not a mask file's name), ``--overwrite`` against ``--skip-existing``, ``--shard I/N``. Returns the
+    shard; a UsageError says what is wrong."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a folder")
+    if not out_dir.exists() and out_dir.name.lower().endswith(io.VOLUME_SUFFIXES):  # .seg.nrrd ends in .nrrd
+        # `-o liver.nii.gz` would make a folder of that name: say what -o is instead.
+        raise UsageError(f"{out_dir}: --output-dir names a folder, not a mask file; each mask is written "
+                         f"into it as <input name>_liver.<format>")
+    if overwrite and skip_existing:
+        raise UsageError("--overwrite and --skip-existing contradict each other; give one")
+    try:
+        io.check_writable_folder(out_dir)
+        return io.parse_shard(shard)
+    except (LiverSegError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run_batch(inputs: Sequence[str | Path], out_dir: Path, door: Door, shard: tuple[int, int] = (1, 1),
@@ -45,56 +60,94 @@ def run_batch(inputs: Sequence[str | Path], out_dir: Path, door: Door, shard: tu
               notes: list[str] | None = None) -> tuple[int, list[dict], Path]:
     """Segment every case of ``inputs`` into ``out_dir``: (exit code, rows, summary path).
 
-    An existing output is decided on before any work: complete ones are kept (``skipped``, with a note unless
-    ``skip_existing``), an incomplete or unreadable one fails its case, ``overwrite`` replaces them. One case's
-    failure is its row's, never the batch's: the others still run; the exit code is 1 if any case failed.
-    Each row is merged into the summary as soon as its case ends. ``notes`` gets what the search found (a
-    case given twice).
+    Names come from the whole input list before it is split into shards, so every shard and every run gives
+    a case the same name (:func:`io.output_names`). An existing output is decided on before any work, and
+    only for its own input (its record, :mod:`LiverSegExtension.io.records`, names the input's content):
+    complete ones are kept (``skipped``, with a note unless ``skip_existing``), an incomplete or unreadable
+    one fails its case, ``overwrite`` replaces them; another input's outputs fail the case, even with
+    ``overwrite``. One case's failure is its row's, never the batch's: the others still run; the exit code
+    is 1 if any case failed. Each row is merged into the summary as soon as its case ends. ``notes`` gets
+    what the search found (a case given twice).
     """
     out_dir = Path(out_dir)
-    io.clean_stale_temporaries(out_dir)  # what a killed run left
     cases = io.expand_inputs(list(inputs), out_dir, notes)
+    named = dict(zip((id(c) for c in cases), io.output_names(cases)))
     if shard[1] > 1:
         cases = io.shard(cases, *shard)
-    summary = summary_path(out_dir, shard)
-    names = io.output_names(cases)
+    names = [named[id(c)] for c in cases]
+    for folder in {out_dir, *(io.mask_path(out_dir, name, "nii.gz").parent for name in names)}:
+        io.clean_stale_temporaries(folder)  # what a killed run left
+    summary = io.summary_path(out_dir, shard)
     planned = [(case, door.wanted(case, name)) for case, name in zip(cases, names)]
     door.prepare(planned)
     rows: list[dict] = []
     for index, ((case, wanted), name) in enumerate(zip(planned, names), 1):
         row = io.summary_row(case.label, str(wanted[0]))
+        row["input_path"] = records.input_key(case)
         start = time.perf_counter()
         written: list[Path] = []
-        note = ""
         try:
-            existing = [] if overwrite else [w for w in wanted if w.exists()]
-            for path in existing:
-                if not io.complete_output(path):
-                    raise LiverSegError(f"{path}: exists but is incomplete or unreadable; --overwrite replaces it")
-            if existing and not skip_existing:
-                note = f"{', '.join(map(str, existing))}: exists, kept (--overwrite replaces it)"
-            if len(existing) == len(wanted):
-                row["status"] = "skipped"
-            else:
-                note = "; ".join(n for n in (note, door.segment(case, name, existing, row, written)) if n)
-        except OutputExistsError as exc:  # a concurrent run wrote it meanwhile: done if complete
-            if all(io.complete_output(w) for w in wanted if w.exists()):
-                row.update(status="skipped", liver_ml="", warning="")
-                note = "written meanwhile by another run, kept"
-            else:
-                row.update(status="failed", output="", error=str(exc))
+            note = _run_case(case, name, wanted, out_dir, door, row, written, overwrite, skip_existing)
         except LiverSegError as exc:
             LOG.debug("%s failed", case.label, exc_info=True)  # the traceback, with --debug
             row.update(status="failed", output="", error=str(exc))
+            note = ""
         except Exception as exc:  # one bad case must not stop the others
             LOG.debug("%s failed", case.label, exc_info=True)
             row.update(status="failed", output="", error=f"{case.label}: unexpected error: {exc}")
-        if row["status"] == "failed":  # a failed case leaves no output of its own behind
-            for path in written:
-                path.unlink(missing_ok=True)
+            note = ""
         row["seconds"] = f"{time.perf_counter() - start:.2f}"
         rows.append(row)
         out_dir.mkdir(parents=True, exist_ok=True)
         io.write_summary(summary, [row])
         door.report(index, len(planned), case, row, note)
     return (1 if any(r["status"] == "failed" for r in rows) else 0), rows, summary
+
+
+def _run_case(case: io.InputCase, name: str, wanted: list[Path], out_dir: Path, door: Door, row: dict,
+              written: list[Path], overwrite: bool, skip_existing: bool) -> str:
+    """One case: its outputs kept, written or replaced together, for this input only. Returns the note."""
+    record_path = records.record_path(out_dir, name)
+    ident = records.identity(case)
+    record = records.read_record(record_path)
+    if reason := records.foreign(record, ident, wanted, overwrite):
+        raise LiverSegError(reason)
+    existing = [] if overwrite else [w for w in wanted if w.exists()]
+    if existing and record is None:
+        raise LiverSegError(f"{existing[0]}: exists, but no record ({record_path.name}) says which input it was made "
+                            f"from, so it is not taken for {case.label}'s; --overwrite replaces it")
+    for path in existing:
+        if not io.complete_output(path):
+            raise LiverSegError(f"{path}: exists but is incomplete or unreadable; --overwrite replaces it")
+    note = "" if not existing or skip_existing else f"{', '.join(map(str, existing))}: exists, kept (--overwrite replaces it)"
+    if existing and len(existing) == len(wanted):
+        row.update({k: v for k, v in (record or {}).get("row", {}).items() if k in records.ROW_FIELDS and k != "status"})
+        row["status"] = "skipped"
+        return note
+    taken, found = records.claim(record_path, ident, wanted, overwrite)
+    if not taken:
+        if reason := records.foreign(found, ident, wanted, overwrite):
+            raise LiverSegError(reason)
+        row.update(status="skipped", liver_ml="", warning="")
+        return "being written meanwhile by another run of the same input; left to it"
+    try:
+        note = "; ".join(n for n in (note, door.segment(case, name, existing, row, written)) if n)
+    except BaseException:  # Ctrl-C too
+        _undo(record_path, found, written)
+        raise
+    outputs = [w for w in wanted if w.exists() and (w in written or w in existing)]
+    for stale in records.recorded_outputs(record_path, found):  # an earlier run's output this run does not make
+        if stale not in wanted:
+            stale.unlink(missing_ok=True)
+    records.complete(record_path, ident, outputs, row)
+    return note
+
+
+def _undo(record_path: Path, found: dict | None, written: list[Path]) -> None:
+    """A failed case leaves no output of its own behind, and its record as it was before."""
+    for path in written:
+        path.unlink(missing_ok=True)
+    if found is None:
+        record_path.unlink(missing_ok=True)
+    else:
+        records.write_record(record_path, found)

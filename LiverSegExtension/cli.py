@@ -13,20 +13,64 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from LiverSegExtension import __version__
-from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.errors import LiverSegError, UsageError
 from LiverSegExtension.io import OUTPUT_FORMATS, result_status
-from LiverSegExtension.model.catalog import FINE_TUNE_EMA, FINE_TUNE_ITERATIONS, FINE_TUNE_LR
+from LiverSegExtension.model.catalog import (
+    FINE_TUNE_EMA,
+    FINE_TUNE_ITERATIONS,
+    FINE_TUNE_LR,
+    TRAIN_EMA,
+    TRAIN_ITERATIONS,
+    TRAIN_VAL_EVERY,
+)
 
 log = logging.getLogger("liverseg")
 
 
-class UsageError(LiverSegError):
-    """Wrong options or environment (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the closest option suggested for a misspelt one (``--skip-exisiting``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        import difflib
+
+        if "unrecognized arguments:" in message:
+            options = sorted(_option_strings(self))
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("--") and (close := difflib.get_close_matches(word.split("=")[0], options, n=1)):
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        super().error(message)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    found: set[str] = set()
+    for action in parser._actions:
+        found.update(o for o in action.option_strings if o.startswith("--"))
+        for sub in getattr(action, "choices", None) or {}:
+            if isinstance(action.choices, dict) and isinstance(action.choices[sub], argparse.ArgumentParser):
+                found |= _option_strings(action.choices[sub])
+    return found
+
+
+class _Version(argparse.Action):
+    """``--version``: the package's version and the bundled model's, read only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show the package's and "
+                         "the bundled model's versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        from LiverSegExtension.model.catalog import bundled_model_name
+
+        print(f"liverseg {__version__}, bundled model {bundled_model_name()}")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="liverseg", description="Liver segmentation in abdominal CT.")
-    p.add_argument("--version", action="version", version=f"liverseg {__version__}")
+    p = _Parser(prog="liverseg", description="Liver segmentation in abdominal CT.")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("segment", help="segment the liver in CT volumes or DICOM folders",
@@ -66,9 +110,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --init: the parent's training data to replay (auto: the datasets its card names, "
                         "at their recorded path or by name in $LIVERSEG_DATA_DIR, ~/.liverseg/data, ../shared/data)")
     t.add_argument("--iterations", type=int,
-                   help=f"fine-stage iterations (coarse stage: half); default {FINE_TUNE_ITERATIONS} with --init, else 2000")
+                   help=f"fine-stage iterations (coarse stage: half); default {FINE_TUNE_ITERATIONS} with --init, else "
+                        f"{TRAIN_ITERATIONS}")
     t.add_argument("--max-minutes", type=float, help="wall-clock budget for the whole run")
-    t.add_argument("--val-every", type=int, default=250, help="without --init: validate every N iterations")
+    t.add_argument("--val-every", type=int, default=TRAIN_VAL_EVERY,
+                   help=f"without --init: validate every N iterations (default {TRAIN_VAL_EVERY})")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--oversample", action="append", default=[], metavar="CASE=K",
                    help="draw a training case K times as often (repeat for several cases)")
@@ -76,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "(default: fine with --init, else coarse,fine)")
     t.add_argument("--ema", type=float,
                    help=f"decay of the moving average of the weights that is validated and saved (0: off; default "
-                        f"{FINE_TUNE_EMA} with --init, else 0.998)")
+                        f"{FINE_TUNE_EMA} with --init, else {TRAIN_EMA})")
     t.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3; with --init the recipe's "
                                             f"{FINE_TUNE_LR}, rising over the first tenth of the iterations)")
     t.add_argument("--name", help="model name (default: the parent's when fine-tuning, else liverseg)")
@@ -111,12 +157,19 @@ def _parser() -> argparse.ArgumentParser:
     mm.add_argument("folder", type=Path, metavar="OUT", help="the --output-dir of the shards")
     mm.add_argument("--debug", action="store_true")
 
+    from LiverSegExtension.review.status import add_parser as add_review_parser
+
+    add_review_parser(sub)  # liverseg review status OUT
+
     d = sub.add_parser("dataset", help="build and check MSD-layout training datasets")
     dsub = d.add_subparsers(dest="dataset_command", required=True)
     da = dsub.add_parser("add", help="add a CT and its liver mask as a new case")
     da.add_argument("--dataset", required=True, type=Path)
     da.add_argument("--image", required=True, type=Path)
-    da.add_argument("--label", required=True, type=Path)
+    da.add_argument("--label", required=True, type=Path,
+                    help="the liver label: a volume holding 0 and one value, or a DICOM SEG of the CT")
+    da.add_argument("--liver-values", metavar="V[,V...]",
+                    help="the values that are liver in a label of several structures (1,2: liver and tumour)")
     da.add_argument("--annotator", default="")
     da.add_argument("--debug", action="store_true")
     dc = dsub.add_parser("check", help="check that every case is readable, on one grid and binary")
@@ -153,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.command == "summary":
             return cmd_summary(args)
+        if args.command == "review":
+            from LiverSegExtension.review.status import cmd_review
+
+            return cmd_review(args)
         if args.command == "view":
             from LiverSegExtension.view import render
 
@@ -225,9 +282,12 @@ class _SegmentDoor:
         self.show = not args.quiet and sys.stderr.isatty()
 
     def wanted(self, case, name: str) -> list[Path]:
+        """The mask, and the probability map with --probabilities: one set, written or kept together."""
         from LiverSegExtension import io
 
-        return [io.mask_path(self.args.output_dir, name, self.args.format)]
+        args = self.args
+        return [io.mask_path(args.output_dir, name, args.format)] + (
+            [io.probability_path(args.output_dir, name, args.format)] if args.probabilities else [])
 
     def prepare(self, planned) -> None:
         args = self.args
@@ -246,7 +306,9 @@ class _SegmentDoor:
     def segment(self, case, name: str, existing: list[Path], row: dict, written: list[Path]) -> str:
         from LiverSegExtension import io
 
-        args, segmenter, (target,) = self.args, self.segmenter, self.wanted(case, name)
+        args, segmenter, target = self.args, self.segmenter, self.wanted(case, name)[0]
+        # Outputs of the set that exist are this input's (its record says so): replaced with the others.
+        replace = args.overwrite or bool(existing)
         assert segmenter is not None
         bar = _Progress(case.stem, self.show)
         try:
@@ -261,17 +323,17 @@ class _SegmentDoor:
         notes: list[str] = []
         if args.probabilities:  # uint8 255 x p: written as a mask is
             probability = io.probability_path(args.output_dir, name, args.format)
-            io.write_mask(result.probability, image, probability, overwrite=args.overwrite, header_source=source)
+            io.write_mask(result.probability, image, probability, overwrite=replace, header_source=source)
             written.append(probability)
         if args.format != "dicom-seg":
-            io.write_mask(result.mask, image, target, overwrite=args.overwrite, header_source=source)
+            io.write_mask(result.mask, image, target, overwrite=replace, header_source=source)
             written.append(target)
         elif result.liver_ml > 0:
             from LiverSegExtension.io.dicom_seg import write_dicom_seg
 
             card = segmenter.model.card
             notes = write_dicom_seg(result.mask, case.files, target, str(card.get("name", "liverseg")),
-                                    str(card.get("version", "")), overwrite=args.overwrite)
+                                    str(card.get("version", "")), overwrite=replace)
             written.append(target)
         else:  # no SEG without a segment frame; the warning says no liver was found
             row["output"] = ""
@@ -294,22 +356,10 @@ class _SegmentDoor:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from LiverSegExtension import io
-    from LiverSegExtension.batch import run_batch
+    from LiverSegExtension.batch import check_options, run_batch
 
     out_dir: Path = args.output_dir
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir}: exists and is not a folder")
-    if not out_dir.exists() and out_dir.name.lower().endswith(io.VOLUME_SUFFIXES):  # .seg.nrrd ends in .nrrd
-        # `-o liver.nii.gz` would make a folder of that name: say what -o is instead.
-        raise UsageError(f"{out_dir}: --output-dir names a folder, not a mask file; each mask is written "
-                         f"into it as <input name>_liver.<format>")
-    if args.overwrite and args.skip_existing:
-        raise UsageError("--overwrite and --skip-existing contradict each other; give one")
-    try:
-        io.check_writable_folder(out_dir)
-        shard = io.parse_shard(args.shard)
-    except (LiverSegError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+    shard = check_options(out_dir, args.overwrite, args.skip_existing, args.shard)
     notes: list[str] = []
     code, rows, summary = run_batch(args.inputs, out_dir, _SegmentDoor(args, notes), shard, args.overwrite,
                                     args.skip_existing, notes)
@@ -318,11 +368,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return code
 
 
+def needs_torch_extra(command: str) -> None:
+    """The commands that train run on PyTorch and MONAI (the torch extra): one line when they are missing."""
+    from LiverSegExtension.model.runtimes import TORCH_HINT, installed
+
+    missing = [m for m in ("torch", "monai", "safetensors") if not installed(m)]
+    if missing:
+        raise LiverSegError(f"liverseg {command} needs {', '.join(missing)}, not installed here: {TORCH_HINT}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from LiverSegExtension.model.catalog import STAGES
 
+    needs_torch_extra("train")
+
     tuning = args.init is not None
-    iterations = args.iterations if args.iterations is not None else (FINE_TUNE_ITERATIONS if tuning else 2000)
+    iterations = args.iterations if args.iterations is not None else (FINE_TUNE_ITERATIONS if tuning else TRAIN_ITERATIONS)
     if iterations < 1:
         raise UsageError("--iterations must be at least 1")
     if args.holdout is not None and (args.holdout < 0 or args.val or not tuning):
@@ -357,7 +418,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from LiverSegExtension.training.loop import TrainConfig, train
 
         train(TrainConfig(data=args.data, output=args.output, iterations=iterations, val_every=args.val_every,
-                          ema=0.998 if args.ema is None else args.ema, lr=args.lr,
+                          ema=TRAIN_EMA if args.ema is None else args.ema, lr=args.lr,
                           stages=[s for s in STAGES if s in stages], **common), progress=progress)
         return 0
     from LiverSegExtension.training.finetune import recipe
@@ -415,7 +476,12 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     from LiverSegExtension.data.corrections import add_case, check_dataset, dataset_entries
 
     if args.dataset_command == "add":
-        name = add_case(args.dataset, args.image, args.label, provenance={"annotator": args.annotator or None})
+        try:
+            values = tuple(int(v) for v in args.liver_values.split(",")) if args.liver_values else None
+        except ValueError:
+            raise UsageError(f"--liver-values takes whole numbers separated by commas, got {args.liver_values!r}") from None
+        name = add_case(args.dataset, args.image, args.label, provenance={"annotator": args.annotator or None},
+                        liver_values=values)
         print(f"added {name} to {args.dataset}")
         return 0
     problems = check_dataset(args.dataset)

@@ -5,6 +5,11 @@ class LiverSegError(Exception):
     """A user-facing error: the message names the file or setting and the reason, no traceback needed."""
 
 
+class UsageError(LiverSegError):
+    """Wrong options, or what makes a whole run wrong before any case (a model that cannot be loaded): every
+    door exits 2 for it."""
+
+
 class CancelledError(LiverSegError):
     """Raised when the caller's cancel callback asks the run to stop."""
 

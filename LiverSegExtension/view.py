@@ -30,6 +30,9 @@ def _panels(ct: sitk.Image, mask: sitk.Image) -> list[tuple[str, np.ndarray, np.
                                               sitk.sitkFloat32))
     liver = sitk.GetArrayFromImage(sitk.Resample(mask, grid.reference(), sitk.Transform(), sitk.sitkNearestNeighbor,
                                                  0, sitk.sitkUInt8)) > 0
+    if not liver.any():  # an empty overlay would look like "no liver found"
+        raise LiverSegError("none of the mask lies inside the CT: another patient's mask, or one on another grid far "
+                            "from this CT's? Nothing drawn")
     body = hu > -500
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(body)) if body.any() else (slice(None),) * 3
     hu, liver = hu[box], liver[box]  # [z, y, x]: z up (S), y to the back (P), x to the patient's left (L)
@@ -57,7 +60,11 @@ def render(ct_path: str | Path, mask_path: str | Path, out: str | Path, height: 
     if not np.any(sitk.GetArrayViewFromImage(mask)):
         raise LiverSegError(f"{mask_path}: the mask is empty: nothing to show")
     tiles = []
-    for label, hu, liver in _panels(ct, mask):
+    try:
+        panels = _panels(ct, mask)
+    except LiverSegError as exc:
+        raise LiverSegError(f"{mask_path}: {exc}") from None
+    for label, hu, liver in panels:
         width = max(1, round(hu.shape[1] * height / hu.shape[0]))
         gray = np.clip((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1) * 255
         tile = np.array(Image.fromarray(gray.astype(np.uint8)).resize((width, height), Image.BILINEAR).convert("RGB"))

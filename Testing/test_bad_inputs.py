@@ -148,7 +148,7 @@ def test_the_same_file_named_twice_is_segmented_once(tmp_path, tiny_model_dir):
     r = cli("segment", tmp_path / "ct.nii.gz", tmp_path / "ct.nii.gz", tmp_path / "link.nii.gz", "-o", tmp_path / "out",
             "--model", tiny_model_dir)
     assert r.returncode == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ct_liver.nii.gz", "summary.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ct_liver.json", "ct_liver.nii.gz", "summary.csv"]
     assert len(rows_of(tmp_path / "out" / "summary.csv")) == 1
     assert r.stderr.count("the same input as") == 2 and "segmented once" in r.stderr
 

@@ -152,7 +152,8 @@ def test_bad_inputs_fail_alone_with_one_clear_line(ct_case, tiny_model_dir, tmp_
     rows = {Path(row["input"]).name: row for row in summary(out)}
     assert rows["whole.nii.gz"]["status"] in ("ok", "empty")
     expected_reason = {
-        "missing": "no such file", "not_an_image": "", "truncated": "truncated", "cut": "truncated", "cut_nrrd": "",
+        "missing": "no such file", "not_an_image": "Not a gzipped file", "truncated": "truncated", "cut": "truncated",
+        "cut_nrrd": "truncated",
         "2d": "2D", "4d": "4D",
         "empty_folder": "no volume file or DICOM image series", "not_ct_intensity": "cannot be CT",
         "absurd_spacing": "absurd voxel spacing",
@@ -165,7 +166,7 @@ def test_bad_inputs_fail_alone_with_one_clear_line(ct_case, tiny_model_dir, tmp_
         assert "\n" not in row["error"] and len(row["error"]) < 300, (kind, row["error"])
         assert f"liverseg: error: {row['error']}" in r.stderr
     # Only the good case produced a file (plus the summary): nothing half-written.
-    assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "whole_liver.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "whole_liver.json", "whole_liver.nii.gz"]
 
 
 def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
@@ -183,8 +184,8 @@ def test_existing_output_is_never_overwritten_without_flag(ct_case, tiny_model_d
     existing = out / "case_liver.nii.gz"
     existing.write_bytes(b"precious")
     r = run_cli("segment", src, "-o", out, "--model", tiny_model_dir, "-q")
-    # not a mask LiverSeg could have written: not skipped as done, not replaced either
-    assert r.returncode == 1 and "exists but is incomplete or unreadable" in r.stderr and "--overwrite" in r.stderr
+    # nothing says it was made from this input: not skipped as done, not replaced either
+    assert r.returncode == 1 and "no record" in r.stderr and "--overwrite" in r.stderr
     assert existing.read_bytes() == b"precious"
     r = run_cli("segment", src, "-o", out, "--model", tiny_model_dir, "-q", "--overwrite")
     assert r.returncode == 0, r.stderr
@@ -233,5 +234,5 @@ def test_dicom_folder_with_two_series_gives_two_cases(ct_case, tiny_model_dir, t
     assert len(rows) == 2
     assert {sitk.ReadImage(r["output"]).GetSize()[2] for r in rows} == {30, 20}
     assert list(rows[0]) == ["input", "output", "status", "liver_ml", "uncertainty", "seconds", "error", "warning",
-                             "runtime"]
+                             "runtime", "input_path"]
     assert all(float(r["seconds"]) > 0 for r in rows)

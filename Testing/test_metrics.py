@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from LiverSegExtension.data.metrics import case_metrics, dice, surface_metrics
+from LiverSegExtension.data.metrics import case_metrics, dice, surface_dice, surface_metrics
 
 
 def cube(shape, lo, hi):
@@ -34,6 +34,38 @@ def test_shifted_cube_distances_are_in_mm():
     assert 0 < msd < 6.0
     same_hd, same_msd = surface_metrics(ref, ref, (3.0, 1.0, 1.0))
     assert same_hd == 0.0 and same_msd == 0.0
+
+
+def test_surface_dice_of_shifted_cube():
+    """A 15^3 cube shifted by one 3 mm voxel along z (1 mm in-plane): NSD@2mm counts out, on each mask, the
+    face that moved away (3 mm from the other surface) and the part of the other face, now inside the other
+    cube, that lies more than 2 mm in-plane from its walls; at 3 mm every surface voxel is in."""
+    ref = cube((30, 30, 30), (5, 5, 5), (20, 20, 20))
+    pred = cube((30, 30, 30), (6, 5, 5), (21, 20, 20))
+    spacing = (3.0, 1.0, 1.0)
+    # Surface voxels of a 15^3 cube: 15^3 - 13^3 = 1178; a z face is 15 x 15 = 225 of them, and the voxels of
+    # a face more than 2 mm from its rim are 9 x 9 = 81 (the walls, 0 mm apart, are all in).
+    out = 2 * (225 + 81)
+    assert surface_dice(pred, ref, spacing) == pytest.approx(1 - out / (2 * 1178))
+    assert surface_dice(pred, ref, spacing, tolerance_mm=3.0) == 1.0
+    assert surface_dice(ref, ref, spacing) == 1.0
+    assert case_metrics(pred, ref, spacing)["nsd_2mm"] == pytest.approx(surface_dice(pred, ref, spacing))
+
+
+def test_surface_dice_in_mm_not_voxels():
+    """The same one-voxel shift along an axis of 1.5 mm voxels stays within 2 mm: NSD 1.0; Dice is not 1."""
+    ref = cube((30, 30, 30), (5, 5, 5), (20, 20, 20))
+    pred = cube((30, 30, 30), (6, 5, 5), (21, 20, 20))
+    assert surface_dice(pred, ref, (1.5, 1.0, 1.0)) == 1.0
+    assert dice(pred, ref) < 1.0
+
+
+def test_surface_dice_empty_masks():
+    ref = cube((10, 10, 10), (2, 2, 2), (8, 8, 8))
+    empty = np.zeros_like(ref)
+    assert surface_dice(empty, empty, (1.0, 1.0, 1.0)) == 1.0
+    assert surface_dice(empty, ref, (1.0, 1.0, 1.0)) == 0.0
+    assert case_metrics(ref, empty, (1.0, 1.0, 1.0))["nsd_2mm"] == 0.0
 
 
 def test_volume_error_and_empty_cases():
@@ -64,4 +96,4 @@ def test_evaluate_folders_report(tmp_path):
     assert rows[0]["dice"] == 1.0 and rows[1]["note"] == "empty prediction"
     md = write_report(rows, tmp_path / "report.csv")
     assert "| a | 1.000 |" in md and (tmp_path / "report.md").is_file()
-    assert (tmp_path / "report.csv").read_text().splitlines()[0].startswith("case,dice,hd95_mm")
+    assert (tmp_path / "report.csv").read_text().splitlines()[0].startswith("case,dice,nsd_2mm,hd95_mm")

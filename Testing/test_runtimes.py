@@ -4,6 +4,7 @@ runtime is chosen as documented; ONNX files are checked and loaded as data."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -103,16 +104,31 @@ def test_runtime_choice(monkeypatch):
         runtimes.choose("cpu")
 
 
-def test_a_cpu_build_of_torch_is_not_imported_to_look_for_a_gpu():
+@pytest.mark.parametrize("build, expected", [("None", ["False", "['cpu']", "False"]),
+                                             ("'12.1'", ["True", "['cpu']", "True"])])
+def test_the_gpu_probe_imports_torch_only_for_a_build_that_can_reach_one(tmp_path, build, expected):
+    """A torch laid out by the test (whatever build this machine has): a CPU build is not imported to look for a
+    GPU; a CUDA build is (and, with no GPU here, gives the CPU alone)."""
+    import platform
     import subprocess
     import sys
 
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        pytest.skip("on Apple silicon every torch build may reach a GPU (MPS)")
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "version.py").write_text(f"__version__ = '2.13.0'\ncuda = {build}\nhip = None\n")
+    (fake / "__init__.py").write_text("class cuda:\n    is_available = staticmethod(lambda: False)\n"
+                                      "    device_count = staticmethod(lambda: 0)\n"
+                                      "class backends:\n    mps = None\n")
     code = ("import sys; from LiverSegExtension.model.runtimes import available_devices, torch_may_reach_gpu; "
-            "print(torch_may_reach_gpu(), available_devices(), 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(__import__("conftest").ROOT)).stdout.split()
-    assert torch.version.cuda is None  # the test machines' torch is a CPU build
-    assert out == ["False", "['cpu']", "False"]
+            "print(torch_may_reach_gpu(), available_devices(), 'torch' in sys.modules, sys.modules.get('torch'))")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{__import__('conftest').ROOT}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=str(tmp_path)).stdout.split(maxsplit=3)
+    assert out[:3] == expected
+    if expected[2] == "True":
+        assert str(fake) in out[3]  # the torch laid out here, not the machine's
 
 
 def _oblique_cases():

@@ -1,12 +1,17 @@
 """The Slicer module's logic on slicer-core's real MRML: volumes read by Slicer's own readers,
-the Liver segment checked for terminology, color, reference geometry and voxel placement in RAS."""
+the Liver segment checked for terminology, color, reference geometry and voxel placement in RAS; and the
+batch script run inside (the stand-in of) Slicer, as ``Slicer --python-script`` runs it."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import requires_bundled_model, requires_shared
+from conftest import ROOT, requires_bundled_model, requires_shared
 from synthetic import make_affine, phantom, ras_grid, rotation
 
 from LiverSegExtension.data.metrics import dice
@@ -162,7 +167,7 @@ def test_cancel_and_errors_leave_the_scene_unchanged(tmp_path, scene, logic):
 
 
 @requires_bundled_model
-def test_self_test_runs(scene):
+def test_self_test_runs(scene, slicer_launcher):
     """LiverSegTest, as Slicer's self-test runs it, with the bundled model (real CT when available)."""
     from LiverSeg import LiverSegTest
 
@@ -182,6 +187,21 @@ def test_real_dicom_and_nifti_through_slicer_readers(scene):
     ref_node = slicer.util.loadVolume(str(SHARED / "liver-train" / "labelsTr" / "ts_a.nii.gz"), {"labelmap": True})
     ref = slicer.util.arrayFromVolume(ref_node) > 0
     assert dice(segment_mask(run.segmentation_node, run.segment_id, volume), ref) > 0.85
+
+
+def test_in_slicer_s_process_the_logic_runs_onnx_runtime_only(tiny_model_dir, monkeypatch):
+    """``process()`` runs in Slicer's process: ONNX Runtime on the CPU even where a torch that reaches a GPU is
+    installed (device "auto"); a GPU device is refused, saying where it runs."""
+    from LiverSeg import LiverSegLogic
+
+    from LiverSegExtension.model import runtimes
+
+    monkeypatch.setattr(runtimes, "torch_may_reach_gpu", lambda: True)
+    monkeypatch.setattr(runtimes, "available_devices", lambda: ["cuda:0", "cpu"])
+    logic = LiverSegLogic()
+    assert logic.segmenter(tiny_model_dir, "auto").runs_on.startswith("onnxruntime ")
+    with pytest.raises(LiverSegError, match="device 'cuda' runs in the LiverSeg engine process"):
+        logic.segmenter(tiny_model_dir, "cuda")
 
 
 def test_model_card_for_display(tmp_path, tiny_model_dir):
@@ -256,3 +276,124 @@ def test_uncertain_regions_are_shown_jumped_to_and_never_exported(tmp_path, scen
     assert int(label.sum()) == int(liver.sum())  # the export holds the Liver segment, not the band
     assert logic.showUncertainRegions(segmentation, volume, False)
     assert not segmentation.GetSegmentation().GetSegmentIdBySegmentName(UNCERTAIN_SEGMENT)
+
+
+# -- the batch inside Slicer (``Slicer --no-main-window --python-script LiverSegBatch.py -- ...``) ------------
+STAND_IN_SLICER = ROOT / "Testing" / "StandIns" / "slicer_app.py"
+BATCH = ROOT / "LiverSegModule" / "Scripts" / "LiverSegBatch.py"
+
+BROKEN_IMPORT = r"""
+import importlib.abc, importlib.util, os, sys
+NAME, _, ERROR = os.environ["LIVERSEG_BROKEN"].partition("=")
+KIND, _, MESSAGE = ERROR.partition(": ")
+
+
+class Broken(importlib.abc.Loader):  # found, but fails when loaded: a broken install
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise {"ImportError": ImportError, "OSError": OSError}[KIND](MESSAGE)
+
+
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        return importlib.util.spec_from_loader(fullname, Broken()) if fullname == NAME else None
+
+
+sys.meta_path.insert(0, Finder())
+"""
+
+FAKE_TORCH = r"""
+import os
+with open(os.environ["LIVERSEG_TORCH_IMPORTS"], "a") as log:  # who imported torch
+    log.write(f"{os.getpid()}\n")
+__version__ = "2.5.1+cu121"
+
+
+class cuda:  # a CUDA build on a machine whose GPU is not there
+    @staticmethod
+    def is_available():
+        return False
+
+    @staticmethod
+    def device_count():
+        return 0
+
+
+class backends:
+    pass
+"""
+
+
+def run_in_slicer(tmp_path, script, *args, pythonpath=(), **env):
+    """The stand-in Slicer running ``script`` with ``--python-script``: it does not quit when the script ends."""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath)), **env}
+    proc = subprocess.Popen([sys.executable, str(STAND_IN_SLICER), "--no-main-window", "--python-script", str(script),
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=environment, cwd=tmp_path)
+    stdout, stderr = proc.communicate(timeout=600)
+    return proc.pid, proc.returncode, stdout, stderr
+
+
+def small_ct(tmp_path):
+    m = make_affine((4.0, 4.5, 6.0), (30, 48, 56))
+    ct, _ = phantom((30, 48, 56), m)
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image_from_array(ct, m), str(path))
+    return path
+
+
+def test_the_batch_in_slicer_ends_slicer_on_every_way_out(tmp_path, tiny_model_dir):
+    """``Slicer --python-script`` keeps running after the script: the stand-in says so (exit STILL_RUNNING)
+    where the real one would wait for ever. The batch ends Slicer on every way out: a broken import (before
+    anything runs), an unexpected error (an ONNX Runtime that cannot load) with its traceback and exit 3,
+    a usage error with exit 2."""
+    import slicer_app
+
+    idle = tmp_path / "idle.py"
+    idle.write_text("print('the script ran')\n")
+    _, code, stdout, stderr = run_in_slicer(tmp_path, idle)
+    assert code == slicer_app.STILL_RUNNING and "the script ran" in stdout, stderr
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "sitecustomize.py").write_text(BROKEN_IMPORT)
+    ct, out = small_ct(tmp_path), tmp_path / "out"
+    for broken, error in (("LiverSegExtension.batch", "ImportError: cannot import run_batch"),
+                          ("onnxruntime", "OSError: libonnxruntime.so.1: cannot open shared object file")):
+        _, code, stdout, stderr = run_in_slicer(tmp_path, BATCH, "--", "--input", ct, "--output-dir", out, "--model",
+                                                tiny_model_dir, "--device", "cpu", pythonpath=[tmp_path / "broken"],
+                                                LIVERSEG_BROKEN=f"{broken}={error}")
+        assert code == 3, (broken, code, stderr[-2000:])
+        assert "Traceback" in stderr and error in stderr and "LiverSegBatch: unexpected error" in stderr
+    _, code, _, stderr = run_in_slicer(tmp_path, BATCH, "--", "--input", ct)  # no --output-dir
+    assert code == 2 and "the following arguments are required: --output-dir" in stderr, stderr[-2000:]
+
+
+def test_the_batch_in_slicer_never_imports_torch_and_logs_at_the_level_asked(tmp_path, tiny_model_dir,
+                                                                           slicer_launcher):
+    """Where a torch that can reach a GPU is installed, ``--device auto`` sends the cases through the engine
+    process: Slicer's own process never imports torch. slicerqt's root handler logs everything (DEBUG), so
+    the batch sets the level itself: its notes show with --debug only."""
+    ct = small_ct(tmp_path)
+    imports = tmp_path / "torch-imports.txt"
+    for build, cuda in (("gpu-torch", "'12.1'"), ("cpu-torch", "None")):
+        (tmp_path / build / "torch").mkdir(parents=True)
+        (tmp_path / build / "torch" / "__init__.py").write_text(FAKE_TORCH)
+        (tmp_path / build / "torch" / "version.py").write_text(f"__version__ = '2.5.1'\ncuda = {cuda}\n")
+    note = "LiverSegBatch: the networks run in"
+    pid, code, stdout, stderr = run_in_slicer(
+        tmp_path, BATCH, "--", "--input", ct, "--output-dir", tmp_path / "gpu", "--model", tiny_model_dir, "--debug",
+        pythonpath=[tmp_path / "gpu-torch"], LIVERSEG_TORCH_IMPORTS=str(imports))
+    assert code == 0, stdout + stderr[-3000:]
+    importers = {int(line) for line in imports.read_text().split()} if imports.exists() else set()
+    assert importers and pid not in importers  # the engine process imported torch, Slicer's did not
+    assert f"{note} the LiverSeg engine process (device auto)" in stderr
+    assert len(list((tmp_path / "gpu").rglob("*_liver.seg.nrrd"))) == 1
+    imports.unlink()
+    pid, code, stdout, stderr = run_in_slicer(
+        tmp_path, BATCH, "--", "--input", ct, "--output-dir", tmp_path / "cpu", "--model", tiny_model_dir,
+        pythonpath=[tmp_path / "cpu-torch"], LIVERSEG_TORCH_IMPORTS=str(imports))
+    assert code == 0, stdout + stderr[-3000:]
+    assert not imports.exists()  # a CPU build of torch: ONNX Runtime here, torch imported nowhere
+    assert note not in stderr and "LiverSeg" not in stderr, stderr[-3000:]  # no --debug: the notes are not shown
+    assert len(list((tmp_path / "cpu").rglob("*_liver.seg.nrrd"))) == 1

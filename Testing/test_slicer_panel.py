@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, alive, bundled_model, close_panel, gone_within, open_panel, requires_bundled_model
+from conftest import ROOT, alive, close_panel, gone_within, open_panel, requires_bundled_model
 from synthetic import make_affine, phantom
 
 from LiverSegExtension.data.metrics import dice
@@ -26,8 +26,8 @@ slicer = pytest.importorskip("slicer")
 TESTING = ROOT / "Testing"
 
 BLOCKER = r"""
-import sys
-BLOCKED = ("torch", "monai", "safetensors")
+import os, sys
+BLOCKED = tuple(os.environ.get("LIVERSEG_BLOCKED", "torch,monai,safetensors").split(","))
 
 class Blocker:  # importing any of these fails, as in a Slicer where they were never installed
     def find_spec(self, name, path=None, target=None):
@@ -70,12 +70,9 @@ out["status"] = ui.statusLabel.text
 seg = widget._parameterNode.outputSegmentation
 out["segment"] = bool(seg and seg.GetSegmentation().GetSegmentIdBySegmentName("Liver"))
 out["ready"] = widget.logic._engine.ready
-# A GPU picked: PyTorch is installed (here by a stand-in pip) in processes, never imported here.
-import LiverSegLib.dependencies as deps
+# A GPU picked: PyTorch is installed (here by a stand-in pip, behind the launcher) in processes, never here.
 slicer.app._testing = False
 slicer.util.confirmOkCancelDisplay = lambda *args, **kwargs: True
-install = deps.InstallRun.__init__
-deps.InstallRun.__init__ = lambda self, packages, python=None: install(self, packages, FAKE_PYTHON)
 widget._parameterNode.device = "cuda"
 ui.applyButton.click()
 while widget._timer.isActive() and time.monotonic() < end:
@@ -97,12 +94,10 @@ def test_panel_segments_without_torch(tmp_path, slicer_launcher):
     paths = [str(TESTING / "StandIns"), str(ROOT / "LiverSegModule"), str(ROOT), str(TESTING)]
     (tmp_path / "blocker").mkdir()
     (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)  # every Python started below: panel and engine
-    fake = tmp_path / "fake_python"
-    fake.write_text(f"#!{sys.executable}\n{FAKE_PIP}")
-    fake.chmod(0o755)
-    script = PANEL_WITHOUT_TORCH.replace("PATHS", repr(paths), 1).replace("FAKE_PYTHON", repr(str(fake)), 1)
+    script = PANEL_WITHOUT_TORCH.replace("PATHS", repr(paths), 1)
     (tmp_path / "panel.py").write_text(script)
-    env = {**os.environ, "LIVERSEG_MODELS_DIR": str(tmp_path / "none"), "PYTHONPATH": str(tmp_path / "blocker"),
+    env = {**os.environ, "LIVERSEG_MODELS_DIR": str(tmp_path / "none"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), str(fake_installers(tmp_path))]),
            "LIVERSEG_FAKE_PIP_LOG": str(tmp_path / "pip.log")}
     proc = subprocess.run([sys.executable, str(tmp_path / "panel.py")], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=env)
@@ -117,9 +112,9 @@ def test_panel_segments_without_torch(tmp_path, slicer_launcher):
     assert out["segment"] is True
     assert out["ready"]["runtimes"]["torch"] is None and out["ready"]["runtimes"]["onnxruntime"]
     assert out["ready"]["devices"] == ["cpu"]
-    commands = [json.loads(line) for line in (tmp_path / "pip.log").read_text().splitlines()]
-    assert [c[:3] for c in commands] == [["-m", "pip", "install"], ["-m", "light_the_torch", "install"],
-                                         ["-m", "pip", "install"]]
+    commands = logged(tmp_path / "pip.log")
+    assert [(c["module"], c["args"][0]) for c in commands] == [("pip", "install"), ("light_the_torch", "install"),
+                                                              ("pip", "install")]
     assert out["gpu_status"] == "Installation failed."  # the stand-in pip installed nothing
     assert out["loaded"] == [] and out["blocked"] is True
 
@@ -300,7 +295,7 @@ def test_an_engine_of_another_protocol_is_refused(scene, tmp_path):
     assert not engine.running
 
 
-def test_a_volume_removed_during_the_run_is_an_error_not_a_crash(scene):
+def test_a_volume_removed_during_the_run_is_an_error_not_a_crash(scene, slicer_launcher):
     from LiverSeg import LiverSegLogic
 
     volume = add_ct("ct")
@@ -351,26 +346,42 @@ def test_segment_mask_and_export_leave_no_node_behind(scene, threshold_segmenter
 
 
 # -- dependencies ------------------------------------------------------------------------------------------
-FAKE_PIP = r"""
-import json, os, sys
+FAKE_INSTALLER = r"""
+import json, os, sys, time
+arguments = sys.argv[1:]
+constraints = arguments[arguments.index("--constraint") + 1] if "--constraint" in arguments else None
 with open(os.environ["LIVERSEG_FAKE_PIP_LOG"], "a") as log:
-    log.write(json.dumps(sys.argv[1:]) + "\n")
-print("Collecting " + sys.argv[-3], flush=True)
+    log.write(json.dumps({"module": __spec__.name.split(".")[0], "args": arguments, "pid": os.getpid(),
+                          "path0": sys.path[0], "constraints": open(constraints).read() if constraints else None}) + "\n")
+print("Collecting " + (arguments[arguments.index("--constraint") - 1] if constraints else arguments[-1]), flush=True)
+if os.environ.get("LIVERSEG_FAKE_PIP_STAY"):  # as on Windows: nothing ends this process when its launcher goes
+    os._exit = lambda code: None
+time.sleep(float(os.environ.get("LIVERSEG_FAKE_PIP_SLEEP", "0")))
 sys.exit(int(os.environ.get("LIVERSEG_FAKE_PIP_EXIT", "0")))
 """
 
 
+def fake_installers(folder):
+    """``pip`` and ``light_the_torch`` that log what they were asked (arguments, constraints, pid, first
+    ``sys.path`` entry) and install nothing: put first on PYTHONPATH, they are what ``python -m`` runs."""
+    root = folder / "fake-installers"
+    for name in ("pip", "light_the_torch"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "__init__.py").write_text("")
+        (root / name / "__main__.py").write_text(FAKE_INSTALLER)
+    return root
+
+
 @pytest.fixture()
-def fresh_slicer(scene, monkeypatch, tmp_path):
+def fresh_slicer(scene, monkeypatch, tmp_path, slicer_launcher):
     """Not in testing mode, with packages missing until the (recorded) installer has run: what a user sees on
-    the first click. The installer is a stand-in Python that logs its arguments."""
+    the first click. Installs run as in Slicer (PythonSlicer, its child running LiverSeg's installer), with a
+    pip and a light-the-torch that log their arguments."""
     from LiverSegLib import dependencies
 
     log = tmp_path / "pip.log"
-    fake = tmp_path / "fake_python"
-    fake.write_text(f"#!{sys.executable}\n{FAKE_PIP}")
-    fake.chmod(0o755)
     monkeypatch.setenv("LIVERSEG_FAKE_PIP_LOG", str(log))
+    monkeypatch.setenv("PYTHONPATH", str(fake_installers(tmp_path)))
     monkeypatch.setattr(slicer.app, "_testing", False)
     absent = {"onnxruntime", "torch", "monai", "onnx", "safetensors"}
 
@@ -378,9 +389,6 @@ def fresh_slicer(scene, monkeypatch, tmp_path):
         return name not in absent or log.exists()  # there once the installer ran
 
     monkeypatch.setattr(dependencies, "importable", importable)
-    original = dependencies.InstallRun.__init__
-    monkeypatch.setattr(dependencies.InstallRun, "__init__",
-                        lambda self, packages, python=None: original(self, packages, str(fake)))
     dialogs: list[str] = []
 
     def confirm(text, *args, **kwargs) -> bool:
@@ -391,7 +399,7 @@ def fresh_slicer(scene, monkeypatch, tmp_path):
     return dependencies, log, dialogs
 
 
-def logged(log) -> list[list[str]]:
+def logged(log) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
@@ -407,7 +415,7 @@ def test_what_each_use_needs(fresh_slicer):
 @requires_bundled_model
 def test_first_click_installs_onnxruntime_in_a_process_then_segments(fresh_slicer, panel):
     """One dialog, onnxruntime alone, pip in a process (progress on the panel, Slicer not blocked), a
-    constraints file that keeps Slicer's numpy; then the run starts by itself."""
+    constraints file that keeps Slicer's numpy and pip; then the run starts by itself."""
     dependencies, log, dialogs = fresh_slicer
     panel.ui.inputVolumeSelector.setCurrentNode(add_ct("ct"))
     panel.ui.applyButton.click()
@@ -417,25 +425,87 @@ def test_first_click_installs_onnxruntime_in_a_process_then_segments(fresh_slice
     install = panel._installRun
     poll_until_done(panel)
     assert len(dialogs) == 1 and "onnxruntime>=1.16" in dialogs[0] and "torch" not in dialogs[0]
-    (args,) = logged(log)
-    assert args[:4] == ["-m", "pip", "install", "onnxruntime>=1.16"] and args[4] == "--constraint"
-    assert "numpy==" in open(args[5]).read()
+    (pip,) = logged(log)
+    assert pip["module"] == "pip" and pip["args"][:3] == ["install", "onnxruntime>=1.16", "--constraint"]
+    assert "numpy==" in pip["constraints"] and "pip==" in pip["constraints"]
     assert install.done and install.stage.startswith("Collecting onnxruntime")  # pip's last line, shown as progress
+    assert install.child == pip["pid"]  # the installer behind the launcher said who it is
+    assert not install.folder.exists()  # constraints removed
     assert panel.ui.statusLabel.text.startswith("Liver: ")
 
 
-def test_a_gpu_installs_torch_as_the_pytorch_extension_does(fresh_slicer, panel):
-    """Picking CUDA installs torch with light-the-torch (the CUDA build for the driver), then MONAI and the
-    rest, each command in a process (that the panel's process never imports torch is checked with torch
-    blocked, in test_panel_segments_without_torch)."""
+def test_a_gpu_installs_torch_with_light_the_torch_leaving_slicer_s_pip_alone(fresh_slicer):
+    """Picking CUDA installs torch with light-the-torch (the CUDA build for the driver), which is installed
+    into a private folder with the pip it requires (light-the-torch 0.8.1 wants pip < 26.1, Slicer 5.10 ships
+    26.1), then MONAI and the rest with Slicer's pip, each command in a process (that the panel's process
+    never imports torch is checked with torch blocked, in test_panel_segments_without_torch)."""
     dependencies, log, dialogs = fresh_slicer
     run = dependencies.InstallRun(dependencies.missing_packages("cuda"))
+    private = run.folder / "light-the-torch"
     assert run.wait(60) and run.error is None and run.still_missing() == []
-    commands = logged(log)
-    assert commands[0][:4] == ["-m", "pip", "install", "light-the-torch>=0.5"]
-    assert commands[1][:4] == ["-m", "light_the_torch", "install", "torch>=2.0"]
-    assert commands[2][:3] == ["-m", "pip", "install"] and "monai>=1.3" in commands[2]
-    assert all("--constraint" in c for c in commands)
+    ltt_install, ltt, rest = logged(log)
+    assert ltt_install["module"] == "pip" and ltt_install["args"] == ["install", "--target", str(private),
+                                                                      "light-the-torch>=0.5"]
+    assert ltt_install["constraints"] is None  # its own pip may be older than Slicer's: it stays in that folder
+    assert ltt["module"] == "light_the_torch" and ltt["args"][:2] == ["install", "torch>=2.0"]
+    assert ltt["path0"] == str(private)  # light-the-torch runs with the pip in that folder
+    assert rest["module"] == "pip" and rest["args"][:4] == ["install", "onnxruntime>=1.16", "monai>=1.3",
+                                                            "safetensors>=0.4"]
+    for command in (ltt, rest):
+        assert "pip==" in command["constraints"] and "numpy==" in command["constraints"]
+    assert not run.folder.exists()  # the private folder and the constraints are gone
+
+
+def test_an_old_torch_is_upgraded_not_pinned(fresh_slicer, monkeypatch):
+    """torch older than the engine needs: what installs torch leaves it out of its constraints (pinning the
+    old one would make ``torch>=2.0`` unresolvable); the commands after it keep torch as it then is."""
+    dependencies, log, _ = fresh_slicer
+    installed_version = dependencies.version
+    monkeypatch.setattr(dependencies, "version",
+                        lambda dist: "1.13.1" if dist == "torch" else installed_version(dist))
+    monkeypatch.setattr(dependencies, "importable", lambda name: name == "torch" or log.exists())
+    packages = dependencies.missing_packages("cuda")
+    assert packages[0] == "torch>=2.0"
+    run = dependencies.InstallRun(packages)
+    assert run.wait(60) and run.error is None
+    _, ltt, rest = logged(log)
+    assert "torch==" not in ltt["constraints"] and "numpy==" in ltt["constraints"]
+    assert "torch==1.13.1" in rest["constraints"]
+
+
+def test_a_cancelled_install_ends_pip_behind_the_launcher(fresh_slicer, monkeypatch, panel):
+    """Cancel, and Slicer quitting, kill pip too: it runs behind CTK's launcher, which leaves its child
+    running when killed (here pip stays, as on Windows, where nothing ends it when its launcher goes)."""
+    dependencies, log, _ = fresh_slicer
+    monkeypatch.setenv("LIVERSEG_FAKE_PIP_SLEEP", "120")
+    monkeypatch.setenv("LIVERSEG_FAKE_PIP_STAY", "1")
+    children = []
+    try:
+        for stop in ("cancel", "quit"):
+            panel.ui.inputVolumeSelector.setCurrentNode(add_ct(stop, shape=(20, 40, 40)))
+            panel.ui.applyButton.click()
+            install = panel._installRun
+            launcher = int(install._process.processId())
+            while not logged(log):  # pip has started (a test of the cancel, not of its timing)
+                assert not install.poll(), install.error
+                install._process.waitForReadyRead(100)
+            children.append(logged(log)[-1]["pid"])
+            assert alive(children[-1]) and children[-1] != launcher
+            if stop == "cancel":
+                panel.ui.cancelButton.click()
+                panel.onPoll()
+                assert panel.ui.statusLabel.text == "Installation cancelled."
+                assert panel.ui.applyButton.enabled and panel._installRun is None
+            else:
+                slicer.app.quit()  # aboutToQuit: the panel stops everything
+            assert gone_within(launcher) and gone_within(children[-1]), stop
+            assert not install.folder.exists()
+            log.unlink()
+            children.clear()
+    finally:
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_failed_install_says_so_with_pip_s_output(fresh_slicer, monkeypatch):
@@ -457,46 +527,153 @@ def test_a_real_pip_run_of_what_is_there_goes_through(tmp_path, monkeypatch):
     spaced.mkdir(parents=True)
     monkeypatch.setattr(dependencies.tempfile, "tempdir", str(spaced))
     run = InstallRun(["onnxruntime>=1.16"], python=sys.executable)
-    assert run.commands[0][-1].startswith(str(spaced))  # the constraints file, one argument whole
+    assert run.started[0][-1].startswith(str(spaced))  # the constraints file, one argument whole
     assert run.wait(120), "pip did not finish"
     assert run.error is None, run.details
 
 
-def test_declined_consent_installs_nothing(fresh_slicer, monkeypatch, panel):
+def test_declined_consent_installs_nothing_and_is_no_error(fresh_slicer, monkeypatch, panel):
+    """A user who says no is told so on the status line: no error dialog, the buttons as before."""
     dependencies, log, _ = fresh_slicer
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: errors.append(text))
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: False)
-    with pytest.raises(LiverSegError, match="installation declined"):
-        dependencies.ask_to_install(dependencies.missing_packages("auto"))
+    assert dependencies.ask_to_install(dependencies.missing_packages("auto")) is False
     panel.ui.inputVolumeSelector.setCurrentNode(add_ct("ct", shape=(20, 40, 40)))
-    with pytest.raises(LiverSegError, match="installation declined"):
-        panel.ui.applyButton.click()
+    panel.ui.applyButton.click()
+    assert panel.ui.statusLabel.text.startswith("Not installed: this needs onnxruntime>=1.16")
+    assert errors == [] and panel.ui.applyButton.enabled and not panel.ui.cancelButton.enabled
     assert panel._installRun is None and panel._run is None and not log.exists()
 
 
-def test_self_test_runs_as_slicer_runs_it(scene, monkeypatch):
-    """``slicer.testing.runUnitTest`` loads the test_* methods with unittest: each runs (through the engine
-    process) with the packages, and each is skipped, saying what to install, without them."""
+def test_no_python_slicer_is_said_never_a_second_slicer(scene, monkeypatch, tmp_path):
+    """Inside Slicer the engine and the installs need PythonSlicer; ``sys.executable`` there is no Python to
+    start (Slicer sets it to PythonSlicer or ""; embedded, it is the application). Outside Slicer: this Python."""
+    from LiverSegLib.dependencies import InstallRun
+    from LiverSegLib.engine import EngineProcess, python_executable
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no PythonSlicer there
+    for make in (EngineProcess, lambda: InstallRun(["onnxruntime>=1.16"])):
+        with pytest.raises(LiverSegError, match="PythonSlicer, Slicer's Python launcher, was not found on PATH"):
+            make()
+    monkeypatch.delattr(slicer, "app")  # plain Python with slicer-core: the batch's own Python
+    assert python_executable() == sys.executable
+
+
+def test_a_stale_engine_pid_is_not_killed(scene, tmp_path):
+    """Once the launcher has ended, the pid its child had may name another process: kill() leaves it alone,
+    whether Qt has noticed the end yet or not."""
+    from LiverSegLib.engine import EngineProcess
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    worker = tmp_path / "worker.py"
+    worker.write_text("import json, sys\n"  # says ready with another process's pid, ends when told
+                      f"print(json.dumps({{'event': 'ready', 'protocol': 2, 'pid': {bystander.pid}}}), flush=True)\n"
+                      "sys.stdin.readline()\n")
+    try:
+        for noticed in (True, False):
+            engine = EngineProcess(sys.executable).start([str(worker)])
+            while engine.ready is None:
+                engine.read()
+                engine.wait_for_output(100)
+            launcher = engine.pid
+            engine.send({"cmd": "quit"})
+            if noticed:
+                engine._process.waitForFinished(-1)
+            else:
+                while alive(launcher):  # ended, not yet collected by Qt
+                    time.sleep(0.05)
+            assert engine.engine_pid == bystander.pid
+            engine.kill()
+            assert bystander.poll() is None, noticed
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def run_unit_test():
+    """As ``slicer.testing.runUnitTest`` does: the module's test_* methods loaded and run by unittest."""
     import io
     import unittest
 
-    from LiverSegLib import dependencies
+    suite = unittest.TestLoader().loadTestsFromName("LiverSeg")
+    return unittest.TextTestRunner(stream=io.StringIO(), verbosity=2).run(suite)
 
-    def run_unit_test():
-        suite = unittest.TestLoader().loadTestsFromName("LiverSeg")
-        return unittest.TextTestRunner(stream=io.StringIO(), verbosity=2).run(suite)
+
+def test_self_test_without_the_packages_is_skipped_as_slicer_runs_it(scene, monkeypatch, caplog):
+    """Without onnxruntime each test_* is skipped, saying what to install. The SelfTests module and "Reload and
+    Test" call the module's ``runTest`` (no unittest result): a skip is shown there, never raised."""
+    import logging
+
+    import LiverSeg
+    from LiverSegLib import dependencies
 
     monkeypatch.setattr(dependencies, "importable", lambda name: name != "onnxruntime")
     result = run_unit_test()
     assert result.wasSuccessful() and result.testsRun == 1
     assert len(result.skipped) == 1 and "install onnxruntime>=1.16" in result.skipped[0][1]
-    from LiverSeg import LiverSegTest
+    caplog.set_level(logging.INFO)
+    LiverSeg.LiverSeg(None)  # as the module manager makes it: its runTest goes into slicer.selfTests
+    slicer.selfTests["LiverSeg"]()  # the SelfTests module's call
+    assert "LiverSeg self-test skipped: install onnxruntime>=1.16" in caplog.text
 
-    with pytest.raises(unittest.SkipTest, match="install onnxruntime"):  # "Reload and Test"
-        LiverSegTest().runTest()
-    monkeypatch.undo()
-    if bundled_model() is not None:
-        result = run_unit_test()
-        assert result.wasSuccessful() and result.testsRun == 1 and not result.skipped, result.errors
+
+@requires_bundled_model
+def test_self_test_runs_as_slicer_runs_it(scene, slicer_launcher, request):
+    """With the packages, each test_* runs (through the engine process) and passes."""
+    if request.config.getoption("--fast"):
+        pytest.skip("starts the engine process: slow tier, run without --fast")
+    result = run_unit_test()
+    assert result.wasSuccessful() and result.testsRun == 1 and not result.skipped, result.errors
+
+
+RELOAD = r"""
+import json, sys
+sys.path[:0] = PATHS
+import slicer_app
+slicer_app.install(testing=False)
+import qt
+import slicer
+from conftest import close_panel, open_panel
+
+errors = []
+slicer.util.errorDisplay = lambda text, **kwargs: errors.append(text)
+out = {}
+module, widget = open_panel()
+before = {name: m for name, m in sys.modules.items() if name.split(".")[0] in ("LiverSegLib", "LiverSegExtension")}
+widget.onReload()  # the Reload button
+out["new_widget"] = module.widget is not widget and slicer.modules.LiverSegWidget is module.widget
+out["fresh_class"] = type(module.widget) is sys.modules["LiverSegLib.widget"].LiverSegWidget
+out["stale"] = sorted(name for name, m in before.items() if sys.modules.get(name) is m)
+out["reloaded"] = len([name for name in before if name in sys.modules])
+out["set_up"] = module.widget.ui.applyButton.enabled is False and module.widget._timer is not None
+module.widget.onReloadAndTest()  # "Reload and Test" without onnxruntime: the skip is shown, not an error
+slicer.selfTests["LiverSeg"](msec=100)  # the SelfTests module's call: no exception either
+out["dialogs"] = qt.QDialog.shown
+out["errors"] = errors
+close_panel(module)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_reload_executes_the_module_s_code_anew_and_reload_and_test_shows_a_skip(tmp_path):
+    """Reload re-executes LiverSeg.py alone; the panel's and the engine's modules are executed anew too, the
+    panel set up again from them. "Reload and Test" where onnxruntime is missing shows the skip (a message,
+    as delayDisplay does), and no error dialog (a Slicer outside testing mode, in a process of its own)."""
+    paths = [str(TESTING / "StandIns"), str(ROOT / "LiverSegModule"), str(ROOT), str(TESTING)]
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+    (tmp_path / "reload.py").write_text(RELOAD.replace("PATHS", repr(paths), 1))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "blocker"), "LIVERSEG_BLOCKED": "onnxruntime"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "reload.py")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert out["new_widget"] and out["fresh_class"] and out["set_up"]
+    assert out["stale"] == [] and out["reloaded"] > 10
+    skip = "LiverSeg self-test skipped: install onnxruntime>=1.16"
+    assert len(out["dialogs"]) == 1 and out["dialogs"][0].startswith(skip), out["dialogs"]  # Reload and Test
+    assert out["errors"] == []
 
 
 def test_error_dialogs_show_no_none_details(scene, monkeypatch):
@@ -562,7 +739,7 @@ def test_a_batch_case_leaves_no_node_behind(tmp_path, monkeypatch):
     assert batch.run(["--input", str(tmp_path / "a" / "ct.nii.gz"), str(tmp_path / "b" / "ct.nii.gz"), "-o",
                       str(tmp_path / "out"), "--labelmap", "--device", "cpu"]) == 0
     ((ctx, before),) = contexts
-    assert (tmp_path / "out" / "ct_liver.nii.gz").is_file() and (tmp_path / "out" / "ct_2_liver.nii.gz").is_file()
+    assert len(list((tmp_path / "out").rglob("*_liver.nii.gz"))) == 2  # one labelmap per case
     assert nodes_by_class(ctx.scene) == before
 
 

@@ -1,5 +1,5 @@
 """The panel's .ui: parses, uses only real Qt/CTK/qMRML classes, binds only real parameters, and
-holds every widget the module code uses."""
+holds every widget the module code uses; the images the Extensions Index shows of it exist."""
 
 from __future__ import annotations
 
@@ -73,3 +73,18 @@ def test_every_widget_the_code_uses_exists():
     receivers = {c.findtext("receiver") for c in tree().iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
     combos = {n for n, w in widgets().items() if w.get("class") == "qMRMLNodeComboBox"}
     assert combos <= receivers
+
+
+def test_the_extension_s_images_name_files_that_exist():
+    """The Extensions Index downloads the icon and every screenshot (scripts/check_description_files.py of
+    Slicer/ExtensionsIndex: at least one screenshot, each an image): each URL names a PNG of this repository."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    raw = "https://raw.githubusercontent.com/liverseg/SlicerLiverSeg/main/"
+    urls = {field: re.search(rf'set\(EXTENSION_{field} "(.*?)"\)', text).group(1).split()
+            for field in ("ICONURL", "SCREENSHOTURLS")}
+    assert len(urls["ICONURL"]) == 1 and urls["SCREENSHOTURLS"], urls
+    for url in urls["ICONURL"] + urls["SCREENSHOTURLS"]:
+        assert url.startswith(raw), url
+        path = ROOT / url[len(raw):]
+        assert path.is_file(), f"{url}: no {path.relative_to(ROOT)} in the repository"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url

@@ -2,10 +2,13 @@
 
     python benchmarks/peak_memory.py [--slices 1500] [--formats nrrd,nii,nii.gz]
     python benchmarks/peak_memory.py --tile 4 --types int16 --formats nrrd     # 512 x 512 x 516
+    python benchmarks/peak_memory.py --tile 4 --types int16 --formats nii.gz,nrrd --pixel 0.57   # fine pixels
 
 The CT is chaos_ct3 from ../shared/data resampled to 512 x 512 x SLICES (real HU, the same anatomy in
 thinner slices), or with --tile N, resampled to 129 slices and stacked N times along z (N abdomens, one
-above the other: a long scan with as much to look at as N); a synthetic CT when the data is absent.
+above the other: a long scan with as much to look at as N); a synthetic CT when the data is absent. With
+--pixel, its pixels are resampled to that size first (0.57 mm: a 292 mm field of view around the scan's
+centre, where the liver fills more of the grid and the paste back onto it is largest).
 Each file is written once, then segmented in a fresh process whose peak resident memory (ru_maxrss,
 from wait4) is printed as one JSON
 line per file. The files are large (3.1 GB for float64 at 1500 slices): they go to --work (default /tmp)
@@ -30,13 +33,17 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "Testing"))
 
 
-def large_ct(slices: int):
+def large_ct(slices: int, pixel: float | None = None):
     import SimpleITK as sitk
 
     from LiverSegExtension.io import read_image
 
     series = SHARED / "dicom" / "chaos_ct3"
-    if series.is_dir():
+    if pixel:
+        from process_time import fine_ct
+
+        image, source = fine_ct(pixel)
+    elif series.is_dir():
         image, source = read_image(series), "chaos_ct3 resampled"
     else:
         from synthetic import phantom_image
@@ -51,12 +58,12 @@ def large_ct(slices: int):
     return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, -1024), source
 
 
-def tiled_ct(tiles: int):
+def tiled_ct(tiles: int, pixel: float | None = None):
     """chaos_ct3 at 512 x 512 x 129, stacked ``tiles`` times along z."""
     import numpy as np
     import SimpleITK as sitk
 
-    image, source = large_ct(129)
+    image, source = large_ct(129, pixel)
     array = np.concatenate([sitk.GetArrayViewFromImage(image)] * tiles, axis=0)
     tiled = sitk.GetImageFromArray(array)
     tiled.SetSpacing(image.GetSpacing())
@@ -80,10 +87,10 @@ def run(ct: Path, out: Path) -> dict:
             "status": row.get("status"), "liver_ml": row.get("liver_ml"), "error": row.get("error") or None}
 
 
-def write(path: Path, slices: int, type_name: str, tiles: int = 0) -> None:
+def write(path: Path, slices: int, type_name: str, tiles: int = 0, pixel: float | None = None) -> None:
     import SimpleITK as sitk
 
-    image, source = tiled_ct(tiles) if tiles else large_ct(slices)
+    image, source = tiled_ct(tiles, pixel) if tiles else large_ct(slices, pixel)
     pixel = {"float64": sitk.sitkFloat64, "float32": sitk.sitkFloat32, "int16": sitk.sitkInt16, "int32": sitk.sitkInt32}
     sitk.WriteImage(sitk.Cast(image, pixel[type_name]), str(path), path.name.endswith(".gz"))
     print(source)
@@ -95,12 +102,13 @@ def main() -> None:
     parser.add_argument("--formats", default="nrrd,nii")
     parser.add_argument("--types", default="float64,int16")
     parser.add_argument("--tile", type=int, default=0, help="stack the 129-slice CT this many times instead")
+    parser.add_argument("--pixel", type=float, default=None, help="resample the pixels to this size (mm) first")
     parser.add_argument("--work", default=tempfile.gettempdir())
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # internal: make one file, in a process of its own
     parser.add_argument("--type", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write:
-        write(args.write, args.slices, args.type, args.tile)
+        write(args.write, args.slices, args.type, args.tile, args.pixel)
         return
 
     work = Path(tempfile.mkdtemp(prefix="liverseg-memory-", dir=args.work))
@@ -110,9 +118,10 @@ def main() -> None:
                 ct = work / f"ct_{type_name}.{fmt}"
                 # Written by a child: a fork of a process holding the CT would count its pages in the
                 # peak of the process measured next.
+                pixel = ["--pixel", str(args.pixel)] if args.pixel else []
                 source = subprocess.run([sys.executable, __file__, "--write", str(ct), "--slices", str(args.slices),
-                                         "--type", type_name, "--tile", str(args.tile)], check=True, capture_output=True,
-                                        text=True).stdout.strip()
+                                         "--type", type_name, "--tile", str(args.tile), *pixel], check=True,
+                                        capture_output=True, text=True).stdout.strip()
                 result = run(ct, work / f"out_{type_name}_{fmt}")
                 slices = 129 * args.tile if args.tile else args.slices
                 print(json.dumps({"ct": f"{source}, 512x512x{slices} {type_name} .{fmt}",

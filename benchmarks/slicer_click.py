@@ -52,9 +52,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
+    import tempfile
+
+    import python_launcher
     import slicer_app
 
     scene = slicer_app.install(testing=True)
+    python_launcher.put_on_path(Path(tempfile.mkdtemp(prefix="LiverSeg-launcher-")))  # PythonSlicer, as in Slicer
     import LiverSeg
     import slicer
 

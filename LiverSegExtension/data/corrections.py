@@ -24,6 +24,7 @@ from LiverSegExtension.data.metrics import dice, volume_ml
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import image_from_array, same_grid
 from LiverSegExtension.io import atomic_write, clean_stale_temporaries, locked, read_image
+from LiverSegExtension.model.catalog import bundled_model_name
 
 LOCK_FILE = ".liverseg.lock"
 
@@ -100,6 +101,7 @@ def add_case_images(folder: str | Path, image: sitk.Image, label: sitk.Image, pr
     record: dict[str, Any] = {
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "liverseg_version": __version__,
+        "bundled_model": bundled_model_name(),
         "liver_ml": volume_ml(lab, image.GetSpacing()),
         "size": list(image.GetSize()),
         "spacing_mm": [round(s, 4) for s in image.GetSpacing()],
@@ -158,10 +160,12 @@ def add_case_arrays(folder: str | Path, array: np.ndarray, label: np.ndarray, ij
 
 
 def add_case(folder: str | Path, image_path: str | Path, label_path: str | Path,
-             provenance: dict[str, Any] | None = None) -> str:
-    """Add a CT file and its liver mask file (any whole label > 0 is liver: liver and tumour labels count)."""
+             provenance: dict[str, Any] | None = None, liver_values: tuple[int, ...] | None = None) -> str:
+    """Add a CT file and its liver label file: a volume (0 and one label value) or a DICOM SEG of the CT
+    (its segment placed on the CT's grid). ``liver_values`` names the values that are liver where a label
+    holds several (``(1, 2)``: liver and tumour of a LiTS label)."""
     image = read_image(image_path)
-    label = read_image(label_path)
+    label = _read_label(label_path, image)
     if not same_grid(image, label):
         raise LiverSegError(f"{label_path}: not on the grid of {image_path}")
     values = sitk.GetArrayViewFromImage(label)
@@ -172,9 +176,36 @@ def add_case(folder: str | Path, image_path: str | Path, label_path: str | Path,
                             "label; threshold it (at 0.5) or resample it with nearest neighbour first")
     if not values.any():
         raise LiverSegError(f"{label_path}: the label is empty: nothing to add")
-    binary = sitk.Cast(label > 0, sitk.sitkUInt8)
+    found = [int(v) for v in np.unique(values) if v != 0]
+    if liver_values:
+        liver = np.isin(values, liver_values)
+        if not liver.any():
+            raise LiverSegError(f"{label_path}: no voxel holds {', '.join(map(str, liver_values))} (values found: "
+                                f"{_listed([0, *found])})")
+    elif len(found) > 1:  # LiverSeg's own probability map (0..255) taken at > 0 would add a fifth to the liver
+        raise LiverSegError(f"{label_path}: not a label of one structure: values {_listed([0, *found])} found, where a "
+                            "liver label holds 0 and one value. A probability map is not a label; for a label of "
+                            "several structures, say which values are liver (--liver-values 1,2)")
+    else:
+        liver = values != 0
+    binary = image_from_array(liver.astype(np.uint8), np.eye(4))
     binary.CopyInformation(image)
-    return add_case_images(folder, image, binary, {"source": "liverseg dataset add", **(provenance or {})})
+    record = {"source": "liverseg dataset add", "label_values": list(liver_values or found), **(provenance or {})}
+    return add_case_images(folder, image, binary, record)
+
+
+def _listed(values: list[int]) -> str:
+    return ", ".join(map(str, values[:8])) + (f" ... ({len(values)} values)" if len(values) > 8 else "")
+
+
+def _read_label(path: str | Path, image: sitk.Image) -> sitk.Image:
+    """A label volume, or a DICOM SEG's liver segment on ``image``'s grid."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".dcm":
+        from LiverSegExtension.io.dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(path, image)
+    return read_image(path)
 
 
 def dataset_entries(folder: str | Path) -> list[dict[str, str]]:

@@ -17,7 +17,7 @@ from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import canonical, same_grid
 from LiverSegExtension.io import atomic_write, is_volume_file, read_image
 
-COLUMNS = ["case", "dice", "hd95_mm", "msd_mm", "pred_ml", "ref_ml", "volume_error_pct", "note", "error"]
+COLUMNS = ["case", "dice", "nsd_2mm", "hd95_mm", "msd_mm", "pred_ml", "ref_ml", "volume_error_pct", "note", "error"]
 
 
 def score(pred: sitk.Image, ref: sitk.Image, name: str) -> dict[str, Any]:
@@ -53,22 +53,41 @@ def _strip(name: str) -> str:
     return name
 
 
+def _named(folder: Path, predictions: bool) -> dict[str, Path]:
+    """Masks under ``folder`` by case name: the path below it without the format (``a/ct`` for
+    ``a/ct_liver.nii.gz``, as ``segment`` mirrors a cohort's folders); predictions also as DICOM SEG."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        seg = predictions and p.is_file() and p.name.lower().endswith("_liver.dcm")
+        if not (is_volume_file(p) or seg) or p.name.startswith("."):
+            continue
+        stem = p.name[: -len(".dcm")] if seg else case_name(p)
+        name = (p.parent.relative_to(folder) / (_strip(stem) if predictions else stem)).as_posix()
+        if name in found:
+            raise LiverSegError(f"{folder}: two {'predictions' if predictions else 'references'} for case {name} "
+                                f"({found[name].name}, {p.name})")
+        found[name] = p
+    return found
+
+
+def _read_prediction(path: Path, ref: sitk.Image) -> sitk.Image:
+    if path.name.lower().endswith(".dcm"):  # a DICOM SEG: its frames placed on the reference's grid
+        from LiverSegExtension.io.dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(path, ref)
+    return read_image(path)
+
+
 def evaluate_folders(pred_dir: Path, ref_dir: Path, cases: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """(a row per reference that has a prediction, the names of the references without one).
 
     Files pair by case name: ``<name>.<ext>`` in ``ref_dir``, ``<name>[_liver].<ext>`` in ``pred_dir``, in
-    every format ``segment`` writes. ``cases`` keeps only those names."""
+    every format ``segment`` writes (DICOM SEG included), in the same sub-folders. ``cases`` keeps only those
+    names."""
     for d in (pred_dir, ref_dir):
         if not d.is_dir():
             raise LiverSegError(f"{d}: no such folder")
-    preds: dict[str, Path] = {}
-    for p in sorted(pred_dir.iterdir()):
-        if is_volume_file(p):
-            if _strip(case_name(p)) in preds:
-                raise LiverSegError(f"{pred_dir}: two predictions for case {_strip(case_name(p))} "
-                                    f"({preds[_strip(case_name(p))].name}, {p.name})")
-            preds[_strip(case_name(p))] = p
-    refs = {case_name(r): r for r in sorted(ref_dir.iterdir()) if is_volume_file(r)}
+    preds, refs = _named(pred_dir, True), _named(ref_dir, False)
     if cases:
         unknown = sorted(set(cases) - set(refs))
         if unknown:
@@ -82,7 +101,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, cases: list[str] | None = No
             missing.append(name)
             continue
         try:
-            rows.append(score(read_image(preds[name]), read_image(ref), name))
+            reference = read_image(ref)
+            rows.append(score(_read_prediction(preds[name], reference), reference, name))
         except LiverSegError as exc:
             rows.append({"case": name, "error": str(exc)})
     return rows, missing
@@ -128,7 +148,7 @@ def write_report(rows: list[dict[str, Any]], csv_path: Path | None) -> str:
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     if scored:
         mean = {c: float(np.nanmean([r[c] for r in scored])) if any(not math.isnan(r[c]) for r in scored) else math.nan
-                for c in ("dice", "hd95_mm", "msd_mm", "volume_error_pct")}
+                for c in ("dice", "nsd_2mm", "hd95_mm", "msd_mm", "volume_error_pct")}
         lines.append("| **mean** | " + " | ".join(_fmt(mean.get(c, "")) if c in mean else "" for c in cols[1:]) + " |")
     markdown = "\n".join(lines) + "\n"
     if csv_path:

@@ -1,4 +1,5 @@
-"""Segmentation metrics in physical units: Dice, 95 % Hausdorff distance, mean surface distance, volume."""
+"""Segmentation metrics in physical units: Dice, surface Dice (NSD), 95 % Hausdorff distance, mean surface
+distance, volume."""
 
 from __future__ import annotations
 
@@ -29,30 +30,63 @@ def _surface_distances(a: np.ndarray, b: np.ndarray, spacing_zyx: tuple[float, .
     return dist_to_b[surf_a]
 
 
-def surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...]) -> tuple[float, float]:
-    """(HD95, mean symmetric surface distance) in mm; NaN when either mask is empty."""
+NSD_TOLERANCE_MM = 2.0  # surface Dice's tolerance: the one reported beside Dice, HD95 and volume error
+
+
+def _distances_both_ways(pred: np.ndarray, ref: np.ndarray,
+                         spacing_zyx: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(distances from pred's surface voxels to ref's surface, and back) in mm; None when either is empty."""
     p, r = pred.astype(bool), ref.astype(bool)
     if not p.any() or not r.any():
-        return math.nan, math.nan
+        return None
     # Work on the bounding box of both masks (plus one voxel) to keep the distance transforms small.
     idx = np.argwhere(p | r)
     lo = np.maximum(idx.min(axis=0) - 1, 0)
     hi = idx.max(axis=0) + 2
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     p, r = np.pad(p[sl], 1), np.pad(r[sl], 1)
-    d_pr = _surface_distances(p, r, spacing_zyx)
-    d_rp = _surface_distances(r, p, spacing_zyx)
+    return _surface_distances(p, r, spacing_zyx), _surface_distances(r, p, spacing_zyx)
+
+
+def _surface_figures(d: tuple[np.ndarray, np.ndarray], tolerance_mm: float) -> tuple[float, float, float]:
+    d_pr, d_rp = d
     both = np.concatenate([d_pr, d_rp])
     hd95 = max(float(np.percentile(d_pr, 95)), float(np.percentile(d_rp, 95)))
-    return hd95, float(both.mean())
+    # Surface Dice (NSD) as MONAI's compute_surface_dice counts it: the share of both surfaces' voxels that
+    # lie within the tolerance of the other surface.
+    nsd = float(np.count_nonzero(both <= tolerance_mm)) / both.size
+    return hd95, float(both.mean()), nsd
+
+
+def surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...]) -> tuple[float, float]:
+    """(HD95, mean symmetric surface distance) in mm; NaN when either mask is empty."""
+    d = _distances_both_ways(pred, ref, spacing_zyx)
+    return (math.nan, math.nan) if d is None else _surface_figures(d, NSD_TOLERANCE_MM)[:2]
+
+
+def surface_dice(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...],
+                 tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
+    """Normalised surface Dice: the share of both masks' surface voxels within ``tolerance_mm`` of the other
+    mask's surface; 1.0 when both are empty, 0.0 when only one is (as :func:`dice`)."""
+    d = _distances_both_ways(pred, ref, spacing_zyx)
+    if d is None:
+        return 1.0 if not pred.any() and not ref.any() else 0.0
+    return _surface_figures(d, tolerance_mm)[2]
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...]) -> dict[str, float]:
-    """All metrics for one case; volumes in mL, volume error relative to the reference in %."""
+    """All metrics for one case; volumes in mL, volume error relative to the reference in %, ``nsd_2mm`` the
+    surface Dice at 2 mm (NSD_TOLERANCE_MM)."""
     pred_ml, ref_ml = volume_ml(pred, spacing_zyx), volume_ml(ref, spacing_zyx)
-    hd95, msd = surface_metrics(pred, ref, spacing_zyx)
+    d = _distances_both_ways(pred, ref, spacing_zyx)
+    if d is None:
+        hd95 = msd = math.nan
+        nsd = 1.0 if not pred.any() and not ref.any() else 0.0
+    else:
+        hd95, msd, nsd = _surface_figures(d, NSD_TOLERANCE_MM)
     return {
         "dice": dice(pred, ref),
+        "nsd_2mm": nsd,
         "hd95_mm": hd95,
         "msd_mm": msd,
         "pred_ml": pred_ml,

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import Grid, physical_corners, resample_to_grid
 from LiverSegExtension.io import read_image
+from LiverSegExtension.io.cases import volume_stem
 
 
 @dataclass
@@ -37,11 +38,8 @@ class Case:
 
 
 def case_name(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
+    """A case's name: its file's name without the volume format (any case, ``.nhdr`` too)."""
+    return volume_stem(path)
 
 
 def load_msd(folder: str | Path) -> list[Case]:

@@ -12,15 +12,13 @@ is ever made. Resampling goes through ITK, which respects oblique and left-hande
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
-from LiverSegExtension.data.metrics import uncertainty_of, volume_ml
 from LiverSegExtension.errors import CancelledError, LiverSegError
 from LiverSegExtension.geometry import (
     Grid,
@@ -30,6 +28,20 @@ from LiverSegExtension.geometry import (
     physical_corners,
     resample_to_grid,
     to_original_order,
+)
+from LiverSegExtension.inference.postprocess import (  # noqa: F401 - their home before; callers import them here
+    SMALL_LIVER_ML,
+    body_extent,
+    components,
+    largest_component,
+    liver_body,
+    ndimage,
+    prefetch_ndimage,
+    side_warning,
+    size_warning,
+    spine_column,
+    spine_warning,
+    split_parts,
 )
 from LiverSegExtension.model.catalog import ModelInfo, default_model_dir
 from LiverSegExtension.model.runtimes import load_runtime, sliding_window
@@ -41,221 +53,9 @@ MAX_ROI = 160  # largest window edge, in voxels, the networks see at once
 GROW_ROUNDS = 2  # times the fine box may grow where the liver touches it (never up: see _grow)
 SMALL_SCAN_MM = 300.0  # scans no larger than this on every axis skip the coarse stage
 GROW_MM = 40.0
+PASTE_SLAB = 16  # input slices resampled back at a time (see _paste), and at least PASTE_VOXELS voxels
+PASTE_VOXELS = 1 << 20
 NECK_MM = 5.0  # parts joined to the liver through a neck thinner than twice this are cut off
-# A part of the mask cut off from the liver by a band of slices (metal streaks) is kept when the gap is at
-# most this and the part at least this share of the liver (a metal band of 5 slices of 3 mm is 15 mm).
-SPLIT_GAP_MM = 30.0
-SPLIT_SHARE = 0.1
-# The liver's side is judged only on scans whose body is at least this wide (not crops around the liver);
-# a liver whose centre lies this far to the patient's left of the body's centre is worth a warning.
-SIDE_CHECK_WIDTH_MM = 250.0
-WRONG_SIDE_MM = 20.0
-# Less than a fifth of a typical adult liver (1-2.5 L; the labelled ones here: 1.1-2.1 L): the scan shows
-# only part of the liver, or none, and what was found may not be liver (on CORT's pelvis alone: 102 mL of
-# muscle on the right flank; above its liver's dome: 43 mL).
-SMALL_LIVER_ML = 300.0
-# The spine, seen from the liver found (LPS mm): on every correctly oriented scan here it lies 25-106 mm
-# behind the liver's centre and 5-119 mm to its left. Beyond these limits the header misstates the anatomy.
-SPINE_IN_FRONT_MM = 20.0
-SPINE_ON_RIGHT_MM = 10.0
-BONE_HU = 150.0  # a vertebra's spongy bone, on the 2.5 mm grid; the liver is left out however bright it is
-
-
-def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(26-connected component labels of a binary mask, each label's size; the background's counted as 0)."""
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels, sizes
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a binary mask.
-
-    scipy rather than MONAI's KeepLargestConnectedComponent, which needs scikit-image on the CPU: one
-    package fewer to install into Slicer.
-    """
-    labels, sizes = components(mask)
-    if len(sizes) <= 2:
-        return mask.astype(bool)
-    return labels == int(sizes.argmax())
-
-
-def split_parts(labels: np.ndarray, sizes: np.ndarray, main: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """The components of a mask (``labels``, ``sizes``: :func:`components`) that a band of slices cut off from
-    ``main``, the liver found in the largest of them.
-
-    Metal streaks or a motion band across a few slices can leave the net nothing on them, and the liver
-    falls into an upper and a lower part; keeping the largest alone would turn that local failure into the
-    loss of a whole part. A part is kept when it lies wholly above or below ``main`` within
-    :data:`SPLIT_GAP_MM`, overlaps ``main``'s outline seen from above by half its own, and is at least
-    :data:`SPLIT_SHARE` of ``main``'s size; an organ beside the liver (the spleen, a kidney) shares the
-    liver's slices and is not kept."""
-    out = np.zeros(labels.shape, dtype=bool)
-    size = int(main.sum())
-    candidates = [i for i in np.nonzero(sizes >= max(1, SPLIT_SHARE * size))[0] if i != int(sizes.argmax())]
-    if not candidates or size == 0:
-        return out
-    main_zs = np.nonzero(main.any(axis=(1, 2)))[0]
-    outline = main.any(axis=0)
-    gap = SPLIT_GAP_MM / spacing_mm
-    boxes = ndimage.find_objects(labels)
-    for i in candidates:
-        box = boxes[i - 1]
-        part = labels[box] == i
-        z0, z1 = box[0].start, box[0].stop - 1
-        below = z1 < main_zs.min() and main_zs.min() - z1 <= gap
-        above = z0 > main_zs.max() and z0 - main_zs.max() <= gap
-        footprint = part.any(axis=0)
-        if (below or above) and (footprint & outline[box[1:]]).sum() >= 0.5 * footprint.sum():
-            out[box] |= part
-    return out
-
-
-def liver_body(mask: np.ndarray, neck_voxels: int, spacing_mm: float = 2.5) -> np.ndarray:
-    """The largest component, less whatever hangs on to it by a thin neck, plus the parts of the liver a
-    band of slices cut off from it (:func:`split_parts`).
-
-    A leak into the heart or a bowel loop is often joined to the liver only through a few voxels, so
-    the largest component keeps it. Eroding by ``neck_voxels`` cuts such necks; every voxel of the mask
-    then goes to the nearest eroded part, and only the voxels nearest to the largest part are kept.
-    Unlike an opening, thin parts of the liver itself (its edges, the tip of a lobe) stay, since the
-    liver's own core is nearest to them.
-    """
-    labels, sizes = components(mask)
-    if len(sizes) <= 1:  # an empty mask
-        return mask.astype(bool)
-    body = _without_necks(labels == int(sizes.argmax()), neck_voxels)
-    return body | split_parts(labels, sizes, body, spacing_mm)
-
-
-def _without_necks(mask: np.ndarray, neck_voxels: int) -> np.ndarray:
-    if neck_voxels < 1 or not mask.any():
-        return mask
-    box = ndimage.find_objects(mask.view(np.uint8))[0]
-    sub = mask[box]
-    core = ndimage.binary_erosion(sub, ndimage.generate_binary_structure(3, 1), iterations=neck_voxels)
-    parts, n = ndimage.label(core, structure=np.ones((3, 3, 3), bool))
-    if n <= 1:
-        return mask
-    sizes = np.bincount(parts.ravel())
-    sizes[0] = 0
-    nearest = parts[tuple(ndimage.distance_transform_edt(parts == 0, return_distances=False, return_indices=True))]
-    out = np.zeros_like(mask)
-    out[box] = largest_component(sub & (nearest == int(sizes.argmax())))
-    return out
-
-
-# An adult abdomen is 280-400 mm across (the scans here: 290-370 mm); less is a child's, or a thin adult's.
-SMALL_BODY_MM = 240.0
-SHORT_SCAN_MM = 120.0  # a liver is 130-200 mm tall: a scan shorter than this cannot hold a whole one
-
-
-def body_extent(image: sitk.Image) -> tuple[float, float, float]:
-    """(the body's width across, the scan's length along the body, the field of view's width across), in mm,
-    of an image in the canonical (LPS-nearest) index order; the width is 0 when the body reaches both sides
-    of the field of view (a crop: its size is unknown). The body is what is above -500 HU, sampled every
-    fourth voxel; columns count as body where it is at least a sixth as deep as at its deepest, so the CT
-    table, wider but thin, does not."""
-    view = sitk.GetArrayViewFromImage(image)[::4, ::4, ::4]
-    depth = (view > -500).mean(axis=(0, 1))
-    columns = np.nonzero(depth > depth.max() / 6)[0] if depth.size and depth.max() > 0 else np.array([], int)
-    step = 4 * image.GetSpacing()[0]
-    crop = columns.size == 0 or (columns[0] == 0 and columns[-1] == depth.size - 1)
-    width = 0.0 if crop else float((columns[-1] - columns[0] + 1) * step)
-    return width, float(image.GetSize()[2] * image.GetSpacing()[2]), float(image.GetSize()[0] * image.GetSpacing()[0])
-
-
-def size_warning(liver_ml: float, source: str, body: tuple[float, float, float] | None = None) -> str | None:
-    """A warning when nothing, or less than a whole liver, was found, else None; it names what the scan
-    shows that may explain it (``body``: :func:`body_extent`)."""
-    if liver_ml == 0:
-        return f"{source}: no liver found"
-    if liver_ml >= SMALL_LIVER_ML:
-        return None
-    width, length, fov = body or (0.0, 0.0, 0.0)
-    found = f"{source}: only {liver_ml:.0f} mL found, less than an adult's whole liver"
-    if length and length < SHORT_SCAN_MM:
-        return (f"{found}: the scan covers only {length:.0f} mm along the body, less than a liver's height; "
-                "check that what was found is liver")
-    if fov and not width:
-        return (f"{found}: the field of view ({fov:.0f} mm across) cuts through the body: the liver may lie "
-                "partly outside it; check the mask")
-    if width and width < SMALL_BODY_MM:
-        return (f"{found}: the body is small ({width:.0f} mm across: a child?); a small liver may be right, but "
-                "the model was trained on adults: check the mask")
-    return (f"{found}: the scan may show part of the liver or none of it (a scan of the chest or the pelvis?); "
-            "check that it is liver")
-
-
-def side_warning(volume: np.ndarray, liver: np.ndarray, x_spacing: float, source: str) -> str | None:
-    """A warning when the liver lies on the patient's left, else None.
-
-    ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned LPS grid, so +x is the patient's
-    left. On whole-body-width scans the liver's centre lies 35-90 mm to the right of the body's; a liver
-    on the left means a header that swaps left and right (the mask is then wrong without any other sign),
-    or a situs inversus. Crops around the liver have no midline to judge by and are not judged.
-    """
-    body = volume > -500
-    body_x = np.nonzero(body.any(axis=(0, 1)))[0]
-    if body_x.size == 0 or (body_x[-1] - body_x[0]) * x_spacing < SIDE_CHECK_WIDTH_MM:
-        return None
-    body_centre = float(np.nonzero(body)[2].mean())
-    offset = (float(np.nonzero(liver)[2].mean()) - body_centre) * x_spacing
-    if offset <= WRONG_SIDE_MM:
-        return None
-    return (f"{source}: the liver found lies on the patient's left ({offset:.0f} mm left of the body's centre); "
-            "check the image's orientation (left and right swapped?)")
-
-
-def spine_column(volume: np.ndarray, liver: np.ndarray, spacing: Sequence[float]) -> np.ndarray | None:
-    """The ``(y, x)`` voxel centre of the spine in an axial projection, or None when none is seen.
-
-    ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned grid of ``spacing`` (x, y, z) mm. The spine is
-    the bone that runs through most slices: of the axial places where bone (outside the liver) lies in at
-    least 40 % of the slices (discs are not bone), the largest compact patch no wider than a vertebra with
-    its processes. A CT table is wider, and is left out; so are small patches of a rib or a vessel.
-    """
-    sx, sy = float(spacing[0]), float(spacing[1])
-    bone = (volume > BONE_HU) & ~ndimage.binary_dilation(liver, iterations=2)
-    share = bone.mean(axis=0)
-    patches, _ = ndimage.label(share >= 0.4)
-    best, best_weight = None, 0.0
-    for index, found in enumerate(ndimage.find_objects(patches), start=1):
-        extent = np.array([(found[0].stop - found[0].start) * sy, (found[1].stop - found[1].start) * sx])
-        inside = patches == index
-        area = inside.sum() * sx * sy
-        if extent[0] > 150 or extent[1] > 120 or not 100 <= area <= 4000:
-            continue
-        weight = float(share[inside].sum())
-        if weight > best_weight:
-            best, best_weight = inside, weight
-    if best is None:
-        return None
-    return np.array(ndimage.center_of_mass(share * best))
-
-
-def spine_warning(volume: np.ndarray, liver: np.ndarray, spacing: Sequence[float], source: str) -> str | None:
-    """A warning when the liver found does not lie in front of the spine and to its right, else None.
-
-    ``volume`` (HU) and ``liver`` are ``[z, y, x]`` on an axis-aligned LPS grid of ``spacing`` (x, y, z) mm, so +y is
-    the patient's back and +x their left. Unlike :func:`side_warning` this needs no body around the liver:
-    crops are judged too. A header turned 180 degrees in-plane (lits_117_crop as written) puts the spine in
-    front of the liver; one that swaps left and right puts the liver on the spine's left.
-    """
-    if not liver.any():
-        return None
-    spine = spine_column(volume, liver, spacing)
-    if spine is None:
-        return None
-    behind, left = (spine - np.argwhere(liver)[:, 1:].mean(axis=0)) * [spacing[1], spacing[0]]
-    if behind < -SPINE_IN_FRONT_MM:
-        return (f"{source}: the spine lies in front of the liver found ({-behind:.0f} mm); check the image's "
-                "orientation (front and back swapped, or the image turned?)")
-    if left < -SPINE_ON_RIGHT_MM:
-        return (f"{source}: the liver found lies on the patient's left of the spine ({-left:.0f} mm); check the "
-                "image's orientation (left and right swapped?)")
-    return None
 
 
 @dataclass
@@ -320,6 +120,7 @@ class LiverSegmenter:
             model = default_model_dir()
             if model is None:
                 raise LiverSegError("no trained LiverSeg model is installed; pass a model folder with --model")
+        prefetch_ndimage()  # while the runtime loads and the first CT is read
         self.runtime = load_runtime(model, device, runtime)
         self.model: ModelInfo = self.runtime.model  # the card, read once (by the runtime)
         self._low, self._high = (float(v) for v in self.model.window)
@@ -360,16 +161,20 @@ class LiverSegmenter:
         for every door alike.
         """
         from LiverSegExtension.io import is_allocation_failure, not_enough_memory
+        from LiverSegExtension.io.memory import address_space_left
 
         try:
             return self._segment_image(image, progress, cancel, source, probabilities)
-        except (MemoryError, RuntimeError) as exc:  # numpy's and ITK's, torch's on a GPU, ONNX Runtime's
+        except LiverSegError:
+            raise
+        except Exception as exc:  # numpy's and ITK's, torch's on a GPU, ONNX Runtime's (a type of its own)
             if not is_allocation_failure(exc):
                 raise
             if self.device != "cpu":
                 raise LiverSegError(f"{source}: the device ran out of memory; try the CPU") from None
             voxels = int(np.prod(image.GetSize(), dtype=np.int64))
-            raise LiverSegError(f"{source}: {not_enough_memory(voxels=voxels)}; close other programs") from None
+            hint = "raise the virtual-memory limit (ulimit -v)" if address_space_left() is not None else "close other programs"
+            raise LiverSegError(f"{source}: {not_enough_memory(voxels=voxels)}; {hint}") from None
 
     def _segment_image(self, image: sitk.Image, progress: ProgressCallback | None, cancel: CancelCallback | None,
                        source: str, probabilities: bool = False) -> SegmentationResult:
@@ -395,6 +200,8 @@ class LiverSegmenter:
         t = time.perf_counter()
         box, orientation = self._locate(image, source)  # the side of the coarse liver, if wrong
         t = lap("coarse", t)
+        from LiverSegExtension.data.metrics import uncertainty_of, volume_ml  # scipy: imported by now (prefetch)
+
         mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
         probability = np.zeros_like(mask) if probabilities else None
         uncertainty = 0.0
@@ -494,7 +301,8 @@ class LiverSegmenter:
         """(the fine grid over the box, the image (HU) on it, the liver probability on it)"""
         grid = Grid.covering(lower, upper, self.model.stage("fine")["spacing_mm"])
         lo, hi = index_box(image, lower, upper)
-        crop = image[int(lo[0]) : int(hi[0]), int(lo[1]) : int(hi[1]), int(lo[2]) : int(hi[2])]
+        whole = not np.any(lo) and tuple(hi) == image.GetSize()  # a small scan: no copy of it
+        crop = image if whole else image[int(lo[0]) : int(hi[0]), int(lo[1]) : int(hi[1]), int(lo[2]) : int(hi[2])]
         volume = sitk.GetArrayFromImage(resample_to_grid(crop, grid, pixel_type=sitk.sitkFloat32))
         return grid, volume, self.predict("fine", volume)
 
@@ -507,36 +315,83 @@ class LiverSegmenter:
     def clean(prob: np.ndarray, liver: np.ndarray) -> np.ndarray:
         """The liver (:meth:`_body` of ``prob``) with its holes filled, folded into the fine probabilities
         (holes raised to 1, everything away from the kept liver lowered to 0), so that the cheap
-        interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of its own."""
-        above = prob >= 0.5
+        interpolation back to the input grid keeps the sub-voxel boundary and needs no cleaning of its own.
+
+        Done in the liver's box widened by two voxels: the grid outside it is background joined to the border
+        (no hole), and one voxel of dilation stays inside it; everything outside is 0."""
+        out = np.zeros_like(prob)
+        found = ndimage.find_objects(np.asarray(liver, dtype=bool).view(np.uint8))
+        if not found:
+            return out
+        box = tuple(slice(max(0, s.start - 2), s.stop + 2) for s in found[0])
+        sub, part = prob[box], liver[box]
+        above = sub >= 0.5
         # MONAI's FillHoles: background not reachable from the border, with full (26-) connectivity.
-        filled = ndimage.binary_fill_holes(liver, structure=np.ones((3, 3, 3), bool))
-        out = prob.copy()
-        out[filled & ~above] = 1.0
-        out[~ndimage.binary_dilation(filled, iterations=1) | (above & ~filled)] = 0.0  # incl. a cut-off leak
+        filled = ndimage.binary_fill_holes(part, structure=np.ones((3, 3, 3), bool))
+        kept = sub.copy()
+        kept[filled & ~above] = 1.0
+        kept[~ndimage.binary_dilation(filled, iterations=1) | (above & ~filled)] = 0.0  # incl. a cut-off leak
+        out[box] = kept
         return out
 
     def _paste(self, image: sitk.Image, grid: Grid, prob: np.ndarray, mask: np.ndarray,
                probability: np.ndarray | None = None) -> None:
-        """Resample (cleaned) fine probabilities onto the input sub-block they cover and threshold there;
-        into ``probability`` too, as 0-255 (255 x p rounded: at least 128 exactly where p >= 0.5)."""
+        """Resample (cleaned) fine probabilities onto the input voxels they can reach and threshold there;
+        into ``probability`` too, as 0-255 (255 x p rounded: at least 128 exactly where p >= 0.5).
+
+        Linear interpolation gives exactly 0 more than one fine voxel away from the non-zero probabilities,
+        so only the box around them is resampled, a slab of :data:`PASTE_SLAB` input slices at a time (more
+        on small grids), each slab in the box of the probabilities it can reach (a liver fills half of its
+        own box); the rest of the input grid stays the zeros it was made of."""
+        lo, hi = self._reach(image, grid, prob, np.zeros(3, int), np.array(grid.size))
+        if lo is None:
+            return
         prob_image = sitk.GetImageFromArray(prob.astype(np.float32, copy=False))
         prob_image.SetOrigin(grid.origin)
         prob_image.SetSpacing(grid.spacing)
-        upper = grid.index_to_physical(np.array(grid.size) - 1)
-        lo, hi = index_box(image, np.asarray(grid.origin), upper, margin_vox=1)
-        if np.any(hi <= lo):
-            return
+        step = max(PASTE_SLAB, PASTE_VOXELS // int((hi[0] - lo[0]) * (hi[1] - lo[1])))  # small CTs: one box
+        for z0 in range(int(lo[2]), int(hi[2]), step):
+            slab = np.array([[lo[0], lo[1], z0], [hi[0] - 1, hi[1] - 1, min(z0 + step, hi[2]) - 1]])
+            corners = np.array([image.TransformContinuousIndexToPhysicalPoint([float(v) for v in c]) for c in
+                                np.array(np.meshgrid(*slab.T)).reshape(3, -1).T])
+            # the fine voxels these input voxels interpolate from: floor(c) and floor(c) + 1 of each position c
+            reach = (corners - np.asarray(grid.origin)) / np.asarray(grid.spacing)
+            first = np.clip(np.floor(reach.min(axis=0)).astype(int), 0, np.array(grid.size))
+            last = np.clip(np.floor(reach.max(axis=0)).astype(int) + 2, 0, np.array(grid.size))
+            box_lo, box_hi = self._reach(image, grid, prob, first, last)
+            if box_lo is None:
+                continue
+            box_lo, box_hi = np.maximum(box_lo, slab[0]), np.minimum(box_hi, slab[1] + 1)
+            if np.all(box_hi > box_lo):
+                self._paste_box(image, prob_image, box_lo, box_hi, mask, probability)
+
+    @staticmethod
+    def _reach(image: sitk.Image, grid: Grid, prob: np.ndarray, first: np.ndarray, last: np.ndarray):
+        """The input index box [lo, hi) (x, y, z) that the non-zero probabilities in the fine index box
+        [first, last) can reach by interpolation, or (None, None) when there are none."""
+        part = prob[first[2] : last[2], first[1] : last[1], first[0] : last[0]]
+        support = np.nonzero(part)
+        if support[0].size == 0:
+            return None, None
+        low = first + np.array([int(a.min()) for a in support][::-1]) - 1  # x, y, z: one voxel of interpolation
+        high = first + np.array([int(a.max()) for a in support][::-1]) + 1
+        lo, hi = index_box(image, grid.index_to_physical(low), grid.index_to_physical(high), margin_vox=1)
+        return (None, None) if np.any(hi <= lo) else (lo, hi)
+
+    @staticmethod
+    def _paste_box(image: sitk.Image, prob_image: sitk.Image, lo: np.ndarray, hi: np.ndarray, mask: np.ndarray,
+                   probability: np.ndarray | None) -> None:
         ref = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
         ref.SetSpacing(image.GetSpacing())
         ref.SetDirection(image.GetDirection())
         ref.SetOrigin(image.TransformIndexToPhysicalPoint([int(v) for v in lo]))
-        sub = sitk.Resample(prob_image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        # A copy, not a view: the thresholded image is a temporary that may be freed at once.
-        block = sitk.GetArrayFromImage(sitk.BinaryThreshold(sub, 0.5, 2.0, 1, 0))
-        mask[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = block
+        sub_image = sitk.Resample(prob_image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        sub = sitk.GetArrayViewFromImage(sub_image)  # a view: sub_image must live as long as it
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo[::-1], hi[::-1]))
+        block = sub >= 0.5  # the values lie in [0, 1]
+        mask[box] = block
         if probability is not None:
-            p = np.rint(np.clip(sitk.GetArrayViewFromImage(sub), 0.0, 1.0) * 255.0).astype(np.uint8)
-            p[(block > 0) & (p < 128)] = 128  # keep "p >= 128" equal to the mask where rounding ties
-            p[(block == 0) & (p >= 128)] = 127
-            probability[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = p
+            p = np.rint(np.clip(sub, 0.0, 1.0) * 255.0).astype(np.uint8)
+            p[block & (p < 128)] = 128  # keep "p >= 128" equal to the mask where rounding ties
+            p[~block & (p >= 128)] = 127
+            probability[box] = p

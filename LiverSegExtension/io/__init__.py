@@ -60,7 +60,9 @@ from LiverSegExtension.io.summary import (
     case_warnings,
     merge_shard_summaries,
     result_status,
+    shard_summaries,
     status_counts,
+    summary_path,
     summary_row,
     write_summary,
 )
@@ -74,7 +76,8 @@ __all__ = [
     "memory_bytes", "MAX_GZIP_RATIO", "check_nifti_length", "is_allocation_failure", "not_enough_memory",
     "unreadable_neighbours", "check_series_layout", "series_files_in_order", "check_loaded_grid",
     "check_slice_sizes", "check_slice_positions", "SUMMARY_FIELDS", "STATUSES", "status_counts",
-    "result_status", "case_warnings", "summary_row", "write_summary", "merge_shard_summaries", "locked",
+    "result_status", "case_warnings", "summary_row", "write_summary", "merge_shard_summaries", "summary_path",
+    "shard_summaries", "locked",
     "check_writable_folder", "complete_output", "TEMP_MARK", "_HOST", "STALE_SECONDS",
     "clean_stale_temporaries", "atomic_write", "mask_image", "write_mask",
 ]

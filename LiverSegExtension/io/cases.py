@@ -37,6 +37,9 @@ class InputCase:
     source: Path
     series_uid: str | None = None
     files: tuple[str, ...] = ()
+    #: the folder given by the user that this case was found in (None: the case was given itself); its output
+    #: mirrors the case's place under that folder
+    root: Path | None = None
 
     @property
     def label(self) -> str:
@@ -45,14 +48,20 @@ class InputCase:
 
     @property
     def stem(self) -> str:
-        name = self.source.name
-        for ext in VOLUME_SUFFIXES:
-            if name.lower().endswith(ext):
-                name = name[: -len(ext)]
-                break
+        name = volume_stem(self.source)
         if self.series_uid:
             name = f"{name}_{self.series_uid.split('.')[-1]}"
         return name
+
+
+def volume_stem(path: str | Path) -> str:
+    """A file's name without its volume format (``ct`` for ``ct.nii.gz`` or ``CT.NRRD``'s ``CT``): the one place
+    where volume suffixes are taken off."""
+    name = Path(path).name
+    for ext in VOLUME_SUFFIXES:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
 
 
 def display_path(path: str | Path) -> str:
@@ -155,7 +164,7 @@ def expand_inputs(paths: list[str | Path], output_dir: Path | None = None,
         path = Path(raw)
         if path.is_dir():
             found = [InputCase(f) for f in search_folder(path, skip)[1]] + dicom_series(path, skip)
-            found = found or [InputCase(path)]
+            found = [InputCase(c.source, c.series_uid, c.files, path) for c in found] or [InputCase(path)]
         else:
             found = [InputCase(path)]
         for case in found:
@@ -188,21 +197,58 @@ def shard(cases: list[InputCase], i: int, n: int) -> list[InputCase]:
     return sorted(cases, key=lambda c: c.label)[i - 1 :: n]
 
 
+def _name_parts(case: InputCase) -> list[str]:
+    """A case's name as folders and a stem: its place under the folder it was found in (``a/ct`` for
+    ``cohort/a/ct.nii.gz``), or its stem alone when it was given itself."""
+    parts = [case.stem]
+    if case.root is not None:
+        location = case.source.parent if case.source != case.root else case.root.parent
+        try:
+            relative = Path(os.path.relpath(location, case.root)).parts if case.source != case.root else ()
+        except ValueError:  # another drive (Windows)
+            relative = ()
+        parts = [p for p in relative if p not in (".", "..")] + parts
+    return parts
+
+
 def output_names(cases: list[InputCase]) -> list[str]:
-    """One output name per case (its stem; ``_2``, ``_3``... where stems repeat), for every door."""
+    """One output name per case, a function of the whole input list (the same in every shard, whatever the
+    order of inputs, shards and runs): ``a/ct`` for ``cohort/a/ct.nii.gz`` found in ``cohort``, ``ct`` for
+    ``ct.nii.gz`` given itself. Names that would collide (ignoring case: some file systems do) take folders
+    above them until they differ (``a/ct`` and ``b/ct`` for two files given as ``a/ct.nii.gz b/ct.nii.gz``);
+    names still equal (``ct.nii.gz`` and ``ct.nrrd`` side by side) take ``_2``, ``_3``... in the order of
+    their resolved paths."""
+    parts = [_name_parts(c) for c in cases]
+    above = []  # the folders above those already in each name, nearest last
+    for c, p in zip(cases, parts):
+        folders = [f for f in Path(os.path.abspath(c.source)).parent.parts if f != Path(f).anchor]
+        above.append(folders[: len(folders) - (len(p) - 1)])
+    for _ in range(64):
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(parts):
+            groups.setdefault("/".join(p).lower(), []).append(i)
+        # only where the folders above tell the clashing names apart somewhere
+        clashing = [g for g in groups.values() if len(g) > 1 and len({tuple(above[i]) for i in g}) > 1]
+        if not clashing:
+            break
+        for group in clashing:
+            for i in group:
+                if above[i]:
+                    parts[i] = [above[i].pop(), *parts[i]]
+    names = ["/".join(p) for p in parts]
+    order = sorted(range(len(cases)), key=lambda i: (os.path.realpath(cases[i].source), cases[i].series_uid or ""))
     taken: set[str] = set()
-    names = []
-    for case in cases:
-        name, n = case.stem, 2
-        while name in taken:
-            name, n = f"{case.stem}_{n}", n + 1
-        taken.add(name)
-        names.append(name)
+    for i in order:
+        name, n = names[i], 2
+        while name.lower() in taken:
+            name, n = f"{names[i]}_{n}", n + 1
+        taken.add(name.lower())
+        names[i] = name
     return names
 
 
 def mask_path(out_dir: Path, name: str, fmt: str) -> Path:
-    """Where a door writes a case's mask: ``OUT/<name>_liver.<format>``."""
+    """Where a door writes a case's mask: ``OUT/<name>_liver.<format>`` (``name`` may hold folders)."""
     return Path(out_dir) / f"{name}_liver{OUTPUT_FORMATS[fmt]}"
 
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from LiverSegExtension import __version__
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import LIVER_SEGMENT, atomic_write
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 #: the image storage class of a source whose SOPClassUID is empty, from its Modality (what it must be)
 STORAGE_BY_MODALITY = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
@@ -104,3 +108,45 @@ def _complete_references(sources: list, path: Path) -> list[str]:
                      f"{modality} Image Storage, from their Modality")
     return notes
 
+
+
+def read_dicom_seg(path: Path, image: sitk.Image) -> sitk.Image:
+    """The liver segment of a DICOM SEG (the one named Liver, or its only segment) as a uint8 label on
+    ``image``'s grid: each frame placed by its own position, so frames may come in any order and cover only
+    the slices with liver. A frame that does not lie on the grid's voxels is an error."""
+    import highdicom as hd
+    import SimpleITK as sitk
+
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as exc:  # noqa: BLE001 - pydicom's and highdicom's many errors: not a readable SEG
+        raise LiverSegError(f"{path}: not a readable DICOM SEG ({exc})") from None
+    if str(getattr(seg, "SegmentationType", "")) != "BINARY":
+        raise LiverSegError(f"{path}: a {str(seg.SegmentationType).lower()} SEG holds probabilities, not a label")
+    numbers = list(seg.segment_numbers)
+    liver = [n for n in numbers if str(seg.get_segment_description(n).segment_label).strip().lower() == "liver"]
+    if len(liver) != 1 and len(numbers) != 1:
+        raise LiverSegError(f"{path}: {len(numbers)} segments and none (or several) named Liver: which is the liver?")
+    number = (liver or numbers)[0]
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    row_dir, col_dir = np.reshape(np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float), (2, 3))
+    dr, dc = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)  # between rows, between columns
+    frames = np.asarray(seg.pixel_array).reshape(-1, int(seg.Rows), int(seg.Columns))
+    direction = np.reshape(image.GetDirection(), (3, 3)) * np.asarray(image.GetSpacing())
+    to_index = np.linalg.inv(direction)
+    out = np.zeros(image.GetSize()[::-1], np.uint8)
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        if int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber) != number or not frame.any():
+            continue
+        r, c = np.nonzero(frame)
+        position = np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, float)
+        points = position + np.outer(c * dc, row_dir) + np.outer(r * dr, col_dir)  # LPS, as ITK's
+        index = (points - np.asarray(image.GetOrigin())) @ to_index.T
+        whole = np.round(index)
+        if not np.allclose(index, whole, atol=0.05) or (whole < 0).any() or (whole >= image.GetSize()).any():
+            raise LiverSegError(f"{path}: its frames do not lie on the CT's voxels (another series, or another grid)")
+        i, j, k = whole.astype(int).T
+        out[k, j, i] = 1
+    label = sitk.GetImageFromArray(out)
+    label.CopyInformation(image)
+    return label

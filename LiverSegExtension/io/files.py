@@ -155,7 +155,14 @@ def atomic_write(path: Path, write_to: Callable[[str], object], overwrite: bool 
     # Named after the writer (host and process), so that a later run can tell debris from work in progress.
     tmp = str(path.with_name(f".{path.name}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"))
     try:
-        write_to(tmp)
+        try:
+            write_to(tmp)
+        except OSError as exc:  # name the file the user asked for, not the hidden temporary
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        except RuntimeError as exc:  # ITK's writers
+            if tmp not in str(exc):
+                raise
+            raise LiverSegError(f"{path}: could not be written ({str(exc).replace(tmp, str(path)).strip()})") from None
         if overwrite:
             os.replace(tmp, path)
         else:

@@ -8,6 +8,7 @@ import os
 import struct
 import sys
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,17 @@ from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io.cases import InputCase, check_name_encoding, dicom_series, search_folder
 from LiverSegExtension.io.compact_read import WIDE_TYPES, data_files, fits_int16, layout_of, read_compact
 from LiverSegExtension.io.dicom import _frames, _slice_headers, _slice_positions, check_slice_positions, check_slice_sizes
+from LiverSegExtension.io.memory import (  # noqa: F401 - also LiverSegExtension.io's
+    check_fits_memory,
+    is_allocation_failure,
+    memory_bytes,
+    memory_needed,
+    not_enough_memory,
+)
+
+#: bytes a voxel of each type takes as read
+_BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+          sitk.sitkInt32: 4, sitk.sitkFloat32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat64: 8}
 
 
 def quiet_native_logs(debug: bool) -> None:
@@ -37,6 +49,14 @@ def read_case(case: InputCase) -> sitk.Image:
 
 
 def _read_dicom(case: InputCase) -> sitk.Image:
+    first = sitk.ImageFileReader()
+    first.SetFileName(case.files[0])
+    try:
+        first.ReadImageInformation()
+    except RuntimeError:
+        pass  # the series reader says why
+    else:
+        check_fits_memory(case.label, (*first.GetSize()[:2], len(case.files)), _BYTES.get(first.GetPixelID(), 2))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(case.files))
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, for the check below
@@ -53,6 +73,7 @@ def _read_dicom(case: InputCase) -> sitk.Image:
                                 "or load it in Slicer's DICOM module)")
         raise LiverSegError(f"{case.label}: a single-slice DICOM series is not a 3D volume")
     positions = _slice_positions(case, reader)
+    del reader  # it holds the image too: a view of it would copy it first (ITK's copy on write)
     if positions is not None:
         check_slice_positions(case, positions, np.array(image.GetDirection()).reshape(3, 3)[:, 2])
     return _to_compact_type(image)
@@ -103,6 +124,7 @@ def read_image(path: str | Path) -> sitk.Image:
     check_data_files_beside(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
     try:
         reader.ReadImageInformation()
         if reader.GetDimension() == 4 or reader.GetNumberOfComponents() > 1:
@@ -110,22 +132,26 @@ def read_image(path: str | Path) -> sitk.Image:
         if reader.GetDimension() != 3:
             raise LiverSegError(f"{path}: {reader.GetDimension()}D image; LiverSeg needs a 3D CT volume")
         check_directions(path, reader.GetDirection())
+        check_fits_memory(path, reader.GetSize(), _BYTES.get(reader.GetPixelID(), 2))  # before any voxel is read
         layout = layout_of(path) if reader.GetPixelID() in WIDE_TYPES else None
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            check_nifti_length(path, check_stream=layout is None)  # the chunked reader checks the stream itself
+        claim = _nifti_claim(path) if nifti else None
         if layout is not None:  # float64 and the like: never held whole in the file's type
-            return read_compact(path, reader, layout)
+            return read_compact(path, reader, layout)  # it checks the stream as it reads it
         image = reader.Execute()
+        if claim is not None and claim.gz and not _read_whole_stream(path, claim, image):
+            check_nifti_length(path)  # says how the stream is damaged (one more pass, on this path only)
     except MemoryError:
         raise LiverSegError(f"{path}: {not_enough_memory(reader)}") from None
     except RuntimeError as exc:
         if is_allocation_failure(exc):
             raise LiverSegError(f"{path}: {not_enough_memory(reader)}") from None
-        if path.name.lower().endswith((".nii", ".nii.gz")):
+        if nifti:
             check_nifti_length(path)  # a damaged stream also defeats ITK's header read: say that, if so
         reason = _first_line(exc)
         if "Unable to determine ImageIO" in reason or "Could not create IO" in reason:
             reason = "not an image file LiverSeg can read (NIfTI, NRRD, MHA/MHD or a DICOM folder)"
+        elif "fread got only" in reason or "% of expected" in reason:  # NRRD's reader: the data stops short
+            reason = f"truncated file: its voxel data stops short of what the header says ({reason})"
         raise LiverSegError(f"{path}: {reason}") from None
     return _to_compact_type(image)
 
@@ -156,32 +182,32 @@ def check_directions(path: Path, direction: tuple[float, ...]) -> None:
                                 "line (collinear space directions); not a 3D grid")
 
 
-def memory_bytes() -> int:
-    """This machine's physical memory (0 where it cannot be told)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 #: deflate cannot compress more than about 1032:1; a header that claims more is lying about its size
 MAX_GZIP_RATIO = 1032
 
 
-def check_nifti_length(path: Path, check_stream: bool = True) -> None:
-    """ITK fills a truncated NIfTI with zeros without a word, and allocates whatever the header claims
-    before it reads a byte: check the claim first, against this machine's memory and (for .nii.gz) against
-    what the compressed stream can hold, then the data's real length.
+@dataclass
+class NiftiClaim:
+    """What a NIfTI-1 header promises: the stream's length up to the end of the voxels, where they start,
+    and for .nii.gz the gzip trailer's CRC-32 and length (mod 2**32)."""
 
-    For .nii.gz the gzip trailer holds the uncompressed length (mod 2**32); with ``check_stream`` the
-    stream is also decompressed once, without keeping it, for its real length and its CRC (ITK checks
-    neither).
-    """
+    expected: int
+    offset: int
+    gz: bool
+    crc: int = 0
+    swapped: bool = False  # the voxels are stored in the other byte order than this machine's (ITK swaps them)
+
+
+def _nifti_claim(path: Path) -> NiftiClaim | None:
+    """The header's checks, without reading the voxels: ITK fills a truncated NIfTI with zeros without a
+    word, and allocates whatever the header claims before it reads a byte. The claim is checked against
+    this machine's memory, against what the compressed stream can hold, and against the gzip trailer's
+    length (or the file's size). None for a file that is not NIfTI-1 (ITK decides)."""
     gz = path.name.lower().endswith(".gz")
     try:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
             header = f.read(352)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise LiverSegError(f"{path}: truncated or corrupt file ({exc})") from None
     if len(header) < 348:
         raise LiverSegError(f"{path}: truncated file (incomplete NIfTI header)")
@@ -189,7 +215,7 @@ def check_nifti_length(path: Path, check_stream: bool = True) -> None:
         if struct.unpack(endian + "i", header[:4])[0] == 348:
             break
     else:
-        return  # not NIfTI-1; let ITK decide
+        return None  # not NIfTI-1; let ITK decide
     dims = struct.unpack(endian + "8h", header[40:56])
     pixdim = struct.unpack(endian + "8f", header[76:108])[1 : 1 + max(0, min(dims[0], 3))]
     if not all(np.isfinite(v) and v > 0 for v in pixdim):
@@ -206,53 +232,66 @@ def check_nifti_length(path: Path, check_stream: bool = True) -> None:
     if memory and expected > memory // 2:
         raise LiverSegError(f"{path}: the header claims {claimed}, more than half of this machine's memory "
                             f"({memory / 1e9:.0f} GB): not enough memory to read it (needed about "
-                            f"{3 * expected / 1e9:.0f} GB)")
+                            f"{memory_needed(int(np.prod(shape, dtype=np.int64))) / 1e9:.0f} GB)")
     if gz and expected > MAX_GZIP_RATIO * size:
         raise LiverSegError(f"{path}: the header claims {claimed} from {size / 1e6:.2f} MB of compressed data, more "
                             "than gzip can hold: a damaged or forged file")
-    if gz:
-        with open(path, "rb") as f:
-            f.seek(-4, os.SEEK_END)
-            actual = struct.unpack("<I", f.read(4))[0]
-        ok = actual == expected % (1 << 32)
-        if ok and check_stream:  # the real length (the trailer's is mod 2**32) and the CRC, ITK checks neither
-            actual = 0
-            try:
-                with gzip.open(path, "rb") as f:
-                    while block := f.read(1 << 24):
-                        actual += len(block)
-                        if actual > expected:
-                            break
-            except (OSError, EOFError, zlib.error) as exc:
-                raise LiverSegError(f"{path}: corrupt compressed data ({exc})") from None
-            ok = actual == expected
-    else:
-        actual = size
-        ok = actual >= expected
-    if not ok:
-        held = f"the compressed stream holds {actual}" if gz else f"file holds {actual}"
-        raise LiverSegError(f"{path}: truncated or damaged file (header promises {expected} bytes, {held})")
+    if not gz:
+        if size < expected:
+            raise LiverSegError(f"{path}: truncated or damaged file (header promises {expected} bytes, file holds "
+                                f"{size})")
+        return NiftiClaim(expected, offset, False)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 8))
+        crc, length = struct.unpack("<II", f.read(8).rjust(8, b"\0"))
+    if length != expected % (1 << 32):
+        raise LiverSegError(f"{path}: truncated or damaged file (header promises {expected} bytes, the compressed "
+                            f"stream holds {length})")
+    return NiftiClaim(expected, offset, True, crc, bitpix > 8 and (endian == ">") == (sys.byteorder == "little"))
 
 
-def is_allocation_failure(exc: BaseException) -> bool:
-    """ITK's, NIfTI's and ONNX Runtime's words for an allocation that failed."""
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or any(
-        words in text for words in ("bad_alloc", "failed to allocate", "out of memory", "nifti_image_load failed",
-                                    "memory allocation", "cannot allocate memory"))
-
-
-def not_enough_memory(reader: sitk.ImageFileReader | None = None, voxels: int = 0) -> str:
-    """"not enough memory (needed about N GB)", N from the image's size: LiverSeg's peak is about three times
-    the CT's int16 voxels plus the runtime (benchmarks/peak_memory.py)."""
+def check_nifti_length(path: Path, check_stream: bool = True) -> None:
+    """Refuse a NIfTI file whose header's claim the data cannot honour (:func:`_nifti_claim`). With
+    ``check_stream`` a .nii.gz is also decompressed once, without keeping it, for its real length (the
+    trailer's is mod 2**32) and its CRC, which ITK checks neither of. A read of the voxels checks the
+    same on what ITK read instead (:func:`_read_whole_stream`), without decompressing twice."""
+    claim = _nifti_claim(path)
+    if claim is None or not claim.gz or not check_stream:
+        return
+    actual = 0
     try:
-        if reader is not None:
-            voxels = int(np.prod(reader.GetSize(), dtype=np.int64))
-    except RuntimeError:
-        voxels = 0
-    if not voxels:
-        return "not enough memory"
-    return f"not enough memory (needed about {max(1.0, (6 * voxels + 0.4e9) / 1e9):.0f} GB)"
+        with gzip.open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                actual += len(block)
+                if actual > claim.expected:
+                    break
+    except (OSError, EOFError, zlib.error) as exc:
+        raise LiverSegError(f"{path}: corrupt compressed data ({exc})") from None
+    if actual != claim.expected:
+        raise LiverSegError(f"{path}: truncated or damaged file (header promises {claim.expected} bytes, the "
+                            f"compressed stream holds {actual})")
+
+
+def _read_whole_stream(path: Path, claim: NiftiClaim, image: sitk.Image) -> bool:
+    """Whether ITK's voxels, after the header's bytes, are the whole decompressed stream: their CRC-32
+    equals the gzip trailer's (ITK checks neither the CRC nor the length). A stream cut short, damaged, or
+    longer than the header says by a multiple of 4 GiB (the trailer's length wraps) fails; so does a file
+    ITK converted while reading (other types than the file's), which the caller then checks by
+    decompressing it."""
+    view = sitk.GetArrayViewFromImage(image)
+    if view.nbytes != claim.expected - claim.offset or not view.flags.c_contiguous:
+        return False
+    try:
+        with gzip.open(path, "rb") as f:
+            crc = zlib.crc32(f.read(claim.offset))
+    except (OSError, EOFError, zlib.error):
+        return False
+    flat = view.reshape(-1)
+    step = 1 << 22
+    for start in range(0, flat.size, step):
+        block = flat[start : start + step]
+        crc = zlib.crc32(block.byteswap() if claim.swapped else block, crc)
+    return crc == claim.crc
 
 
 def _first_line(exc: Exception) -> str:

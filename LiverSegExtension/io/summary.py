@@ -12,7 +12,9 @@ from LiverSegExtension.io.cases import InputCase, _modality
 from LiverSegExtension.io.files import atomic_write, locked
 
 # -- writing ---------------------------------------------------------------------------------------
-SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "uncertainty", "seconds", "error", "warning", "runtime"]
+#: ``input`` as the user gave it; ``input_path`` the input resolved (its key: any spelling of a file is one input)
+SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "uncertainty", "seconds", "error", "warning", "runtime",
+                  "input_path"]
 
 
 STATUSES = ("ok", "warning", "empty", "skipped", "failed")
@@ -52,11 +54,33 @@ def summary_row(source: str, output: str) -> dict[str, str]:
     return {**dict.fromkeys(SUMMARY_FIELDS, ""), "input": source, "output": output, "status": "ok"}
 
 
+def summary_path(out_dir: Path, shard: tuple[int, int] = (1, 1)) -> Path:
+    """``summary.csv``, or ``summary_shardIofN.csv`` for one of several shards (tasks never share a file)."""
+    i, n = shard
+    return Path(out_dir) / ("summary.csv" if n == 1 else f"summary_shard{i}of{n}.csv")
+
+
+def shard_summaries(folder: Path) -> dict[tuple[int, int], Path]:
+    """The shard summaries in ``folder`` by ``(I, N)``: the names :func:`summary_path` gives, read back."""
+    found = {}
+    for path in sorted(Path(folder).glob("summary_shard*of*.csv")):
+        i, _, n = path.name[len("summary_shard"):-len(".csv")].partition("of")
+        if i.isdigit() and n.isdigit() and summary_path(folder, (int(i), int(n))).name == path.name:
+            found[(int(i), int(n))] = path
+    return found
+
+
+def row_key(row: dict) -> str:
+    """What makes two rows one input's: its resolved path (rows of older summaries: the input as given)."""
+    return row.get("input_path") or row["input"]
+
+
 def write_summary(path: Path, rows: list[dict]) -> None:
     """Record this run's rows in ``summary.csv``, merged with what it already holds.
 
-    Rows of earlier runs are kept: a row is replaced only by a newer row for the same input, and a
-    "skipped" row never replaces the row that recorded how the output was made. The file is read,
+    Rows of earlier runs are kept: a row is replaced only by a newer row for the same input (the same
+    ``input_path``, however the input was spelt), and a "skipped" row never replaces the row that recorded
+    how the output was made. The file is read,
     merged and replaced under a lock, so concurrent runs into one folder lose no rows; the replacement
     is atomic, so an interrupted run still leaves a whole summary.
     """
@@ -68,12 +92,12 @@ def write_summary(path: Path, rows: list[dict]) -> None:
                 with open(path, newline="") as f:
                     for old in csv.DictReader(f):
                         if old.get("input"):
-                            merged[old["input"]] = {k: old.get(k) or "" for k in SUMMARY_FIELDS}
+                            merged[row_key(old)] = {k: old.get(k) or "" for k in SUMMARY_FIELDS}
             except (OSError, UnicodeDecodeError, csv.Error) as exc:
                 raise LiverSegError(f"{path}: unreadable summary ({exc}); move it away to start a new one") from None
         for row in rows:
-            if row["status"] != "skipped" or row["input"] not in merged:
-                merged[row["input"]] = row
+            if row["status"] != "skipped" or row_key(row) not in merged:
+                merged[row_key(row)] = row
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -88,14 +112,10 @@ def write_summary(path: Path, rows: list[dict]) -> None:
 def merge_shard_summaries(folder: Path) -> tuple[int, list[str]]:
     """Merge ``folder/summary_shardIofN.csv`` into ``folder/summary.csv`` (with :func:`write_summary`'s rules);
     returns the number of rows read and the shards ``I/N`` with no summary."""
-    import re
-
     folder = Path(folder)
-    shards = {}
-    for path in sorted(folder.glob("summary_shard*of*.csv")):
-        match = re.fullmatch(r"summary_shard(\d+)of(\d+)\.csv", path.name)
-        if match:
-            shards[(int(match.group(1)), int(match.group(2)))] = path
+    if not folder.is_dir():
+        raise LiverSegError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: not a folder")
+    shards = shard_summaries(folder)
     if not shards:
         raise LiverSegError(f"{folder}: no shard summaries (summary_shardIofN.csv) to merge")
     counts = {n for _, n in shards}

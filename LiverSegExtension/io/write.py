@@ -9,8 +9,8 @@ import SimpleITK as sitk
 
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io.cases import LIVER_SEGMENT
-from LiverSegExtension.io.files import atomic_write, complete_output
-from LiverSegExtension.io.read import _first_line
+from LiverSegExtension.io.files import atomic_write
+from LiverSegExtension.io.read import _first_line, check_nifti_length
 
 
 def mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -24,11 +24,25 @@ def write_mask(mask: np.ndarray, reference: sitk.Image, path: Path, overwrite: b
                header_source: Path | None = None) -> None:
     """Write a binary liver mask as .nii.gz, .nrrd or a Slicer .seg.nrrd, atomically; a file that was not
     written whole (a full disk, a file size limit: ITK does not always say) never takes its final name.
-    A NIfTI mask of a NIfTI ``header_source`` gets that file's own qform and sform."""
-    image = mask_image(mask, reference)
+    A NIfTI mask of a NIfTI ``header_source`` is written here, compressed once, with that file's own
+    qform and sform in its header (:func:`~LiverSegExtension.io.nifti_header.mask_header`)."""
     path = Path(path)
+    header = None
+    if header_source is not None and path.name.lower().endswith((".nii", ".nii.gz")):
+        from LiverSegExtension.io.nifti_header import mask_header
+
+        header = mask_header(header_source, mask.shape)
 
     def write(tmp: str) -> None:
+        if header is not None:
+            from LiverSegExtension.io.nifti_header import write_mask_nifti
+
+            try:
+                write_mask_nifti(mask, header, tmp)
+            except OSError as exc:
+                raise LiverSegError(f"{path}: could not be written ({exc.strerror or exc})") from None
+            return  # the writer checked the length it wrote; the header is the one made above
+        image = mask_image(mask, reference)
         try:
             if path.name.endswith(".seg.nrrd"):
                 _write_seg_nrrd(image, tmp)
@@ -36,14 +50,24 @@ def write_mask(mask: np.ndarray, reference: sitk.Image, path: Path, overwrite: b
                 sitk.WriteImage(image, tmp, useCompression=True)
         except RuntimeError as exc:
             raise LiverSegError(f"{path}: could not be written ({_first_line(exc)})") from None
-        if header_source is not None and path.name.lower().endswith((".nii", ".nii.gz")):
-            from LiverSegExtension.io.nifti_header import copy_transforms
-
-            copy_transforms(header_source, tmp)
-        if not complete_output(Path(tmp)):
+        if not _written_whole(Path(tmp)):
             raise LiverSegError(f"{path}: could not be written whole (is the disk full, or a file size limit set?)")
 
     atomic_write(path, write, overwrite)
+
+
+def _written_whole(path: Path) -> bool:
+    """Whether a file ITK wrote is whole (its writer does not always report a short write): its header reads,
+    and a NIfTI's length is the header's (for .nii.gz, the gzip trailer's: nothing is decompressed again)."""
+    try:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            check_nifti_length(path, check_stream=False)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+    except (LiverSegError, RuntimeError):
+        return False
+    return True
 
 
 def _write_seg_nrrd(image: sitk.Image, path: str) -> None:

@@ -23,6 +23,11 @@ ONNX_FILE = "model.onnx"  # the same networks for ONNX Runtime: segmenting on th
 CARD_FILE = "card.json"
 STAGES = ("coarse", "fine")
 #: The fine-tuning recipe's budget (``finetune``), here so that doors can show it without loading the engine.
+#: training from scratch (``liverseg train`` without ``--init``): fine-stage iterations (the coarse stage gets half),
+#: validation interval and the decay of the weights' moving average; the CLI and TrainConfig read these
+TRAIN_ITERATIONS = 2000
+TRAIN_VAL_EVERY = 250
+TRAIN_EMA = 0.998
 FINE_TUNE_ITERATIONS = 200
 FINE_TUNE_LR = 1e-4
 FINE_TUNE_EMA = 0.99  # the moving average of the weights spans about the last 100 of the 200 iterations
@@ -209,3 +214,15 @@ def card_problem(card: Any) -> str | None:
         if not isinstance(units, int) or not 1 <= units <= 4:
             return f"stages.{name}.network.num_res_units must be 1 to 4"
     return None
+
+
+def bundled_model_name() -> str:
+    """``liverseg v1.1.0``: the name and version of the model used when none is given, or why there is none."""
+    folder = default_model_dir()
+    if folder is None:
+        return "none installed"
+    try:
+        card = read_card(folder)
+    except LiverSegError:
+        return f"{folder.name} (card unreadable)"
+    return f"{card.get('name', folder.name)} v{card.get('version', '?')}"

@@ -16,7 +16,6 @@ import importlib.util
 import math
 import platform
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,11 @@ from LiverSegExtension.model.catalog import (
 
 RUNTIMES = ("auto", "onnxruntime", "torch")
 GPU_DEVICES = ("cuda", "mps")
-TORCH_HINT = "install PyTorch (pip install 'liverseg[torch]'; in Slicer, pick the device in the panel)"
+#: the torch extra of pyproject.toml, spelt out: LiverSeg is installed from its folder, so "liverseg[torch]" is
+#: not on any index (a test keeps the two lists equal)
+TORCH_EXTRA = ("torch>=2.0", "monai>=1.3", "safetensors>=0.4", "onnx>=1.15")
+TORCH_HINT = ("install PyTorch and what trains with it: pip install " + " ".join(f"'{r}'" for r in TORCH_EXTRA)
+              + " (torch first, pinned, for the CPU or CUDA build you want; in Slicer, pick the device in the panel)")
 
 
 def installed(module: str) -> bool:
@@ -48,6 +51,8 @@ def installed(module: str) -> bool:
 
 
 def package_version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version  # 10 ms of start-up that segmenting never needs
+
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -159,6 +164,8 @@ class OnnxRuntime:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ONNX Runtime raises its own error types
+            if "bad_alloc" in str(exc) or "allocate" in str(exc).lower():
+                raise LiverSegError(f"{path}: not enough memory to load the model") from None
             raise LiverSegError(f"{path}: unreadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
         # inputs with a default are "overridable initializers" to ONNX Runtime
         names = {i.name for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers(),

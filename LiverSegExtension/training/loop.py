@@ -32,7 +32,7 @@ from LiverSegExtension.data.msd import Case, load_msd, to_grid
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.inference.segmenter import LiverSegmenter
 from LiverSegExtension.io import atomic_write
-from LiverSegExtension.model.catalog import STAGES, next_version
+from LiverSegExtension.model.catalog import STAGES, TRAIN_EMA, TRAIN_ITERATIONS, TRAIN_VAL_EVERY, next_version
 from LiverSegExtension.model.devices import resolve_device
 from LiverSegExtension.model.networks import LiverModel
 from LiverSegExtension.training.augment import training_transforms
@@ -47,15 +47,15 @@ class TrainConfig:
     output: Path
     init: Path | None = None
     val_cases: list[str] = field(default_factory=list)
-    iterations: int = 2000  # fine-stage iterations; the coarse stage gets half as many
+    iterations: int = TRAIN_ITERATIONS  # fine-stage iterations; the coarse stage gets half as many
     max_minutes: float | None = None
     device: str = "auto"
     seed: int = 0
-    val_every: int = 100
+    val_every: int = TRAIN_VAL_EVERY
     batch_size: int = 2
     lr: float | None = None  # peak learning rate; default 2e-3, or a quarter of that when starting from ``init``
     warmup: float = 0.0  # share of each stage's iterations over which the learning rate rises linearly from 0
-    ema: float = 0.998  # decay of the weights' moving average (0: validate and save the raw weights)
+    ema: float = TRAIN_EMA  # decay of the weights' moving average (0: validate and save the raw weights)
     oversample: dict[str, int] = field(default_factory=dict)  # case name -> times it is drawn as often
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # the others are kept from ``init``
     name: str | None = None  # default: the parent's name when fine-tuning, else "liverseg"

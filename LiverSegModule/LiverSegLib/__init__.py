@@ -27,3 +27,14 @@ def resource_path(*parts: str) -> Path:
         if candidate.exists():
             return candidate
     return _MODULE_DIR.parent.joinpath("Resources", *parts)
+
+
+def forget_modules() -> list[str]:
+    """Drop LiverSeg's modules (this package and the engine's) from ``sys.modules``, so that the next import
+    executes their files again. Slicer's Reload (``slicer.util.reloadScriptedModule``) re-executes LiverSeg.py
+    alone, whose imports would otherwise return the modules loaded at startup (SlicerNNUnet's ``onReload``
+    reloads its package's modules for the same reason). Returns the names dropped."""
+    names = [name for name in sys.modules if name.split(".")[0] in ("LiverSegLib", "LiverSegExtension")]
+    for name in names:
+        del sys.modules[name]
+    return names

@@ -9,8 +9,9 @@ the first run pays for loading the model; a cancel kills it at once, and the nex
 ``PythonSlicer`` is CTK's application launcher: it runs the real Python as its child, forwards its
 channels, does not end the child when it is killed itself, and reports a crashed child as exit code 1
 (commontk/AppLauncher, ``ctkAppLauncher.cpp``). So killing the QProcess is not enough: the engine's own
-pid (from its ``ready`` message) is killed too, and a crash is told by the protocol (no answer before the
-process ended), not by Qt's exit status. The worker also ends itself when its launcher goes.
+pid (from its ``ready`` message) is killed too, while the launcher still runs (after that the pid may name
+another process), and a crash is told by the protocol (no answer before the process ended), not by Qt's exit
+status. The worker also ends itself when its launcher goes.
 
 Everything here is polled from the main thread (a QTimer in the panel, :meth:`SegmentRun.wait` in
 scripts): no callback ever runs on another thread, and MRML is touched only by the caller.
@@ -40,8 +41,17 @@ CRASHED = "the LiverSeg engine crashed or was killed (out of memory?)"
 
 
 def python_executable() -> str:
-    """Slicer's Python launcher (on Slicer's PATH, it sets up Slicer's library paths), else this Python."""
-    return shutil.which("PythonSlicer") or sys.executable
+    """Slicer's Python launcher, ``PythonSlicer`` (on Slicer's PATH; it sets up Slicer's library paths); outside
+    Slicer (plain Python with slicer-core) this Python. Inside Slicer ``sys.executable`` is no Python to start:
+    Slicer sets it to what it finds of PythonSlicer (nothing: an empty string), and where Python is embedded
+    it names the application, which would start a second Slicer."""
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    if not hasattr(sys.modules.get("slicer"), "app"):
+        return sys.executable
+    raise LiverSegError("PythonSlicer, Slicer's Python launcher, was not found on PATH: LiverSeg needs it to run its "
+                        "engine and to install packages (start Slicer with its own launcher, the Slicer executable)")
 
 
 def _bytes(data: Any) -> bytes:
@@ -142,14 +152,8 @@ class EngineProcess:
         return "\n".join(self._stderr)
 
     def kill(self) -> None:
-        """End the engine now (cancel, scene close): its own process and the launcher's; waits at most a
-        second for the launcher to go."""
-        engine = self.engine_pid
-        if engine is not None and engine != self.pid:
-            kill_pid(engine)
-        if self.running:
-            self._process.kill()
-            self._process.waitForFinished(1000)
+        """End the engine now (cancel, scene close): its own process and the launcher's."""
+        kill_behind_launcher(self._process, self.engine_pid)
 
     def stop(self) -> None:
         """Ask the process to quit, kill it if it does not within a few seconds."""
@@ -157,6 +161,22 @@ class EngineProcess:
             self.send({"cmd": protocol.QUIT})
             if not self._process.waitForFinished(3000):
                 self.kill()
+
+
+def kill_behind_launcher(process, child: int | None) -> None:
+    """Kill a QProcess and, where it is CTK's launcher, the program it runs as its child (``child``: that
+    program's own pid, as it said it): a killed launcher leaves its child running. The child is killed only
+    while the launcher still runs: a launcher that has ended has reaped its child, whose pid may by now name
+    another process (pids are reused fast on Windows). Waits at most a second for the launcher to go."""
+    import qt
+
+    if process is None or process.state() == qt.QProcess.NotRunning:
+        return
+    if child is not None and child != int(process.processId()) and not process.waitForFinished(0):
+        kill_pid(child)
+    if process.state() != qt.QProcess.NotRunning:
+        process.kill()
+        process.waitForFinished(1000)
 
 
 def kill_pid(pid: int) -> None:

@@ -2,7 +2,8 @@
 
 ``start()`` hands the CT to the engine process (see ``engine.py``) and returns a :class:`SegmentRun` to
 poll; ``finish()`` writes its mask into the scene. ``process()`` runs the engine synchronously in this
-process (the batch, where nothing waits on an event loop): on the CPU that is ONNX Runtime, never torch.
+process (the batch, where nothing waits on an event loop): ONNX Runtime on the CPU only, never torch, even
+with device "auto" where a torch that can reach a GPU is installed (GPUs go through ``start()``).
 The scene is only changed once a mask exists: an error or a cancel leaves it as it was. Nothing here
 imports torch. The engine process comes from ``engineFactory`` (tests may give a fake one).
 """
@@ -111,12 +112,16 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             return {}
 
     def segmenter(self, model_path: str | Path | None = None, device: str = "auto"):
-        """A cached in-process segmenter (for ``process``; loading a model takes a moment)."""
+        """A cached in-process segmenter (for ``process``; loading a model takes a moment): ONNX Runtime on the
+        CPU, since this is Slicer's process; a GPU device is refused with where to run it instead."""
         from LiverSegExtension.inference.segmenter import LiverSegmenter
 
+        if str(device or "auto").lower().startswith(("cuda", "mps")):
+            raise LiverSegError(f"device '{device}' runs in the LiverSeg engine process (start(), as the panel "
+                                "does); in Slicer's process LiverSeg runs ONNX Runtime on the CPU")
         key = (str(model_path or ""), device)
         if key not in self._segmenters:
-            self._segmenters[key] = LiverSegmenter(model_path or None, device=device)
+            self._segmenters[key] = LiverSegmenter(model_path or None, device=device, runtime="onnxruntime")
         return self._segmenters[key]
 
     # -- the engine process ----------------------------------------------------------------------
@@ -251,7 +256,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     def process(self, inputVolume, outputSegmentation=None, device: str = "auto", modelPath: str | None = None,
                 progress=None, cancel=None, source: str | None = None) -> LiverSegRun:
         """Segment ``inputVolume`` into ``outputSegmentation`` (a new node when None), synchronously, in this
-        process (it imports torch here).
+        process, with ONNX Runtime on the CPU (see ``segmenter``).
 
         ``progress(fraction, stage)`` and ``cancel() -> bool`` are called at every step of the engine;
         ``source`` names the input in warnings and errors (default: the volume's name; the batch gives its file).
@@ -435,7 +440,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         return array, matrix, label, draftMask
 
     def startExport(self, inputVolume, segmentationNode, datasetFolder: str | Path, annotator: str = "",
-                    modelName: str | None = None) -> SegmentRun:
+                    modelName: str | None = None, provenance: dict[str, Any] | None = None) -> SegmentRun:
         """``exportForTraining`` with its compression and hashing in the engine process (seconds for a large
         CT), so the main thread only writes raw files; poll the run, then ``finishExport(run)``."""
         import SimpleITK as sitk
@@ -451,12 +456,13 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             if draft is not None:
                 files["draft"] = workdir / "draft.nrrd"
                 sitk.WriteImage(image_from_array(np.asarray(draft, np.uint8), matrix), str(files["draft"]), False)
-            provenance = {"model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
-                          "annotator": annotator or None,
-                          "one_click_fixes": json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]") or None}
+            record = {"model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
+                      "annotator": annotator or None,
+                      "one_click_fixes": json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]") or None,
+                      **(provenance or {})}
             engine = self.engine()
             request = protocol.export_request(next(self._ids), str(datasetFolder), {k: str(v) for k, v in files.items()},
-                                              provenance)
+                                              record)
             engine.send(request)
         except Exception:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -473,15 +479,17 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             run.cleanup()
 
     def exportForTraining(self, inputVolume, segmentationNode, datasetFolder: str | Path, annotator: str = "",
-                          draftMask=None, modelName: str | None = None) -> str:
+                          draftMask=None, modelName: str | None = None, provenance: dict[str, Any] | None = None) -> str:
         """Add the CT and its (corrected) Liver segment to an MSD dataset, in this process (scripts; the panel
-        uses ``startExport``); returns the new case name."""
+        uses ``startExport``); returns the new case name. ``provenance``: more to record with it (a review's
+        batch row)."""
         from LiverSegExtension.data.corrections import add_case_arrays
 
         array, matrix, label, draftMask = self._exportInputs(inputVolume, segmentationNode, draftMask)
-        provenance = {
+        record = {
             "model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
             "annotator": annotator or None,
             "one_click_fixes": json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]") or None,
+            **(provenance or {}),
         }
-        return add_case_arrays(datasetFolder, array, label, matrix, provenance=provenance, draft=draftMask)
+        return add_case_arrays(datasetFolder, array, label, matrix, provenance=record, draft=draftMask)

@@ -51,6 +51,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._afterInstall = None
         self._hints = None  # _gpuHints
         self._timer = None
+        self.review = None  # the Review section (reviewpanel.ReviewPanel)
         VTKObservationMixin.__init__(self)
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
@@ -94,6 +95,9 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
         self.initializeParameterNode()
         self.onModelChanged(self.ui.modelComboBox.currentIndex)  # the card of the preselected model
+        from LiverSegLib.reviewpanel import ReviewPanel
+
+        self.review = ReviewPanel(self)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def onAboutToQuit(self) -> None:
@@ -108,6 +112,8 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 setattr(self, attribute, None)
         if self._timer is not None:
             self._timer.stop()
+        if self.review is not None:
+            self.review.stop()  # its exports run in the engine process: recorded before it ends
         if self.logic is not None:
             self.logic.shutdown()
 
@@ -115,6 +121,15 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
         self._stopAll()
+
+    def onReload(self) -> None:
+        """Reload (and "Reload and Test"): this panel's runs end with the code that started them, then LiverSeg's
+        modules are executed anew (see ``LiverSegLib.forget_modules``); Slicer cleans up once more, harmlessly."""
+        from LiverSegLib import forget_modules
+
+        self.cleanup()
+        forget_modules()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -235,13 +250,16 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- installing what is missing ------------------------------------------------------------------
     def _installFirst(self, device: str, training: bool, then) -> bool:
         """True when everything is there; else asks once, starts the install in a process and calls
-        ``then`` when it is done (False meanwhile). Raises LiverSegError when declined."""
+        ``then`` when it is done (False meanwhile). A user who says no is told so on the status line (False)."""
         from LiverSegLib.dependencies import InstallRun, ask_to_install, missing_packages
 
         missing = missing_packages(device, training)
         if not missing:
             return True
-        ask_to_install(missing)
+        if not ask_to_install(missing):
+            self.ui.statusLabel.text = f"Not installed: this needs {', '.join(missing)} (asked again on the next click)."
+            self._updateButtons()
+            return False
         self._installRun, self._afterInstall = InstallRun(missing), then
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = f"Installing {', '.join(missing)}..."

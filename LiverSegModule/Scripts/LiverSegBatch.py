@@ -10,7 +10,13 @@ Inputs are volume files, DICOM folders (one case per series) and folders searche
 named as the CLI does. Each case gives OUT/<name>_liver.seg.nrrd (segment "Liver" with its terminology)
 and, with --labelmap, OUT/<name>_liver.nii.gz (uint8) on the input file's own grid. OUT/summary.csv (or
 summary_shardIofN.csv with --shard) gets one row per case, merged with the rows of earlier runs. A failed
-case is recorded and the batch goes on; the exit code is 1 if any case failed, 2 for usage errors.
+case is recorded and the batch goes on. Exit code: 0, or 1 if any case failed, 2 for usage errors and for
+what makes the whole run wrong (a model that cannot be loaded), 3 for an unexpected error (its traceback
+printed), 130 when interrupted. Every way out ends Slicer with that code: ``Slicer --python-script`` does not
+quit when the script ends.
+
+In Slicer's process the networks run in ONNX Runtime on the CPU only; a GPU device, or "auto" where an
+installed torch could reach a GPU, sends the cases through the LiverSeg engine process, as the panel does.
 """
 
 from __future__ import annotations
@@ -19,44 +25,68 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
+
+UNEXPECTED = 3  # the exit code of an error LiverSeg does not expect (a bug, a broken install)
+
+
+def end(code: int) -> None:
+    """Leave with ``code``. Inside Slicer, Slicer itself is told to end with it: after ``--python-script`` it
+    keeps running (it quits by itself only after ``Slicer script.py``, ``-c`` and ``--testing``:
+    qSlicerCoreCommandOptions.cxx, qSlicerCoreApplication.cxx), and a job-array task would hang until killed."""
+    slicer_module = sys.modules.get("slicer")
+    if hasattr(slicer_module, "app"):
+        slicer_module.util.exit(code)  # Slicer's event loop ends with this status once the script returns
+    sys.exit(code)
+
+
+def unexpected() -> int:
+    """Say what went wrong where LiverSeg did not expect it (the traceback), and the exit code for that."""
+    traceback.print_exc()
+    print("LiverSegBatch: unexpected error (see the traceback above)", file=sys.stderr, flush=True)
+    return UNEXPECTED
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # LiverSegLib (and, from a checkout, the engine)
 
-import LiverSegLib  # noqa: E402,F401 - makes the engine importable
-import slicer  # noqa: E402
-import vtk  # noqa: E402
-from LiverSegLib.dependencies import needs_torch  # noqa: E402
-from LiverSegLib.mrml import (  # noqa: E402
-    find_liver_segment,
-    node_ids,
-    remove_nodes_added_since,
-    segment_mask,
-    volume_array_and_matrix,
-)
+try:  # an import that fails (a broken install) must end Slicer too
+    import LiverSegLib  # noqa: E402,F401 - makes the engine importable
+    import slicer  # noqa: E402
+    import vtk  # noqa: E402
+    from LiverSegLib.dependencies import needs_torch  # noqa: E402
+    from LiverSegLib.mrml import (  # noqa: E402
+        find_liver_segment,
+        node_ids,
+        remove_nodes_added_since,
+        segment_mask,
+        volume_array_and_matrix,
+    )
 
-from LiverSegExtension.batch import run_batch  # noqa: E402
-from LiverSegExtension.errors import LiverSegError  # noqa: E402
-from LiverSegExtension.io import (  # noqa: E402
-    InputCase,
-    atomic_write,
-    case_warnings,
-    check_data_files_beside,
-    check_loaded_grid,
-    check_name_encoding,
-    check_nifti_length,
-    check_series_layout,
-    check_writable_folder,
-    input_grid,
-    mask_path,
-    parse_shard,
-    quiet_native_logs,
-    read_image,
-    result_status,
-    series_files_in_order,
-    status_counts,
-    write_mask,
-)
+    from LiverSegExtension.batch import check_options, run_batch  # noqa: E402
+    from LiverSegExtension.errors import LiverSegError, UsageError  # noqa: E402
+    from LiverSegExtension.io import (  # noqa: E402
+        InputCase,
+        atomic_write,
+        case_warnings,
+        check_data_files_beside,
+        check_loaded_grid,
+        check_name_encoding,
+        check_nifti_length,
+        check_series_layout,
+        input_grid,
+        mask_path,
+        quiet_native_logs,
+        read_image,
+        result_status,
+        series_files_in_order,
+        status_counts,
+        write_mask,
+    )
+except Exception:
+    if __name__ != "__main__":
+        raise
+    end(unexpected())
 
 
 class SceneContext:
@@ -155,11 +185,15 @@ class BatchDoor:
     def __init__(self, args: argparse.Namespace, notes: list[str]) -> None:
         from LiverSegLib.logic import LiverSegLogic
 
+        from LiverSegExtension.model.runtimes import torch_may_reach_gpu
+
         self.args, self.notes = args, notes
         self.logic = LiverSegLogic()
         # On a GPU the networks run in torch, which Slicer's process never imports: cases then go through the
-        # engine process, as the panel's do. On the CPU (ONNX Runtime) they run here.
-        self.through_engine = needs_torch(args.device)
+        # engine process, as the panel's do; so does "auto" where an installed torch could reach a GPU (read
+        # from its files, not imported). Otherwise they run here, in ONNX Runtime on the CPU.
+        self.through_engine = needs_torch(args.device) or (
+            str(args.device).lower() == "auto" and torch_may_reach_gpu())
         self.ctx: SceneContext | None = None
 
     def wanted(self, case: InputCase, name: str) -> list[Path]:
@@ -170,15 +204,20 @@ class BatchDoor:
     def prepare(self, planned) -> None:
         for note in self.notes:
             print(f"LiverSegBatch: {note}", flush=True)
-        if self.through_engine:  # checked as the engine will, without loading torch here
-            from LiverSegExtension.model.catalog import default_model_dir, has_networks, read_card
+        try:  # a model that cannot be loaded makes the whole run wrong: a usage error, as in the CLI
+            if self.through_engine:  # checked as the engine will, without loading torch here
+                from LiverSegExtension.model.catalog import default_model_dir, has_networks, read_card
 
-            folder = Path(self.args.model) if self.args.model else default_model_dir()
-            if folder is None or not folder.is_dir() or not has_networks(folder):
-                raise LiverSegError(f"{folder or 'no bundled model'}: model folder not found (or not a model folder)")
-            read_card(folder)
-        else:
-            self.logic.segmenter(self.args.model, self.args.device)
+                folder = Path(self.args.model) if self.args.model else default_model_dir()
+                if folder is None or not folder.is_dir() or not has_networks(folder):
+                    raise UsageError(f"{folder or 'no bundled model'}: model folder not found (or not a model folder)")
+                read_card(folder)
+                logging.info("LiverSegBatch: the networks run in the LiverSeg engine process (device %s)", self.args.device)
+            else:
+                runs_on = self.logic.segmenter(self.args.model, self.args.device).runs_on
+                logging.info("LiverSegBatch: the networks run in this process, %s", runs_on)
+        except LiverSegError as exc:
+            raise UsageError(str(exc)) from None
         self.ctx = SceneContext()
 
     def segment(self, case: InputCase, name: str, existing: list[Path], row: dict, written: list[Path]) -> str:
@@ -259,29 +298,22 @@ def run(argv: list[str]) -> int:
     p.add_argument("--model", help="model folder (default: the bundled model)")
     p.add_argument("--debug", action="store_true", help="show ITK's, VTK's and Slicer's own log lines and tracebacks")
     args = p.parse_args(argv)
-    if args.overwrite and args.skip_existing:
-        p.error("--overwrite and --skip-existing contradict each other; give one")
     try:
-        shard = parse_shard(args.shard)
-    except ValueError as exc:
+        shard = check_options(args.output_dir, args.overwrite, args.skip_existing, args.shard)
+    except UsageError as exc:
         p.error(str(exc))  # exit 2, as every usage error
     quiet_native_logs(args.debug)
     logging.getLogger("highdicom").setLevel(logging.DEBUG if args.debug else logging.WARNING)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR, format="%(message)s")
+    logging.basicConfig(format="%(message)s")  # plain Python: a handler on stderr (Slicer has one: slicerqt's)
+    logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.ERROR)  # explicitly: basicConfig would not
     out: Path = args.output_dir
-    if out.exists() and not out.is_dir():
-        p.error(f"{out}: exists and is not a folder")
-    try:
-        check_writable_folder(out)
-    except LiverSegError as exc:
-        p.error(str(exc))
     notes: list[str] = []
     door = BatchDoor(args, notes)
     try:
         code, rows, summary = run_batch(args.input, out, door, shard, args.overwrite, args.skip_existing, notes)
-    except LiverSegError as exc:  # what makes the whole run wrong (a model that cannot be loaded)
+    except LiverSegError as exc:  # a model that cannot be loaded (2), a summary that cannot be written (1)
         print(f"LiverSegBatch: error: {exc}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, UsageError) else 1
     finally:
         door.logic.shutdown()  # the engine process, if cases went through it
     print(f"LiverSegBatch: {len(rows)} case(s): {status_counts(rows)}; summary in {summary}", flush=True)
@@ -289,15 +321,18 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
+    """Run, then end (Slicer too) with the exit code, whatever happened."""
     try:
         code = run(sys.argv[1:])
     except KeyboardInterrupt:  # Ctrl-C: the cases done are in the summary; a rerun goes on from there
         print("LiverSegBatch: interrupted", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)  # no interpreter teardown: VTK's and ITK's threads must not abort the exit
-    if hasattr(slicer, "app") and hasattr(slicer.util, "exit") and not os.environ.get("LIVERSEG_NO_SLICER_EXIT"):
-        slicer.util.exit(code)  # inside Slicer: quit the application with this status
-    sys.exit(code)
+    except SystemExit as exc:  # argparse: a usage error (2), --help (0)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception:
+        code = unexpected()
+    end(code)
 
 
 if __name__ == "__main__":

@@ -78,13 +78,28 @@ class QObject:
 
 
 class QLayout(QObject):
+    """A layout: the widgets added, as its items (``count``, ``itemAt``, ``removeItem``: what
+    ``slicer.util.reloadScriptedModule`` calls); each also becomes a child of the layout's widget."""
+
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(None)
         self._owner = parent
+        self._items: list[QObject] = []
 
     def addWidget(self, widget: QWidget, *args: Any) -> None:
-        if self._owner is not None:
+        self._items.append(widget)
+        if self._owner is not None and widget not in self._owner._children:
             self._owner._children.append(widget)
+
+    def count(self) -> int:
+        return len(self._items)
+
+    def itemAt(self, index: int) -> QObject | None:
+        return self._items[index] if 0 <= index < len(self._items) else None
+
+    def removeItem(self, item: QObject) -> None:
+        if item in self._items:
+            self._items.remove(item)
 
 
 QVBoxLayout = QHBoxLayout = QFormLayout = QGridLayout = QLayout
@@ -109,15 +124,40 @@ class QWidget(QObject):
     def show(self) -> None:
         self.visible = True
 
+    def hide(self) -> None:
+        self.visible = False
+
+    def deleteLater(self) -> None:
+        pass
+
     def setEnabled(self, enabled: bool) -> None:
         self.enabled = bool(enabled)
 
 
 class QLabel(QWidget):
-    def __init__(self, parent: QObject | None = None) -> None:
+    """QLabel(parent) or QLabel(text, parent)."""
+
+    def __init__(self, text: Any = None, parent: QObject | None = None) -> None:
+        if not isinstance(text, str):
+            text, parent = "", text
         super().__init__(parent)
-        self.text = ""
+        self.text = text
         self.wordWrap = False
+
+
+class QDialog(QWidget):
+    """QDialog without an event loop: ``exec_()`` returns at once, as if its auto-close timer had fired
+    (``slicer.util.delayDisplay``), and records the text of its labels in ``QDialog.shown``."""
+
+    shown: list[str] = []
+
+    def exec_(self) -> int:
+        QDialog.shown.append("\n".join(c.text for c in self._children if isinstance(c, QLabel)))
+        return 0
+
+    def close(self) -> bool:
+        self.visible = False
+        return True
 
 
 class QAbstractButton(QWidget):
@@ -350,6 +390,73 @@ class QFile:
         return self._path
 
 
+class QAbstractItemView:
+    NoEditTriggers, SelectRows, SingleSelection = 0, 1, 1
+
+
+class QTableWidgetItem:
+    """QTableWidgetItem: a cell's text and tooltip."""
+
+    def __init__(self, text: str = "") -> None:
+        self._text, self._tip = str(text), ""
+
+    def text(self) -> str:
+        return self._text
+
+    def setToolTip(self, text: str) -> None:
+        self._tip = str(text)
+
+    def toolTip(self) -> str:
+        return self._tip
+
+
+class QTableWidget(QWidget):
+    """QTableWidget (qtbase ``src/widgets/itemviews/qtablewidget.cpp``): items by row and column, ``rowCount``
+    read as PythonQt's property, ``currentRow()``; ``cellDoubleClicked(int,int)`` is emitted by tests."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.rowCount, self.columnCount = 0, 0
+        self._items: dict[tuple[int, int], QTableWidgetItem] = {}
+        self._headers: list[str] = []
+        self._current = -1
+
+    def setColumnCount(self, n: int) -> None:
+        self.columnCount = int(n)
+
+    def setRowCount(self, n: int) -> None:
+        self.rowCount = int(n)
+        self._items = {k: v for k, v in self._items.items() if k[0] < self.rowCount}
+        if self._current >= self.rowCount:
+            self._current = -1
+
+    def setHorizontalHeaderLabels(self, labels: list[str]) -> None:
+        self._headers = list(labels)
+
+    def setItem(self, row: int, column: int, item: QTableWidgetItem) -> None:
+        if 0 <= row < self.rowCount and 0 <= column < self.columnCount:
+            self._items[(row, column)] = item
+
+    def item(self, row: int, column: int) -> QTableWidgetItem | None:
+        return self._items.get((row, column))
+
+    def currentRow(self) -> int:
+        return self._current
+
+    def selectRow(self, row: int) -> None:
+        self._current = row if 0 <= row < self.rowCount else -1
+        self.emit("itemSelectionChanged")
+
+    def setSelectionBehavior(self, behavior: int) -> None:
+        pass
+
+    def setSelectionMode(self, mode: int) -> None:
+        pass
+
+    def setEditTriggers(self, triggers: int) -> None:
+        pass
+
+
 _WIDGET_CLASSES = {cls.__name__: cls for cls in (
     QWidget, QLabel, QPushButton, QCheckBox, QProgressBar, QSpinBox, QLineEdit, QComboBox, ctkCollapsibleButton,
     ctkPathLineEdit, qMRMLWidget, qMRMLNodeComboBox)}
@@ -443,6 +550,10 @@ class QTimer(QObject):
 
     def isActive(self) -> bool:
         return self._active
+
+    @staticmethod
+    def singleShot(msec: int, slot: Callable) -> None:
+        """A one-off timer: without an event loop it never fires (a dialog's exec_ returns at once instead)."""
 
     def timeout(self) -> None:
         """What the event loop does when the interval has passed (it has collected what processes wrote)."""

@@ -1,0 +1,374 @@
+"""Reviewing a batch's results in Slicer, on slicer-core's real MRML with the stand-ins: cases of every input
+(volume files, a DICOM series) and every mask format (nii.gz, nrrd, seg.nrrd, DICOM SEG) loaded as the batch
+loads them and landing on the CT in RAS; decisions, exports with the batch row in their provenance, resume after
+a restart, two annotators in two processes on one folder, a constant node count over a cohort, the panel's
+Review section, and a real cohort when present."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import ROOT, SHARED, close_panel, open_panel, requires_bundled_model, requires_shared
+from synthetic import make_affine, phantom, rotation, write_dicom_series
+
+from LiverSegExtension import io
+from LiverSegExtension.data.metrics import dice
+from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.geometry import image_from_array
+from LiverSegExtension.review import ReviewState
+
+slicer = pytest.importorskip("slicer")
+
+
+def truth_on(volume) -> np.ndarray:
+    """The phantom's liver on a volume node's own grid (it is defined in RAS: the same on any grid)."""
+    from LiverSegLib.mrml import volume_array_and_matrix
+
+    array, matrix = volume_array_and_matrix(volume)
+    return phantom(array.shape, matrix)[1]
+
+
+def liver_of(review) -> np.ndarray:
+    from LiverSegLib.mrml import find_liver_segment, segment_mask
+
+    return segment_mask(review.segmentation, find_liver_segment(review.segmentation), review.volume)
+
+
+def write_seg_nrrd(ct_path: Path, path: Path) -> None:
+    """A .seg.nrrd as the Slicer batch writes it: a "Liver" segment saved by Slicer's own storage node."""
+    from LiverSegLib import mrml
+
+    scene = slicer.vtkMRMLScene()
+    volumes = slicer.vtkSlicerVolumesLogic()
+    volumes.SetMRMLScene(scene)
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(scene)
+    volume = volumes.AddArchetypeVolume(str(ct_path), "ct", 0)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    on_node = mrml.volume_array_and_matrix(volume)[1]
+    mrml.write_liver_segment(node, volume, phantom(mrml.volume_array_and_matrix(volume)[0].shape, on_node)[1])
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node)
+
+
+def make_cohort(root: Path) -> Path:
+    """A batch output of five cases, each in another form; rows written by the batch's summary writer."""
+    from LiverSegExtension.io.dicom_seg import write_dicom_seg
+
+    out, rows = root / "out", []
+    shape = (24, 40, 44)
+    lh = make_affine((4.0, 4.0, 6.0), shape, rotation(0.2, -0.1, 0.3), left_handed=True)  # Slicer flips its K
+    plain = make_affine((4.0, 4.0, 6.0), shape)
+    ct, liver = phantom(shape, lh)
+    (root / "scans" / "lh").mkdir(parents=True)
+    sitk.WriteImage(image_from_array(ct, lh), str(root / "scans" / "lh" / "ct.nii.gz"))
+    (out / "lh").mkdir(parents=True)
+    sitk.WriteImage(image_from_array(liver, lh), str(out / "lh" / "ct_liver.nii.gz"))
+    probability = np.clip(liver * 230 + (np.roll(liver, 2, axis=2) ^ liver) * 128, 0, 255).astype(np.uint8)
+    sitk.WriteImage(image_from_array(probability, lh), str(out / "lh" / "ct_liver_prob.nii.gz"))
+    rows.append(("lh/ct.nii.gz", "lh/ct_liver.nii.gz", "warning", 0.08))
+    ct, liver = phantom(shape, plain)
+    for name, suffix in (("nrrd", ".nrrd"), ("seg", ".nii.gz")):
+        (root / "scans" / name).mkdir()
+        sitk.WriteImage(image_from_array(ct, plain), str(root / "scans" / name / f"ct{suffix}"))
+    sitk.WriteImage(image_from_array(liver, plain), str(out / "ct_liver.nrrd"))
+    rows.append(("nrrd/ct.nrrd", "ct_liver.nrrd", "ok", 0.01))
+    write_seg_nrrd(root / "scans" / "seg" / "ct.nii.gz", out / "seg_liver.seg.nrrd")
+    rows.append(("seg/ct.nii.gz", "seg_liver.seg.nrrd", "ok", 0.20))
+    dicom = make_affine((4.0, 4.0, 6.0), (20, 40, 44), rotation(0.0, 0.0, 0.15))
+    write_dicom_series(root / "scans" / "dicom", phantom((20, 40, 44), dicom)[0], dicom)
+    (series,) = io.expand_inputs([root / "scans" / "dicom"])
+    grid = io.input_grid(series)
+    from LiverSegExtension.geometry import ijk_to_ras_of
+
+    write_dicom_seg(phantom(grid.GetSize()[::-1], ijk_to_ras_of(grid))[1], series.files, out / "dicom_liver.dcm",
+                    "liverseg", "1.1.0")
+    rows.append(("dicom", "dicom_liver.dcm", "ok", 0.15))
+    (root / "scans" / "bad").mkdir()
+    (root / "scans" / "bad" / "ct.nii.gz").write_bytes(b"not a CT")
+    rows.append(("bad/ct.nii.gz", "", "failed", None))
+    io.write_summary(out / "summary.csv", [
+        {**io.summary_row(str(root / "scans" / source), str(out / mask) if mask else ""), "status": status,
+         "uncertainty": "" if u is None else f"{u:.3f}", "liver_ml": "" if u is None else "250.0",
+         "runtime": "onnxruntime 1.20 on cpu"} for source, mask, status, u in rows])
+    return out
+
+
+@pytest.fixture()
+def review(scene):
+    from LiverSeg import LiverSegLogic
+    from LiverSegLib.review import ReviewLogic
+
+    return ReviewLogic(LiverSegLogic(), scene)
+
+
+def test_a_cohort_of_every_input_and_mask_format_reviewed_end_to_end(tmp_path, scene, review):
+    out = make_cohort(tmp_path)
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")  # as Slicer's views have them
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    cases = review.open(out, "ann")
+    assert [c.name for c in cases] == ["bad/ct", "lh/ct", "seg", "dicom", "ct"]  # failed, warned, then uncertainty
+    with pytest.raises(LiverSegError, match="ct.nii.gz"):  # the failed case's CT cannot be read: said in one line
+        review.next()
+    assert review.current.name == "bad/ct" and review.volume is None
+    assert review.skip("the CT file is damaged").name == "lh/ct"
+    # Left-handed and oblique: Slicer flipped K on load; the mask lands on the same places in RAS.
+    liver = liver_of(review)
+    assert np.array_equal(liver, truth_on(review.volume)) and liver.any()
+    band = review.logic.uncertainBand(review.segmentation, review.volume)
+    assert band is not None and band.any()  # the probability map was there: the uncertain band too
+    assert composite.GetBackgroundVolumeID() == review.volume.GetID()
+    centre = slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3]
+    from LiverSegLib.mrml import volume_array_and_matrix
+
+    k, j, i = (np.nonzero(liver)[a] for a in range(3))
+    matrix = volume_array_and_matrix(review.volume)[1]
+    box_centre = matrix @ np.array([(i.min() + i.max()) / 2, (j.min() + j.max()) / 2, (k.min() + k.max()) / 2, 1])
+    assert np.allclose(centre, box_centre[:3], atol=1e-3)  # the views centred on the liver
+    assert review.accept().name == "seg"
+    # .seg.nrrd through Slicer's reader; the annotator cuts the top slices off, then exports.
+    liver = liver_of(review)
+    assert np.array_equal(liver, truth_on(review.volume))
+    corrected = liver.copy()
+    corrected[np.nonzero(liver.any(axis=(1, 2)))[0][-3:]] = 0
+    from LiverSegLib.mrml import write_liver_segment
+
+    write_liver_segment(review.segmentation, review.volume, corrected)
+    seg_case = review.current
+    with pytest.raises(LiverSegError, match="was changed"):
+        review.accept()  # Accept is for a mask left as the model made it
+    assert review.exportAndNext(tmp_path / "dataset", background=False).name == "dicom"
+    record = ReviewState(out).records()[seg_case.key]
+    assert record["decision"] == "exported" and record["who"] == "ann"
+    assert float(record["dice_changed"]) == pytest.approx(dice(liver, corrected), abs=1e-4)
+    assert float(record["dice_changed"]) < 0.99
+    provenance = json.loads((tmp_path / "dataset" / "provenance" / f"{record['dataset_case']}.json").read_text())
+    assert provenance["review"]["row"]["input"] == seg_case.row["input"]
+    assert provenance["review"]["row"]["output"] == str(out / "seg_liver.seg.nrrd")
+    assert provenance["review"]["summary"] == str(out / "summary.csv") and provenance["annotator"] == "ann"
+    # DICOM series through Slicer's reader, DICOM SEG read onto it; the SEG names the model, and the export too.
+    assert np.array_equal(liver_of(review), truth_on(review.volume)) and liver_of(review).any()
+    assert review.exportAndNext(tmp_path / "dataset", background=False).name == "ct"
+    record = ReviewState(out).records()[cases[3].key]
+    assert record["model"] == "liverseg v1.1.0" and record["dice_changed"] == "1.0000"
+    provenance = json.loads((tmp_path / "dataset" / "provenance" / f"{record['dataset_case']}.json").read_text())
+    assert provenance["model"] == "liverseg v1.1.0" and provenance["review"]["row"]["output"].endswith(".dcm")
+    assert np.array_equal(liver_of(review), truth_on(review.volume))
+    assert review.skip("duplicate of another patient's scan") is None  # none left: the scene is cleared
+    assert review.volume is None and review.progress() == (5, 5)
+    assert [r["review"] for r in review.rows()] == [
+        "skipped: the CT file is damaged", "accepted", f"exported (Dice {dice(liver, corrected):.3f})",
+        "exported (Dice 1.000)", "skipped: duplicate of another patient's scan"]
+
+
+def test_a_mask_of_another_grid_is_refused_and_leaves_nothing(tmp_path, scene, review):
+    out = make_cohort(tmp_path)
+    other = make_affine((5.0, 5.0, 6.0), (20, 30, 30))
+    sitk.WriteImage(image_from_array(phantom((20, 30, 30), other)[1], other), str(out / "ct_liver.nrrd"))
+    review.open(out, "ann")
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(LiverSegError, match="does not lie on this CT's grid"):
+        review.openCase(next(c.key for c in review.cases if c.name == "ct"))
+    assert scene.GetNumberOfNodes() == count and review.current.name == "ct"  # still open: to skip it
+
+
+def small_cohort(root: Path, n: int) -> Path:
+    m = make_affine((6.0, 6.0, 8.0), (16, 24, 24))
+    rows = []
+    for i in range(n):
+        ct, liver = phantom((16, 24, 24), m, seed=i)  # each patient's own noise: exports are never duplicates
+        source, mask = root / "scans" / f"p{i}" / "ct.nii.gz", root / "out" / f"p{i}" / "ct_liver.nii.gz"
+        for path, array in ((source, ct), (mask, liver)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(image_from_array(array, m), str(path))
+        rows.append({**io.summary_row(str(source), str(mask)), "uncertainty": f"{i / 100:.3f}"})
+    io.write_summary(root / "out" / "summary.csv", rows)
+    return root / "out"
+
+
+def test_no_node_is_left_behind_over_ten_cases(tmp_path, scene, review):
+    out = small_cohort(tmp_path, 10)
+    review.open(out, "ann")
+    empty = scene.GetNumberOfNodes()
+    counts, own = [], None
+    case = review.next()
+    while case is not None:
+        counts.append(scene.GetNumberOfNodes() - (own is not None))
+        if len(counts) == 3:  # a node of the annotator's own, made while a case was open, is theirs: it stays
+            own = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "my notes")
+        case = review.accept() if len(counts) % 2 else review.exportAndNext(tmp_path / "ds", background=False)
+    assert len(counts) == 10 and len(set(counts)) == 1 and counts[0] > empty
+    assert scene.GetNumberOfNodes() == empty + 1 and scene.IsNodePresent(own)
+    assert review.progress() == (10, 10)
+
+
+def test_resume_after_a_restart_and_a_second_annotator_elsewhere(tmp_path, scene):
+    import slicer_app
+    from LiverSeg import LiverSegLogic
+    from LiverSegLib.review import ReviewLogic
+
+    out = small_cohort(tmp_path, 4)
+    first = ReviewLogic(LiverSegLogic(), scene)
+    first.open(out, "ann")
+    assert first.next().name == "p3/ct"
+    first.accept()
+    left_open = first.current.name  # Slicer is closed here, the case undecided
+    again = ReviewLogic(LiverSegLogic(), slicer_app.install(testing=True))
+    again.open(out, "ann")
+    assert again.progress() == (1, 4) and again.next().name == left_open == "p2/ct"
+    other = ReviewLogic(LiverSegLogic(), slicer_app.install(testing=True))
+    other.open(out, "bob")
+    assert other.next().name == "p1/ct"  # not ann's case
+    assert [r["review"] for r in other.rows()] == ["accepted", "in review by ann", "open", "not reviewed"]
+    assert [r["name"] for r in other.rows(onlyPending=True)] == ["p2/ct", "p1/ct", "p0/ct"]
+
+
+ANNOTATOR = r"""
+import json, sys
+sys.path[:0] = PATHS
+import slicer_app
+scene = slicer_app.install(testing=True)
+from LiverSeg import LiverSegLogic
+from LiverSegLib.review import ReviewLogic
+out, who, dataset = sys.argv[1:4]
+review = ReviewLogic(LiverSegLogic(), scene)
+review.open(out, who)
+seen, nodes = [], set()
+case = review.next()
+while case is not None:
+    seen.append(case.key)
+    nodes.add(scene.GetNumberOfNodes())
+    case = review.exportAndNext(dataset, background=False) if len(seen) % 3 == 0 else review.accept()
+print("RESULT " + json.dumps({"seen": seen, "nodes": sorted(nodes)}))
+"""
+
+
+def test_two_annotators_in_two_slicers_on_one_folder(tmp_path):
+    """Two processes review one folder through the logic, exporting into one dataset: no case is given to
+    both, no record and no exported case is lost."""
+    out = small_cohort(tmp_path, 12)
+    paths = [str(ROOT / "Testing" / "StandIns"), str(ROOT / "LiverSegModule"), str(ROOT), str(ROOT / "Testing")]
+    script = tmp_path / "annotator.py"
+    script.write_text(ANNOTATOR.replace("PATHS", repr(paths), 1))
+    procs = {who: subprocess.Popen([sys.executable, str(script), str(out), who, str(tmp_path / "dataset")],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for who in ("ann", "bob")}
+    seen = {}
+    for who, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+        result = json.loads(stdout.split("RESULT ", 1)[1])
+        seen[who] = result["seen"]
+        assert len(result["nodes"]) == 1  # the same node count on every case
+    assert seen["ann"] and seen["bob"] and not set(seen["ann"]) & set(seen["bob"])
+    records = ReviewState(out).records()
+    assert len(records) == 12 and all(r["decision"] in ("accepted", "exported") for r in records.values())
+    assert all(records[k]["who"] == who for who in seen for k in seen[who])
+    exported = [r["dataset_case"] for r in records.values() if r["decision"] == "exported"]
+    meta = json.loads((tmp_path / "dataset" / "dataset.json").read_text())
+    assert exported and sorted(exported) == sorted(meta["cases"])  # every export in the dataset, once
+
+
+def test_the_review_section_of_the_panel(tmp_path, scene, monkeypatch):
+    out = small_cohort(tmp_path, 3)
+    module, widget = open_panel()
+    try:
+        panel = widget.review
+        assert panel.section.text == "Review"
+        assert not panel.nextButton.enabled
+        widget._parameterNode.annotator = "ann"
+        panel.folderEdit.currentPath = str(out)
+        assert panel.table.rowCount == 3 and panel.table.item(0, 0).text() == "p2/ct"
+        assert [panel.table.item(r, 3).text() for r in range(3)] == ["0.020", "0.010", "0.000"]
+        assert panel.progressLabel.text == "0 of 3 reviewed" and panel.nextButton.enabled
+        panel.table.emit("cellDoubleClicked", 1, 0)  # one click to a case
+        assert panel.review.current.name == "p1/ct"
+        assert widget._parameterNode.inputVolume.GetID() == panel.review.volume.GetID()
+        assert widget._parameterNode.outputSegmentation.GetID() == panel.review.segmentation.GetID()
+        assert panel.table.item(1, 5).text() == "open" and panel.acceptButton.enabled
+        assert not panel.skipButton.enabled  # a skip needs its reason
+        panel.acceptButton.click()
+        assert panel.progressLabel.text == "1 of 3 reviewed" and panel.review.current.name == "p2/ct"
+        panel.reasonEdit.text = "contrast phase not wanted"
+        panel.skipButton.click()
+        assert panel.progressLabel.text == "2 of 3 reviewed" and panel.reasonEdit.text == ""
+        panel.pendingCheckBox.click()
+        assert panel.table.rowCount == 1 and panel.table.item(0, 0).text() == "p0/ct"
+        assert ReviewState(out).records()[panel.review.cases[0].key]["reason"] == "contrast phase not wanted"
+    finally:
+        close_panel(module)
+
+
+def test_export_and_next_in_the_engine_process_records_its_provenance(tmp_path, scene, slicer_launcher):
+    """The panel's path: the export's compression runs in the engine process while the next case loads."""
+    out = small_cohort(tmp_path, 3)
+    module, widget = open_panel()
+    try:
+        panel = widget.review
+        widget._parameterNode.annotator = "ann"
+        widget.ui.exportFolderPathLineEdit.currentPath = str(tmp_path / "dataset")
+        panel.folderEdit.currentPath = str(out)
+        panel.nextButton.click()
+        first = panel.review.current
+        panel.exportButton.click()
+        assert panel.review.current.name == "p1/ct" and panel.review.exporting
+        assert panel.table.item(0, 5).text() == "exporting"
+        second = panel.review.current
+        panel.exportButton.click()  # again at once: the first export is finished before the second starts
+        assert panel.review.current.name == "p0/ct"
+        end = time.monotonic() + 120
+        while panel.review.exporting:
+            assert time.monotonic() < end, "the export did not finish"
+            panel.timer.timeout()
+            time.sleep(0.05)
+        records = ReviewState(out).records()
+        record = records[first.key]
+        assert record["decision"] == "exported" and float(record["dice_changed"]) == 1.0
+        assert records[second.key]["decision"] == "exported"
+        provenance = json.loads((tmp_path / "dataset" / "provenance" / f"{record['dataset_case']}.json").read_text())
+        assert provenance["review"]["row"]["output"] == str(out / "p2" / "ct_liver.nii.gz")
+        assert provenance["annotator"] == "ann" and provenance["draft_final_dice"] == 1.0
+        assert "exported as" in panel.statusLabel.text and panel.progressLabel.text == "2 of 3 reviewed"
+        assert widget.ui.fineTuneDatasetInfoLabel.text.startswith("2 case(s)")  # Fine-tune sees the dataset
+        assert panel.review.exporter is not widget.logic and panel.review.exporter._engine is not None
+        assert widget.logic._engine is None  # the panel's own engine was never used by the review
+    finally:
+        close_panel(module)
+
+
+@pytest.mark.slow
+@requires_shared
+@requires_bundled_model
+def test_a_real_cohort_segmented_by_the_cli_is_reviewed(tmp_path, scene, review):
+    """chaos_ct3 (a DICOM series, its mask a DICOM SEG) and ts_a (a NIfTI file, with its probability map),
+    segmented by the real engine into one folder, then reviewed: each mask lands exactly where the file has it."""
+    from LiverSegExtension.cli import main
+
+    out = tmp_path / "out"
+    assert main(["segment", str(SHARED / "dicom" / "chaos_ct3"), "-o", str(out), "--format", "dicom-seg", "-q"]) == 0
+    ts_a = SHARED / "liver-train" / "imagesTr" / "ts_a.nii.gz"
+    assert main(["segment", str(ts_a), "-o", str(out), "--probabilities", "-q"]) == 0
+    review.open(out, "ann")
+    seen = {}
+    case = review.next()
+    while case is not None:
+        liver = liver_of(review)
+        if case.mask.name.endswith(".dcm"):
+            import highdicom as hd
+
+            assert int(liver.sum()) == int(np.asarray(hd.seg.segread(case.mask).pixel_array).sum())
+        else:
+            assert int(liver.sum()) == int(sitk.GetArrayFromImage(sitk.ReadImage(str(case.mask))).sum())
+            assert review.logic.uncertainBand(review.segmentation, review.volume).any()
+        assert abs(int(liver.sum()) * float(np.prod(review.volume.GetSpacing())) / 1000 - case.liver_ml) < 1.0
+        seen[case.name] = liver.sum()
+        case = review.exportAndNext(tmp_path / "dataset", background=False)
+    assert sorted(seen) == ["chaos_ct3", "ts_a"] and all(v > 0 for v in seen.values())
+    assert review.progress() == (2, 2)
