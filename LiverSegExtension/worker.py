@@ -17,8 +17,6 @@ from typing import Any, TextIO
 
 from LiverSegExtension import protocol
 
-PROTOCOL = protocol.VERSION
-
 
 class _Channel:
     """The protocol's stdout: a private copy of fd 1, which is then pointed at stderr for everyone else."""
@@ -106,7 +104,7 @@ def _export(request: dict, channel: _Channel) -> None:
     and hashing happen here, not on the door's main thread."""
     import SimpleITK as sitk
 
-    from LiverSegExtension.data.corrections import add_case_images
+    from LiverSegExtension.data.dataset import add_case_images
     from LiverSegExtension.errors import LiverSegError
 
     rid = request.get("id")
@@ -184,7 +182,7 @@ def main() -> int:
         import LiverSegExtension.inference.segmenter  # noqa: F401 - all the engine needs: "ready" means the first request is quick
         from LiverSegExtension.model.runtimes import available_devices, runtimes_installed
 
-        channel.send(protocol.READY, protocol=PROTOCOL, pid=os.getpid(), runtimes=runtimes_installed(),
+        channel.send(protocol.READY, protocol=protocol.VERSION, pid=os.getpid(), runtimes=runtimes_installed(),
                      devices=available_devices())
     except ImportError as exc:  # the door installs the packages; say which one is missing
         channel.send("error", id=None, message=f"the LiverSeg engine cannot start: {exc}", user=True)

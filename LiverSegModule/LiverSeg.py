@@ -7,7 +7,7 @@ live in ``LiverSegLib/``; the engine runs in a process of its own (``LiverSegLib
 from __future__ import annotations
 
 from LiverSegLib import resource_path
-from LiverSegLib.logic import LiverSegLogic, LiverSegRun  # noqa: F401 - the module's public logic
+from LiverSegLib.logic import LiverSegLogic, SlicerResult  # noqa: F401 - the module's public logic
 from LiverSegLib.parameters import LiverSegParameterNode  # noqa: F401 - the panel's state
 from LiverSegLib.selftest import LiverSegTest  # noqa: F401 - found here by Slicer's test runners
 from LiverSegLib.widget import LiverSegWidget  # noqa: F401 - found here by Slicer's module loader

@@ -72,7 +72,7 @@ def test_batch_outputs_summary_resume_and_shards(inputs, tiny_model_dir, tmp_pat
     rows = {row["input"]: row for row in rows_of(out / "summary.csv")}
     assert len(rows) == len(inputs)
     assert list(rows_of(out / "summary.csv")[0]) == ["input", "output", "status", "liver_ml", "uncertainty", "seconds",
-                                                     "error", "warning", "runtime", "input_path"]
+                                                     "error", "warning", "runtime", "input_path", "model"]
     bad = rows[str(inputs[2])]
     assert bad["status"] == "failed" and bad["error"].startswith(str(inputs[2])) and "Traceback" not in r.stdout + r.stderr
     assert f"[3/{len(inputs)}] failed" in r.stdout

@@ -234,5 +234,5 @@ def test_dicom_folder_with_two_series_gives_two_cases(ct_case, tiny_model_dir, t
     assert len(rows) == 2
     assert {sitk.ReadImage(r["output"]).GetSize()[2] for r in rows} == {30, 20}
     assert list(rows[0]) == ["input", "output", "status", "liver_ml", "uncertainty", "seconds", "error", "warning",
-                             "runtime", "input_path"]
+                             "runtime", "input_path", "model"]
     assert all(float(r["seconds"]) > 0 for r in rows)

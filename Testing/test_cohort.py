@@ -100,6 +100,7 @@ def test_parallel_shards_of_a_cohort_sharing_file_names_each_write_their_own_pat
     assert sorted(Path(r["output"]).relative_to(out).as_posix() for r in merged) == \
         ["a/ct_liver.nii.gz", "b/ct_liver.nii.gz", "c/ct_liver.nii.gz", "d_liver.nii.gz"]
     assert_each_row_on_its_own_grid(merged, cohort)
+    assert {r["model"] for r in merged} == {"tiny-test v0.0.1"}  # what made each mask
     # a rerun of all shards skips every case, for its own input, and the merged summary keeps one row each
     for i in (1, 2, 3):
         assert run_cli("segment", "cohort", "-o", out, "--shard", f"{i}/3", "--model", tiny_model_dir, cwd=cohort
@@ -107,7 +108,7 @@ def test_parallel_shards_of_a_cohort_sharing_file_names_each_write_their_own_pat
     assert run_cli("summary", "merge", out, cwd=cohort).returncode == 0
     again = rows(out / "summary.csv")
     assert len(again) == 4 and {r["input_path"] for r in again} == {r["input_path"] for r in merged}
-    assert all(r["liver_ml"] for r in again if r["status"] != "empty")
+    assert all(r["liver_ml"] and r["model"] for r in again if r["status"] != "empty")
 
 
 # -- separate runs into one folder ------------------------------------------------------------------------------------
@@ -212,6 +213,7 @@ def test_the_slicer_batch_mirrors_the_cohort_and_refuses_another_patients_output
     made = rows(out / "summary.csv")
     assert sorted(Path(x["output"]).relative_to(out).as_posix() for x in made) == \
         ["a/ct_liver.seg.nrrd", "b/ct_liver.seg.nrrd", "c/ct_liver.seg.nrrd", "d_liver.seg.nrrd"]
+    assert {r["model"] for r in made} == {"tiny-test v0.0.1"}
     for row in made:
         labelmap = Path(row["output"].replace(".seg.nrrd", ".nii.gz"))
         assert same_grid(sitk.ReadImage(str(labelmap)), read_input(cohort / row["input"])), row

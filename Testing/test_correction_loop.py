@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from conftest import ROOT
 from synthetic import make_affine, phantom, ras_grid, rotation, write_dicom_series
 
-from LiverSegExtension.data.corrections import add_case_images, check_dataset
+from LiverSegExtension.data.dataset import add_case_images, check_dataset
 from LiverSegExtension.data.metrics import dice
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import ijk_to_ras_of, image_from_array
@@ -130,7 +130,9 @@ def test_export_corrected_segment_then_fine_tune(tmp_path, scene, tiny_model_dir
 
 def test_draft_is_saved_with_the_scene(tmp_path, scene, threshold_segmenter, dicom_ct):
     """The model's draft travels in the MRML scene file, and a draft from another grid is not used."""
-    from LiverSegLib.mrml import DRAFT_ATTRIBUTE, decode_mask, segment_mask
+    from LiverSegLib.mrml import DRAFT_ATTRIBUTE, segment_mask
+
+    from LiverSegExtension.inference.masktext import decode_mask
 
     volume, _, run = segment_dicom_ct(dicom_ct, threshold_segmenter)
     draft = segment_mask(run.segmentation_node, run.segment_id, volume)
@@ -222,7 +224,7 @@ def test_concurrent_exports_from_two_processes(tmp_path):
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
         import SimpleITK as sitk
-        from LiverSegExtension.data.corrections import add_case_images
+        from LiverSegExtension.data.dataset import add_case_images
         image, label = sitk.ReadImage({str(tmp_path / 'ct.nii.gz')!r}), sitk.ReadImage({str(tmp_path / 'mask.nii.gz')!r})
         for i in range(4):  # eight different corrections of one CT (the same one twice would be refused)
             edited = sitk.Image(label)

@@ -103,7 +103,9 @@ def test_dicom_seg_is_refused_for_a_volume_file_and_skipped_when_empty(tmp_path,
     none = ct.copy()
     none[liver > 0] = ct[liver == 0].max()
     write_dicom_series(tmp_path / "no_liver", none, m)
-    monkeypatch.setattr(cli, "_segmenter", lambda args: threshold_segmenter)
+    from LiverSegExtension.cli import segment as segment_command
+
+    monkeypatch.setattr(segment_command, "_segmenter", lambda args: threshold_segmenter)
     assert cli.main(["segment", str(tmp_path / "no_liver"), "-o", str(tmp_path / "o"), "--format", "dicom-seg", "-q"]) == 0
     [row] = list(csv.DictReader(open(tmp_path / "o" / "summary.csv")))
     assert row["status"] == "empty" and row["output"] == "" and not list((tmp_path / "o").glob("*.dcm"))

@@ -132,7 +132,7 @@ def test_rejected_and_unjudged_models_are_not_offered(tmp_path, tiny_model_dir, 
 def test_guard_accepts_an_unchanged_model_and_rejects_a_damaged_one(tmp_path):
     from conftest import bundled_model
 
-    from LiverSegExtension.data.corrections import add_case_images
+    from LiverSegExtension.data.dataset import add_case_images
     from LiverSegExtension.training.finetune import compare, recipe
     from LiverSegExtension.training.finetune import plan as make_plan
     from LiverSegExtension.training.loop import train
@@ -169,7 +169,7 @@ def test_readme_fine_tune_on_a_corrected_cort_does_not_grow_its_heart_leak(tmp_p
     the new model's mask above the corrected top is no larger than the parent's, or the model is rejected."""
     from conftest import bundled_model
 
-    from LiverSegExtension.data.corrections import add_case_images
+    from LiverSegExtension.data.dataset import add_case_images
     from LiverSegExtension.inference.segmenter import LiverSegmenter
     from LiverSegExtension.io import read_image
 

@@ -47,6 +47,8 @@ def test_the_panel_fixes_undoes_records_and_keeps_them(scene, tmp_path):
     from conftest import close_panel, open_panel
     from LiverSegLib import mrml
 
+    from LiverSegExtension.inference import masktext
+
     matrix = np.diag([-1.5, -1.5, 2.0, 1.0])
     ct = np.where(LIVER | NECK | LEAK | LOBE, 60, -900).astype(np.int16)
     volume = slicer.util.addVolumeFromArray(ct, ijkToRAS=matrix, name="ct")
@@ -56,8 +58,8 @@ def test_the_panel_fixes_undoes_records_and_keeps_them(scene, tmp_path):
     other[5:10, 5:10, 5:10] = 1
     mrml.write_segment(segmentation, volume, other, "Kidney", (10, 200, 10))
     # What a run leaves on the node: its draft and the band where it hesitated (the lobe)
-    segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, mrml.encode_mask((LIVER | NECK | LEAK).astype(np.uint8)))
-    segmentation.SetAttribute(mrml.UNCERTAIN_ATTRIBUTE, mrml.encode_mask(LOBE.astype(np.uint8)))
+    segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, masktext.encode_mask((LIVER | NECK | LEAK).astype(np.uint8)))
+    segmentation.SetAttribute(mrml.UNCERTAIN_ATTRIBUTE, masktext.encode_mask(LOBE.astype(np.uint8)))
     crosshair = scene.AddNewNodeByClass("vtkMRMLCrosshairNode")
     module, widget = open_panel()
     try:
@@ -100,7 +102,7 @@ def test_the_panel_fixes_undoes_records_and_keeps_them(scene, tmp_path):
         reloaded.SetURL(str(tmp_path / "scene.mrml"))
         reloaded.Import()
         node = reloaded.GetFirstNodeByName("ct liver")
-        assert mrml.decode_mask(node.GetAttribute(mrml.UNCERTAIN_ATTRIBUTE), LIVER.shape).sum() == LOBE.sum()
+        assert masktext.decode_mask(node.GetAttribute(mrml.UNCERTAIN_ATTRIBUTE), LIVER.shape).sum() == LOBE.sum()
         assert json.loads(node.GetAttribute("LiverSeg.Fixes"))[0]["fix"] == "remove"
     finally:
         close_panel(module)

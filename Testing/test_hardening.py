@@ -134,7 +134,7 @@ def test_sheared_grids_bad_nifti_spacing_and_padding(tmp_path, threshold_segment
 
 
 def test_debris_of_a_dead_writer_is_cleaned_and_live_work_is_not(tmp_path):
-    from LiverSegExtension.io import _HOST, TEMP_MARK, clean_stale_temporaries
+    from LiverSegExtension.io.files import _HOST, TEMP_MARK, clean_stale_temporaries
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".a_liver.nii.gz{TEMP_MARK}{_HOST}-{int(dead.stdout)}-abcd.nii.gz"

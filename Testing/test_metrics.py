@@ -68,6 +68,21 @@ def test_surface_dice_empty_masks():
     assert case_metrics(ref, empty, (1.0, 1.0, 1.0))["nsd_2mm"] == 0.0
 
 
+def test_surface_dice_agrees_with_monai():
+    """Irregular blobs, anisotropic voxels: the same figure as MONAI's compute_surface_dice (surface voxels)."""
+    monai_metrics = pytest.importorskip("monai.metrics")
+    torch = pytest.importorskip("torch")
+    from scipy import ndimage
+
+    a = ndimage.binary_dilation(np.random.default_rng(0).random((40, 50, 45)) > 0.995, iterations=4)
+    b = ndimage.shift(a.astype(float), (1, 2, 0), order=0) > 0.5
+    spacing = (2.0, 1.5, 1.0)
+    theirs = monai_metrics.compute_surface_dice(torch.tensor(a[None, None]), torch.tensor(b[None, None]),
+                                                class_thresholds=[2.0], spacing=spacing, include_background=True)
+    ours = surface_dice(a, b, spacing)
+    assert 0.5 < ours < 0.99 and ours == pytest.approx(float(theirs.item()), abs=1e-6)
+
+
 def test_volume_error_and_empty_cases():
     ref = cube((10, 10, 10), (0, 0, 0), (5, 10, 10))  # 500 voxels of 2 mm^3 = 1 mL
     pred = cube((10, 10, 10), (0, 0, 0), (6, 10, 10))

@@ -117,3 +117,23 @@ def test_small_things_a_newcomer_meets(tmp_path, capsys):
     if default_model_dir() is not None:
         card = json.loads((default_model_dir() / "card.json").read_text())
         assert bundled_model_name() == f"{card['name']} v{card['version']}"
+
+
+def test_liversegs_own_dicom_seg_reads_back_onto_its_ct_voxel_for_voxel(tmp_path):
+    """A SEG of one segment keeps its segment number in the shared functional groups (highdicom writes it so)."""
+    from synthetic import rotation, write_dicom_series
+
+    from LiverSegExtension.io import expand_inputs, read_case
+    from LiverSegExtension.io.dicom_seg import read_dicom_seg, write_dicom_seg
+
+    m = make_affine(SPACING, SHAPE, rotation(0.1, 0.0, 0.2))
+    ct, liver = phantom(SHAPE, m)
+    write_dicom_series(tmp_path / "series", ct, m)
+    (case,) = expand_inputs([tmp_path / "series"])
+    image = read_case(case)
+    mask = sitk.GetArrayFromImage(sitk.Resample(image_from_array(liver.astype(np.uint8), m), image,
+                                                sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    mask[: SHAPE[0] // 3] = 0  # slices without liver: frames the SEG leaves out
+    write_dicom_seg(mask, case.files, tmp_path / "seg.dcm", "liverseg", "1.1.0")
+    back = sitk.GetArrayFromImage(read_dicom_seg(tmp_path / "seg.dcm", image))
+    assert mask.any() and np.array_equal(back, mask)

@@ -385,10 +385,10 @@ def fresh_slicer(scene, monkeypatch, tmp_path, slicer_launcher):
     monkeypatch.setattr(slicer.app, "_testing", False)
     absent = {"onnxruntime", "torch", "monai", "onnx", "safetensors"}
 
-    def importable(name: str) -> bool:
+    def installed(name: str) -> bool:
         return name not in absent or log.exists()  # there once the installer ran
 
-    monkeypatch.setattr(dependencies, "importable", importable)
+    monkeypatch.setattr(dependencies, "installed", installed)
     dialogs: list[str] = []
 
     def confirm(text, *args, **kwargs) -> bool:
@@ -463,7 +463,7 @@ def test_an_old_torch_is_upgraded_not_pinned(fresh_slicer, monkeypatch):
     installed_version = dependencies.version
     monkeypatch.setattr(dependencies, "version",
                         lambda dist: "1.13.1" if dist == "torch" else installed_version(dist))
-    monkeypatch.setattr(dependencies, "importable", lambda name: name == "torch" or log.exists())
+    monkeypatch.setattr(dependencies, "installed", lambda name: name == "torch" or log.exists())
     packages = dependencies.missing_packages("cuda")
     assert packages[0] == "torch>=2.0"
     run = dependencies.InstallRun(packages)
@@ -608,7 +608,7 @@ def test_self_test_without_the_packages_is_skipped_as_slicer_runs_it(scene, monk
     import LiverSeg
     from LiverSegLib import dependencies
 
-    monkeypatch.setattr(dependencies, "importable", lambda name: name != "onnxruntime")
+    monkeypatch.setattr(dependencies, "installed", lambda name: name != "onnxruntime")
     result = run_unit_test()
     assert result.wasSuccessful() and result.testsRun == 1
     assert len(result.skipped) == 1 and "install onnxruntime>=1.16" in result.skipped[0][1]

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from LiverSegExtension.data.corrections import add_case_images  # noqa: E402
+from LiverSegExtension.data.dataset import add_case_images  # noqa: E402
 from LiverSegExtension.inference.segmenter import LiverSegmenter  # noqa: E402
 from LiverSegExtension.io import read_image  # noqa: E402
 from LiverSegExtension.model.catalog import default_model_dir  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from LiverSegExtension.data.corrections import add_case  # noqa: E402
+from LiverSegExtension.data.dataset import add_case  # noqa: E402
 from LiverSegExtension.model.catalog import default_model_dir  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "liver-train"

@@ -48,7 +48,7 @@ def load_msd(folder: str | Path) -> list[Case]:
     meta = folder / "dataset.json"
     if not meta.is_file():
         raise LiverSegError(f"{folder}: not a Medical Segmentation Decathlon dataset (no dataset.json)")
-    from LiverSegExtension.data.corrections import dataset_meta
+    from LiverSegExtension.data.dataset import dataset_meta
 
     content = dataset_meta(folder)  # checked: JSON, entries, no path outside the folder
     entries = content.get("training", [])

@@ -54,7 +54,7 @@ GROW_ROUNDS = 2  # times the fine box may grow where the liver touches it (never
 SMALL_SCAN_MM = 300.0  # scans no larger than this on every axis skip the coarse stage
 GROW_MM = 40.0
 PASTE_SLAB = 16  # input slices resampled back at a time (see _paste), and at least PASTE_VOXELS voxels
-PASTE_VOXELS = 1 << 20
+PASTE_VOXELS = 1 << 21
 NECK_MM = 5.0  # parts joined to the liver through a neck thinner than twice this are cut off
 
 

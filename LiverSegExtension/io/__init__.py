@@ -32,7 +32,6 @@ from LiverSegExtension.io.dicom import (
     unreadable_neighbours,
 )
 from LiverSegExtension.io.files import (
-    _HOST,
     STALE_SECONDS,
     TEMP_MARK,
     atomic_write,
@@ -78,6 +77,6 @@ __all__ = [
     "check_slice_sizes", "check_slice_positions", "SUMMARY_FIELDS", "STATUSES", "status_counts",
     "result_status", "case_warnings", "summary_row", "write_summary", "merge_shard_summaries", "summary_path",
     "shard_summaries", "locked",
-    "check_writable_folder", "complete_output", "TEMP_MARK", "_HOST", "STALE_SECONDS",
+    "check_writable_folder", "complete_output", "TEMP_MARK", "STALE_SECONDS",
     "clean_stale_temporaries", "atomic_write", "mask_image", "write_mask",
 ]

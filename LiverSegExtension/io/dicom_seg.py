@@ -128,18 +128,26 @@ def read_dicom_seg(path: Path, image: sitk.Image) -> sitk.Image:
     if len(liver) != 1 and len(numbers) != 1:
         raise LiverSegError(f"{path}: {len(numbers)} segments and none (or several) named Liver: which is the liver?")
     number = (liver or numbers)[0]
-    shared = seg.SharedFunctionalGroupsSequence[0]
-    row_dir, col_dir = np.reshape(np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float), (2, 3))
-    dr, dc = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)  # between rows, between columns
+    shared = (getattr(seg, "SharedFunctionalGroupsSequence", None) or [None])[0]
+
+    def item(groups, keyword: str):  # noqa: ANN001, ANN202 - a functional group, per frame or shared by all frames
+        found = getattr(groups, keyword, None) or getattr(shared, keyword, None)
+        if not found:
+            raise LiverSegError(f"{path}: a frame has no {keyword}; it cannot be placed on the CT")
+        return found[0]
+
     frames = np.asarray(seg.pixel_array).reshape(-1, int(seg.Rows), int(seg.Columns))
     direction = np.reshape(image.GetDirection(), (3, 3)) * np.asarray(image.GetSpacing())
     to_index = np.linalg.inv(direction)
     out = np.zeros(image.GetSize()[::-1], np.uint8)
     for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
-        if int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber) != number or not frame.any():
+        if int(item(group, "SegmentIdentificationSequence").ReferencedSegmentNumber) != number or not frame.any():
             continue
+        orientation = np.asarray(item(group, "PlaneOrientationSequence").ImageOrientationPatient, float)
+        row_dir, col_dir = orientation.reshape(2, 3)
+        dr, dc = (float(v) for v in item(group, "PixelMeasuresSequence").PixelSpacing)  # between rows, columns
         r, c = np.nonzero(frame)
-        position = np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, float)
+        position = np.asarray(item(group, "PlanePositionSequence").ImagePositionPatient, float)
         points = position + np.outer(c * dc, row_dir) + np.outer(r * dr, col_dir)  # LPS, as ITK's
         index = (points - np.asarray(image.GetOrigin())) @ to_index.T
         whole = np.round(index)

@@ -24,7 +24,7 @@ from LiverSegExtension.io.files import _HOST, atomic_write, locked
 _SAMPLE = 1 << 20
 
 #: the summary fields a record keeps, so that a later run that skips the case still reports them
-ROW_FIELDS = ("status", "liver_ml", "uncertainty", "warning", "runtime")
+ROW_FIELDS = ("status", "liver_ml", "uncertainty", "warning", "runtime", "model")
 
 
 def record_path(out_dir: Path, name: str) -> Path:

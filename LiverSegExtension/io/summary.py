@@ -12,9 +12,10 @@ from LiverSegExtension.io.cases import InputCase, _modality
 from LiverSegExtension.io.files import atomic_write, locked
 
 # -- writing ---------------------------------------------------------------------------------------
-#: ``input`` as the user gave it; ``input_path`` the input resolved (its key: any spelling of a file is one input)
+#: ``input`` as the user gave it; ``input_path`` the input resolved (its key: any spelling of a file is one input);
+#: ``model`` the name and version of the model that made the mask
 SUMMARY_FIELDS = ["input", "output", "status", "liver_ml", "uncertainty", "seconds", "error", "warning", "runtime",
-                  "input_path"]
+                  "input_path", "model"]
 
 
 STATUSES = ("ok", "warning", "empty", "skipped", "failed")

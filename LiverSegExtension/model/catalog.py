@@ -216,13 +216,19 @@ def card_problem(card: Any) -> str | None:
     return None
 
 
-def bundled_model_name() -> str:
-    """``liverseg v1.1.0``: the name and version of the model used when none is given, or why there is none."""
-    folder = default_model_dir()
+def bundled_model_name(folder: str | Path | None = None) -> str:
+    """``liverseg v1.1.0``: the name and version of the model in ``folder`` (default: the one used when none is
+    given), or why there is none."""
+    folder = Path(folder) if folder else default_model_dir()
     if folder is None:
         return "none installed"
     try:
         card = read_card(folder)
     except LiverSegError:
         return f"{folder.name} (card unreadable)"
-    return f"{card.get('name', folder.name)} v{card.get('version', '?')}"
+    return model_label(card)
+
+
+def model_label(card: dict[str, Any]) -> str:
+    """How a model is named in summaries, provenance and ``--version``: ``liverseg v1.1.0``."""
+    return f"{card.get('name', 'liverseg')} v{card.get('version', '?')}"

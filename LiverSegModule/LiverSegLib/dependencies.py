@@ -31,33 +31,27 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from LiverSegExtension.errors import CancelledError, LiverSegError
-from LiverSegExtension.model.runtimes import installed
+from LiverSegExtension.model.runtimes import GPU_DEVICES, TORCH_EXTRA, installed
 from LiverSegLib.installer import PID_LINE
 
 #: What segmenting on the CPU needs beyond Slicer's own packages (import name -> requirement).
 SEGMENT_REQUIREMENTS = {"onnxruntime": "onnxruntime>=1.16"}
 #: What GPUs and fine-tuning need besides torch.
-TORCH_REQUIREMENTS = {"monai": "monai>=1.3", "safetensors": "safetensors>=0.4", "onnx": "onnx>=1.15"}
-MINIMUM_TORCH = "2.0"  # the engine uses torch.inference_mode and safetensors' torch API
-TORCH_REQUIREMENT = f"torch>={MINIMUM_TORCH}"
+TORCH_REQUIREMENTS = {r.split(">=")[0]: r for r in TORCH_EXTRA if not r.startswith("torch>=")}
+TORCH_REQUIREMENT = next(r for r in TORCH_EXTRA if r.startswith("torch>="))  # the engine's torch extra
+MINIMUM_TORCH = TORCH_REQUIREMENT.split(">=")[1]  # torch.inference_mode and safetensors' torch API
 LIGHT_THE_TORCH = "light-the-torch>=0.5"
 PROTECTED = ("numpy", "SimpleITK", "pip", "torch")  # kept at the version installed, unless being installed
-GPU_DEVICES = ("cuda", "mps")
 INSTALLER = Path(__file__).resolve().with_name("installer.py")
-
-
-def importable(name: str) -> bool:
-    """Whether ``import name`` would find a module, without importing it (the engine's own test)."""
-    return installed(name)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
-def torch_needed() -> bool:
+def torch_missing_or_old() -> bool:
     """True when torch is absent or older than the engine needs (read from its metadata, not imported)."""
-    if not importable("torch"):
+    if not installed("torch"):
         return True
     try:
         return _version_tuple(version("torch")) < _version_tuple(MINIMUM_TORCH)
@@ -76,8 +70,8 @@ def missing_packages(device: str | None = "auto", training: bool = False) -> lis
     torch = needs_torch(device, training)
     if torch:
         wanted.update(TORCH_REQUIREMENTS)
-    missing = [req for name, req in wanted.items() if not importable(name)]
-    return ([TORCH_REQUIREMENT] if torch and torch_needed() else []) + missing
+    missing = [req for name, req in wanted.items() if not installed(name)]
+    return ([TORCH_REQUIREMENT] if torch and torch_missing_or_old() else []) + missing
 
 
 def requirement_name(requirement: str) -> str:
@@ -267,4 +261,4 @@ class InstallRun:
 
     def still_missing(self) -> list[str]:
         """What is still not importable after the install (an install that said it worked but did not)."""
-        return [req for req in self.packages if not importable(requirement_name(req).replace("-", "_"))]
+        return [req for req in self.packages if not installed(requirement_name(req).replace("-", "_"))]

@@ -28,6 +28,7 @@ except ImportError:  # plain Python with only slicer-core (batch runs): the base
 
 from LiverSegExtension import protocol
 from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.inference import masktext
 from LiverSegLib import mrml
 from LiverSegLib.engine import EngineProcess, SegmentRun, TrainRun
 
@@ -51,8 +52,8 @@ def _text(path: str | None) -> str | None:
 
 
 @dataclass
-class LiverSegRun:
-    """What a finished run produced."""
+class SlicerResult:
+    """What a finished run produced in Slicer: the segmentation node holding the "Liver" segment, and its figures."""
 
     segmentation_node: Any
     segment_id: str
@@ -192,7 +193,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         self._ctCache = (key, path)
         return path
 
-    def finish(self, run: SegmentRun) -> LiverSegRun:
+    def finish(self, run: SegmentRun) -> SlicerResult:
         """Write a finished run's mask into the scene (main thread), or raise its error."""
         import SimpleITK as sitk
 
@@ -220,7 +221,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
 
     def _write_result(self, volume, segmentation, mask, liver_ml: float, seconds: float, model_name: str,
                       warnings: list[str], probability=None, draft: str | None = None,
-                      uncertain: str | None = None) -> LiverSegRun:
+                      uncertain: str | None = None) -> SlicerResult:
         """The mask into the scene, with the draft and the uncertain band as node attributes: given as text
         (from the engine process), or made here from the mask and the probability."""
         expected = mrml.volume_array_and_matrix(volume)[0].shape
@@ -240,21 +241,21 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         # Keep the model's draft and name with the node (saved with the scene, so a restart of Slicer
         # loses neither): the export measures how much the annotator changed.
         segmentation.SetAttribute("LiverSeg.Model", model_name)
-        segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, draft or mrml.encode_mask(mask))
+        segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, draft or masktext.encode_mask(mask))
         if uncertain is None and probability is not None and tuple(probability.shape) == tuple(expected):
             from LiverSegExtension.inference.masktext import uncertain_band
 
-            uncertain = mrml.encode_mask(uncertain_band(probability))
+            uncertain = masktext.encode_mask(uncertain_band(probability))
         if uncertain is not None:
             segmentation.SetAttribute(mrml.UNCERTAIN_ATTRIBUTE, uncertain)
         if segmentation.GetSegmentation().GetSegmentIdBySegmentName(mrml.UNCERTAIN_SEGMENT):  # of an earlier run
             self.showUncertainRegions(segmentation, volume, True)
         for warning in warnings:
             logging.warning("LiverSeg: %s", warning)
-        return LiverSegRun(segmentation, segment_id, liver_ml, seconds, model_name, warnings)
+        return SlicerResult(segmentation, segment_id, liver_ml, seconds, model_name, warnings)
 
     def process(self, inputVolume, outputSegmentation=None, device: str = "auto", modelPath: str | None = None,
-                progress=None, cancel=None, source: str | None = None) -> LiverSegRun:
+                progress=None, cancel=None, source: str | None = None) -> SlicerResult:
         """Segment ``inputVolume`` into ``outputSegmentation`` (a new node when None), synchronously, in this
         process, with ONNX Runtime on the CPU (see ``segmenter``).
 
@@ -279,7 +280,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     def uncertainBand(segmentationNode, volumeNode):
         """The last run's uncertain band (``[k, j, i]`` bool on the volume's grid), or None."""
         shape = mrml.volume_array_and_matrix(volumeNode)[0].shape
-        band = mrml.decode_mask(segmentationNode.GetAttribute(mrml.UNCERTAIN_ATTRIBUTE), shape)
+        band = masktext.decode_mask(segmentationNode.GetAttribute(mrml.UNCERTAIN_ATTRIBUTE), shape)
         return None if band is None else band > 0
 
     def showUncertainRegions(self, segmentationNode, volumeNode, show: bool) -> bool:
@@ -332,7 +333,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         array, matrix = mrml.volume_array_and_matrix(volumeNode)
         point = (np.linalg.inv(matrix) @ np.array([*ras[:3], 1.0]))[:3][::-1]  # (k, j, i)
         if kind == "add":
-            draft = mrml.decode_mask(segmentationNode.GetAttribute(mrml.DRAFT_ATTRIBUTE), array.shape)
+            draft = masktext.decode_mask(segmentationNode.GetAttribute(mrml.DRAFT_ATTRIBUTE), array.shape)
             band = self.uncertainBand(segmentationNode, volumeNode)
             if draft is None or band is None:
                 raise LiverSegError("this segmentation keeps no probability of a LiverSeg run: run Segment Liver first")
@@ -343,7 +344,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         else:
             raise LiverSegError(f"unknown fix {kind!r}: add or remove")
         self._undo.setdefault(segmentationNode.GetID(), []).append(
-            (mrml.encode_mask(mask), segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]"))
+            (masktext.encode_mask(mask), segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]"))
         mrml.write_liver_segment(segmentationNode, volumeNode, fixed)
         change = volume_ml(fixed, volumeNode.GetSpacing()) - volume_ml(mask, volumeNode.GetSpacing())
         fixes = json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]")
@@ -361,7 +362,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
             return False
         encoded, fixes = stack.pop()
         shape = mrml.volume_array_and_matrix(volumeNode)[0].shape
-        mrml.write_liver_segment(segmentationNode, volumeNode, mrml.decode_mask(encoded, shape))
+        mrml.write_liver_segment(segmentationNode, volumeNode, masktext.decode_mask(encoded, shape))
         segmentationNode.SetAttribute(FIXES_ATTRIBUTE, fixes)
         return True
 
@@ -436,7 +437,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         label = mrml.segment_mask(segmentationNode, segment_id, inputVolume)
         array, matrix = mrml.volume_array_and_matrix(inputVolume)
         if draftMask is None:  # a draft of another shape (the volume was cropped or resampled) is ignored
-            draftMask = mrml.decode_mask(segmentationNode.GetAttribute(mrml.DRAFT_ATTRIBUTE), array.shape)
+            draftMask = masktext.decode_mask(segmentationNode.GetAttribute(mrml.DRAFT_ATTRIBUTE), array.shape)
         return array, matrix, label, draftMask
 
     def startExport(self, inputVolume, segmentationNode, datasetFolder: str | Path, annotator: str = "",
@@ -483,7 +484,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         """Add the CT and its (corrected) Liver segment to an MSD dataset, in this process (scripts; the panel
         uses ``startExport``); returns the new case name. ``provenance``: more to record with it (a review's
         batch row)."""
-        from LiverSegExtension.data.corrections import add_case_arrays
+        from LiverSegExtension.data.dataset import add_case_arrays
 
         array, matrix, label, draftMask = self._exportInputs(inputVolume, segmentationNode, draftMask)
         record = {

@@ -7,7 +7,6 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from LiverSegExtension.inference.masktext import decode_mask, encode_mask  # noqa: F401 - the node attributes' format
 from LiverSegExtension.io import LIVER_SEGMENT
 
 SEGMENT_NAME = LIVER_SEGMENT["name"]

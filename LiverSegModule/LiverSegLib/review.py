@@ -20,6 +20,7 @@ import numpy as np
 import slicer
 
 from LiverSegExtension.errors import LiverSegError
+from LiverSegExtension.inference import masktext
 from LiverSegExtension.io import LIVER_SEGMENT, InputCase
 from LiverSegExtension.review.state import ReviewState, default_annotator
 from LiverSegExtension.review.worklist import ReviewCase, ct_input, read_worklist
@@ -261,7 +262,7 @@ class ReviewLogic:
         mrml.write_segment(segmentation, volume, mask, mrml.SEGMENT_NAME, LIVER_SEGMENT["color"],
                            LIVER_SEGMENT["terminology"])
         mrml.place_beside(segmentation, volume)
-        segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, mrml.encode_mask(mask))
+        segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, masktext.encode_mask(mask))
         model = case.row.get("model") or algorithm
         if model:
             segmentation.SetAttribute(MODEL_ATTRIBUTE, model)
@@ -270,7 +271,7 @@ class ReviewLogic:
             from LiverSegExtension.io import read_image
 
             probability = on_volume_grid(read_image(case.probability), volume, str(case.probability))
-            segmentation.SetAttribute(mrml.UNCERTAIN_ATTRIBUTE, mrml.encode_mask(uncertain_band(probability)))
+            segmentation.SetAttribute(mrml.UNCERTAIN_ATTRIBUTE, masktext.encode_mask(uncertain_band(probability)))
         return volume, segmentation, mask
 
     def _show(self, volume, segmentation, mask: np.ndarray) -> None:
@@ -300,7 +301,7 @@ class ReviewLogic:
         case, volume, segmentation = self._open()
         segment_id = mrml.find_liver_segment(segmentation)
         label = mrml.segment_mask(segmentation, segment_id, volume) if segment_id else None
-        draft = mrml.decode_mask(segmentation.GetAttribute(mrml.DRAFT_ATTRIBUTE), volume.GetImageData().GetDimensions()[::-1])
+        draft = masktext.decode_mask(segmentation.GetAttribute(mrml.DRAFT_ATTRIBUTE), volume.GetImageData().GetDimensions()[::-1])
         if label is None or draft is None or not np.array_equal(label > 0, draft > 0):
             score = dice(label, draft) if label is not None and draft is not None else 0.0
             raise LiverSegError(f"{case.name}: the Liver segment was changed (Dice {score:.3f} with the model's mask): "

@@ -179,11 +179,11 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _gpuHints(self, refresh: bool = False) -> tuple[dict[str, bool], bool]:
         """(where a GPU may be: an NVIDIA driver, Apple silicon; whether PyTorch is missing), looked up once
         (the panel asks on every timer tick) and again after an install."""
-        from LiverSegLib.dependencies import torch_needed
+        from LiverSegLib.dependencies import torch_missing_or_old
 
         if refresh or self._hints is None:
             self._hints = ({"cuda": shutil.which("nvidia-smi") is not None,
-                            "mps": platform.system() == "Darwin" and platform.machine() == "arm64"}, torch_needed())
+                            "mps": platform.system() == "Darwin" and platform.machine() == "arm64"}, torch_missing_or_old())
         return self._hints
 
     def _updateDevices(self) -> None:

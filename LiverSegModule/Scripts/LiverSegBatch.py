@@ -218,6 +218,9 @@ class BatchDoor:
                 logging.info("LiverSegBatch: the networks run in this process, %s", runs_on)
         except LiverSegError as exc:
             raise UsageError(str(exc)) from None
+        from LiverSegExtension.model.catalog import bundled_model_name
+
+        self.model_name = bundled_model_name(self.args.model)
         self.ctx = SceneContext()
 
     def segment(self, case: InputCase, name: str, existing: list[Path], row: dict, written: list[Path]) -> str:
@@ -262,7 +265,7 @@ class BatchDoor:
             warnings = case_warnings(case, result.warnings)
             row.update(liver_ml=f"{result.liver_ml:.1f}", uncertainty=f"{result.uncertainty:.3f}",
                        warning="; ".join(warnings), status=result_status(result.liver_ml, warnings),
-                       runtime=result.runtime)
+                       runtime=result.runtime, model=self.model_name)
             return "; ".join(notes)
         finally:  # keep memory flat over long batches: every node the case added goes, color tables too
             remove_nodes_added_since(ctx.scene, before)
