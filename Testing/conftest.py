@@ -48,6 +48,22 @@ def _processes_belong_to_the_slow_tier(request, monkeypatch):
             pytest.skip("starts a process: slow tier, run without --fast")
 
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+@pytest.fixture(autouse=True)
+def _no_exception_leaves_a_slot():
+    """PythonQt prints an exception that leaves a slot and goes on, as the qt stand-in does: a test fails on any
+    it did not take itself (``qt.take_slot_errors()``)."""
+    qt = sys.modules.get("qt")
+    if hasattr(qt, "take_slot_errors"):
+        qt.take_slot_errors()
+    yield
+    qt = sys.modules.get("qt")
+    errors = qt.take_slot_errors() if hasattr(qt, "take_slot_errors") else []
+    if errors:
+        pytest.fail(f"an exception left a slot (PythonQt prints its traceback and goes on): {errors[0]!r}")
+
+
 requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data not found at {SHARED} (set LIVERSEG_SHARED_DATA)")
 
 

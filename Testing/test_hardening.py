@@ -200,7 +200,7 @@ def test_a_tampered_model_card_is_refused_naming_the_field(tmp_path, tiny_model_
 def test_a_checkpoint_that_is_not_ours_is_refused(tmp_path):
     import torch
 
-    from LiverSegExtension.training.loop import load_checkpoint
+    from LiverSegExtension.training.checkpoint import load_checkpoint
 
     for content in ({"weights": torch.zeros(2)}, [1, 2, 3]):
         torch.save(content, tmp_path / "checkpoint.pt")

@@ -102,7 +102,8 @@ def test_fine_tune_resume_finish_and_segment(tmp_path, tiny_model_dir):
 
 def test_training_with_validation_keeps_the_best_weights(tmp_path, tiny_model_dir):
     """Without the guard (training, not fine-tuning), validation every N iterations picks the weights kept."""
-    from LiverSegExtension.training.loop import TrainConfig, train
+    from LiverSegExtension.training.config import TrainConfig
+    from LiverSegExtension.training.loop import train
 
     data = make_dataset(tmp_path / "data")
     out = train(TrainConfig(data=[data], output=tmp_path / "m", init=tiny_model_dir, val_cases=["case2"],
@@ -117,7 +118,7 @@ def test_training_with_validation_keeps_the_best_weights(tmp_path, tiny_model_di
 
 def test_resume_refusal_names_only_what_differs():
     from LiverSegExtension.errors import LiverSegError
-    from LiverSegExtension.training.loop import _check_resume
+    from LiverSegExtension.training.checkpoint import check_resume as _check_resume
 
     then = {"training cases": ["a", "b"], "seed": 1}
     with pytest.raises(LiverSegError) as err:

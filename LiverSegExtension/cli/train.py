@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     common = dict(val_cases=[v for v in args.val.split(",") if v], max_minutes=args.max_minutes, device=args.device,
                   seed=args.seed, name=args.name, version=args.model_version, oversample=oversample)
     if not tuning:
-        from LiverSegExtension.training.loop import TrainConfig, train
+        from LiverSegExtension.training.config import TrainConfig
+        from LiverSegExtension.training.loop import train
 
         train(TrainConfig(data=args.data, output=args.output, iterations=iterations, val_every=args.val_every,
                           ema=TRAIN_EMA if args.ema is None else args.ema, lr=args.lr,

@@ -22,12 +22,17 @@ def locked(folder: Path, name: str) -> Iterator[None]:
     """An exclusive lock, shared by all processes (Slicer instances, CLI runs), on ``folder/name``.
 
     The lock file is removed on release. A waiter that then holds a lock on the removed file notices
-    (the path no longer names the file it locked) and takes the lock again on the current one."""
+    (the path no longer names the file it locked) and takes the lock again on the current one. A folder that
+    cannot hold the lock file (read-only, gone) is a LiverSegError naming it."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     while True:
-        handle = open(path, "a+b")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+b")
+        except OSError as exc:
+            raise LiverSegError(f"{folder}: cannot lock it for writing ({exc.strerror or type(exc).__name__}); "
+                                "is the folder read-only?") from None
         try:
             _lock(handle)
             try:

@@ -282,7 +282,7 @@ def recipe(data: list[Path], output: Path, init: Path, *, iterations: int | None
            ema: float | None = None, lr: float | None = None, **options: Any) -> Any:
     """The fine-tuning recipe as a ``training.TrainConfig``; what is not given takes the recipe's value."""
     from LiverSegExtension.model.catalog import FINE_TUNE_EMA, FINE_TUNE_ITERATIONS, FINE_TUNE_LR, STAGES
-    from LiverSegExtension.training.loop import TrainConfig
+    from LiverSegExtension.training.config import TrainConfig
 
     n = iterations or FINE_TUNE_ITERATIONS
     return TrainConfig(data=list(data), output=Path(output), init=Path(init), iterations=n, val_every=n,
@@ -295,7 +295,8 @@ def fine_tune(cfg: Any, replay: str | Path = "auto", holdout: int | None = None,
               progress: Progress | None = None, log: Callable[[str], None] = print) -> FineTuneResult:
     """Plan, train and guard (see the module doc); ``cfg`` is a ``training.TrainConfig`` with ``init`` set."""
     from LiverSegExtension.model.catalog import read_card
-    from LiverSegExtension.training.loop import finished_run, train
+    from LiverSegExtension.training.checkpoint import finished_run
+    from LiverSegExtension.training.loop import train
 
     if cfg.init is None:
         raise LiverSegError("fine-tuning needs the model to start from (--init)")

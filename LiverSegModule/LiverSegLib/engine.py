@@ -335,3 +335,15 @@ def wait_for(run: _EngineRun, timeout_s: float | None = None, progress=None) -> 
     if progress is not None:
         progress(run.fraction, run.stage)
     return True
+
+
+def outcome(run, what: str) -> dict[str, Any]:
+    """A finished engine run's result message, or its error raised (an unexpected one's traceback logged)."""
+    run.poll()
+    if run.error is not None:
+        if run.details:
+            logging.error("LiverSeg: %s\n%s", run.error, run.details)
+        raise run.error
+    if not run.done:
+        raise LiverSegError(f"{what} has not finished")
+    return run.result

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 try:
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 except ImportError:  # plain Python with only slicer-core (batch runs): the base adds nothing we use there
@@ -30,21 +28,11 @@ from LiverSegExtension import protocol
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.inference import masktext
 from LiverSegLib import mrml
-from LiverSegLib.engine import EngineProcess, SegmentRun, TrainRun
+from LiverSegLib.corrections import FIXES_ATTRIBUTE, CorrectionsMixin
+from LiverSegLib.engine import EngineProcess, SegmentRun, TrainRun, outcome
+from LiverSegLib.exporting import ExportMixin
 
-FIXES_ATTRIBUTE = "LiverSeg.Fixes"  # the one-click fixes made on the node: JSON list, saved with the scene
-
-
-def outcome(run, what: str) -> dict[str, Any]:
-    """A finished engine run's result message, or its error raised (an unexpected one's traceback logged)."""
-    run.poll()
-    if run.error is not None:
-        if run.details:
-            logging.error("LiverSeg: %s\n%s", run.error, run.details)
-        raise run.error
-    if not run.done:
-        raise LiverSegError(f"{what} has not finished")
-    return run.result
+__all__ = ["FIXES_ATTRIBUTE", "LiverSegLogic", "SlicerResult", "outcome"]
 
 
 def _text(path: str | None) -> str | None:
@@ -65,7 +53,7 @@ class SlicerResult:
     runtime: str = ""  # what ran the networks, and where: "onnxruntime 1.20.1 on cpu"
 
 
-class LiverSegLogic(ScriptedLoadableModuleLogic):
+class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
     """Segment the liver of a scalar volume into a segmentation node."""
 
     def __init__(self, engineFactory=EngineProcess) -> None:
@@ -275,102 +263,10 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         run.runtime = segmenter.runs_on
         return run
 
-    # -- where the model hesitates ------------------------------------------------------------------
-    @staticmethod
-    def uncertainBand(segmentationNode, volumeNode):
-        """The last run's uncertain band (``[k, j, i]`` bool on the volume's grid), or None."""
-        shape = mrml.volume_array_and_matrix(volumeNode)[0].shape
-        band = masktext.decode_mask(segmentationNode.GetAttribute(mrml.UNCERTAIN_ATTRIBUTE), shape)
-        return None if band is None else band > 0
-
-    def showUncertainRegions(self, segmentationNode, volumeNode, show: bool) -> bool:
-        """Show (or remove) the segment "Liver: uncertain": where the last run's liver probability lay
-        between 0.1 and 0.9. It is for looking only: the export takes the "Liver" segment alone.
-        False when there is no band to show (no run of this version on this node)."""
-        segmentation = segmentationNode.GetSegmentation()
-        old = segmentation.GetSegmentIdBySegmentName(mrml.UNCERTAIN_SEGMENT)
-        if not show:
-            if old:
-                segmentation.RemoveSegment(old)
-            return True
-        band = self.uncertainBand(segmentationNode, volumeNode)
-        if band is None:
-            return False
-        mrml.write_segment(segmentationNode, volumeNode, band.astype(np.uint8), mrml.UNCERTAIN_SEGMENT,
-                           mrml.UNCERTAIN_COLOR)
-        return True
-
-    def jumpToUncertainRegion(self, segmentationNode, volumeNode):
-        """Centre every slice view on the largest connected uncertain region; its RAS centre, or None."""
-        from scipy import ndimage
-
-        band = self.uncertainBand(segmentationNode, volumeNode)
-        if band is None or not band.any():
-            return None
-        labels, n = ndimage.label(band, structure=np.ones((3, 3, 3), bool))
-        largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-        k, j, i = (float(v) for v in ndimage.center_of_mass(labels == largest))
-        matrix = mrml.volume_array_and_matrix(volumeNode)[1]
-        ras = (matrix @ np.array([i, j, k, 1.0]))[:3]
-        scene = volumeNode.GetScene()
-        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
-            scene.GetNthNodeByClass(index, "vtkMRMLSliceNode").JumpSliceByCentering(*ras)
-        return ras
-
-    # -- one-click fixes ---------------------------------------------------------------------------------
-    def fixAt(self, segmentationNode, volumeNode, ras, kind: str) -> float:
-        """``kind`` "add" (the region the last run gave a liver probability above 0.1, around ``ras``) or
-        "remove" (the part beyond the narrowest neck between ``ras`` and the liver) on the "Liver" segment;
-        other segments are left alone. The change is recorded on the node (the export lists it as the
-        annotator's) and can be undone. Returns the volume change in mL."""
-        from LiverSegExtension.data.metrics import volume_ml
-        from LiverSegExtension.inference.fixes import add_here, remove_here
-
-        segment_id = mrml.find_liver_segment(segmentationNode) if segmentationNode is not None else None
-        if segment_id is None:
-            raise LiverSegError("no 'Liver' segment to fix: segment the liver first")
-        mask = mrml.segment_mask(segmentationNode, segment_id, volumeNode)
-        array, matrix = mrml.volume_array_and_matrix(volumeNode)
-        point = (np.linalg.inv(matrix) @ np.array([*ras[:3], 1.0]))[:3][::-1]  # (k, j, i)
-        if kind == "add":
-            draft = masktext.decode_mask(segmentationNode.GetAttribute(mrml.DRAFT_ATTRIBUTE), array.shape)
-            band = self.uncertainBand(segmentationNode, volumeNode)
-            if draft is None or band is None:
-                raise LiverSegError("this segmentation keeps no probability of a LiverSeg run: run Segment Liver first")
-            probability = np.where(draft > 0, 255, np.where(band, 128, 0)).astype(np.uint8)
-            fixed, _ = add_here(mask, probability, point)
-        elif kind == "remove":
-            fixed, _ = remove_here(mask, point)
-        else:
-            raise LiverSegError(f"unknown fix {kind!r}: add or remove")
-        self._undo.setdefault(segmentationNode.GetID(), []).append(
-            (masktext.encode_mask(mask), segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]"))
-        mrml.write_liver_segment(segmentationNode, volumeNode, fixed)
-        change = volume_ml(fixed, volumeNode.GetSpacing()) - volume_ml(mask, volumeNode.GetSpacing())
-        fixes = json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]")
-        fixes.append({"fix": kind, "ras": [round(float(v), 2) for v in ras[:3]], "ml": round(change, 2)})
-        segmentationNode.SetAttribute(FIXES_ATTRIBUTE, json.dumps(fixes))
-        return change
-
-    def canUndoFix(self, segmentationNode) -> bool:
-        return bool(self._undo.get(segmentationNode.GetID()))
-
-    def undoFix(self, segmentationNode, volumeNode) -> bool:
-        """Undo the last fix of this segmentation (False when there is none to undo)."""
-        stack = self._undo.get(segmentationNode.GetID() if segmentationNode is not None else "", [])
-        if not stack:
-            return False
-        encoded, fixes = stack.pop()
-        shape = mrml.volume_array_and_matrix(volumeNode)[0].shape
-        mrml.write_liver_segment(segmentationNode, volumeNode, masktext.decode_mask(encoded, shape))
-        segmentationNode.SetAttribute(FIXES_ATTRIBUTE, fixes)
-        return True
-
     # -- fine-tuning ---------------------------------------------------------------------------------
     def datasetCaseCount(self, datasetFolder: str | Path | None) -> int | None:
         """How many training cases ``dataset.json`` lists (None: no dataset there, or unreadable). Read
         again only when the file changed: the panel asks on every parameter change and keystroke."""
-        import json
 
         if not datasetFolder:
             return None
@@ -424,73 +320,3 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
     def finishFineTune(run: TrainRun) -> dict[str, Any]:
         """A finished fine-tune's result (``model_dir``, ``accepted``, ``reason``, ``rows``), or its error."""
         return outcome(run, "the fine-tune")
-
-    # -- export for training -------------------------------------------------------------------------
-    def _exportInputs(self, inputVolume, segmentationNode, draftMask=None):
-        """(CT array, IJK-to-RAS, Liver label, draft or None) of what is exported."""
-        self._check_inputs(inputVolume)
-        if segmentationNode is None:
-            raise LiverSegError("no segmentation selected")
-        segment_id = mrml.find_liver_segment(segmentationNode)
-        if segment_id is None:
-            raise LiverSegError(f"{segmentationNode.GetName()}: has no segment named 'Liver'")
-        label = mrml.segment_mask(segmentationNode, segment_id, inputVolume)
-        array, matrix = mrml.volume_array_and_matrix(inputVolume)
-        if draftMask is None:  # a draft of another shape (the volume was cropped or resampled) is ignored
-            draftMask = masktext.decode_mask(segmentationNode.GetAttribute(mrml.DRAFT_ATTRIBUTE), array.shape)
-        return array, matrix, label, draftMask
-
-    def startExport(self, inputVolume, segmentationNode, datasetFolder: str | Path, annotator: str = "",
-                    modelName: str | None = None, provenance: dict[str, Any] | None = None) -> SegmentRun:
-        """``exportForTraining`` with its compression and hashing in the engine process (seconds for a large
-        CT), so the main thread only writes raw files; poll the run, then ``finishExport(run)``."""
-        import SimpleITK as sitk
-
-        from LiverSegExtension.geometry import image_from_array
-
-        array, matrix, label, draft = self._exportInputs(inputVolume, segmentationNode)
-        workdir = Path(tempfile.mkdtemp(prefix="LiverSeg-export-"))
-        try:
-            files = {"image": workdir / "ct.nrrd", "label": workdir / "label.nrrd"}
-            sitk.WriteImage(image_from_array(array, matrix), str(files["image"]), False)
-            sitk.WriteImage(image_from_array(label.astype(np.uint8), matrix), str(files["label"]), False)
-            if draft is not None:
-                files["draft"] = workdir / "draft.nrrd"
-                sitk.WriteImage(image_from_array(np.asarray(draft, np.uint8), matrix), str(files["draft"]), False)
-            record = {"model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
-                      "annotator": annotator or None,
-                      "one_click_fixes": json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]") or None,
-                      **(provenance or {})}
-            engine = self.engine()
-            request = protocol.export_request(next(self._ids), str(datasetFolder), {k: str(v) for k, v in files.items()},
-                                              record)
-            engine.send(request)
-        except Exception:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        return SegmentRun(engine, request, workdir, inputVolume.GetScene(), inputVolume.GetID(), None,
-                          inputVolume.GetName())
-
-    @staticmethod
-    def finishExport(run: SegmentRun) -> str:
-        """The case name a finished export got, or its error."""
-        try:
-            return str(outcome(run, "the export")["case"])
-        finally:
-            run.cleanup()
-
-    def exportForTraining(self, inputVolume, segmentationNode, datasetFolder: str | Path, annotator: str = "",
-                          draftMask=None, modelName: str | None = None, provenance: dict[str, Any] | None = None) -> str:
-        """Add the CT and its (corrected) Liver segment to an MSD dataset, in this process (scripts; the panel
-        uses ``startExport``); returns the new case name. ``provenance``: more to record with it (a review's
-        batch row)."""
-        from LiverSegExtension.data.dataset import add_case_arrays
-
-        array, matrix, label, draftMask = self._exportInputs(inputVolume, segmentationNode, draftMask)
-        record = {
-            "model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
-            "annotator": annotator or None,
-            "one_click_fixes": json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]") or None,
-            **(provenance or {}),
-        }
-        return add_case_arrays(datasetFolder, array, label, matrix, provenance=record, draft=draftMask)

@@ -15,27 +15,18 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from LiverSegLib import resource_path
+from LiverSegLib.installflow import InstallFlow
 from LiverSegLib.logic import LiverSegLogic
-from LiverSegLib.texts import card_summary, comparison_html
+from LiverSegLib.progress import show_error, show_progress
+from LiverSegLib.slots import reported
+from LiverSegLib.texts import card_summary
+from LiverSegLib.trainflow import FineTuneFlow
 
 SETTINGS_EXPORT_FOLDER = "LiverSeg/ExportFolder"
+__all__ = ["LiverSegWidget", "show_error", "show_progress"]
 
 
-def show_progress(run, bar, label) -> bool:
-    """Poll ``run`` (an install, segmentation or training run) and show its progress; whether it has ended."""
-    done = run.poll()
-    bar.value = int(run.fraction * 100)
-    label.text = run.stage[:1].upper() + run.stage[1:]
-    return done
-
-
-def show_error(text: str, details: str = "") -> None:
-    """An error dialog; details only when there are some (``detailedText=None`` shows the word "None")."""
-    kwargs = {"detailedText": details} if details else {}
-    slicer.util.errorDisplay(text, **kwargs)
-
-
-class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module's panel (Slicer builds it; ``LiverSeg.py`` names it)."""
 
     DEVICES = (("Auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"), ("MPS", "mps"))
@@ -247,52 +238,15 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainCancelButton.enabled = training
         self.ui.trainIterationsSpinBox.enabled = not training
 
-    # -- installing what is missing ------------------------------------------------------------------
-    def _installFirst(self, device: str, training: bool, then) -> bool:
-        """True when everything is there; else asks once, starts the install in a process and calls
-        ``then`` when it is done (False meanwhile). A user who says no is told so on the status line (False)."""
-        from LiverSegLib.dependencies import InstallRun, ask_to_install, missing_packages
-
-        missing = missing_packages(device, training)
-        if not missing:
-            return True
-        if not ask_to_install(missing):
-            self.ui.statusLabel.text = f"Not installed: this needs {', '.join(missing)} (asked again on the next click)."
-            self._updateButtons()
-            return False
-        self._installRun, self._afterInstall = InstallRun(missing), then
-        self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = f"Installing {', '.join(missing)}..."
-        self._timer.start()
-        self._updateButtons()
-        return False
-
-    def _pollInstall(self) -> None:
-        from LiverSegExtension.errors import CancelledError, LiverSegError
-
-        run = self._installRun
-        if not show_progress(run, self.ui.progressBar, self.ui.statusLabel):
-            return
-        self._installRun, then = None, self._afterInstall
-        self._afterInstall = None
-        still = run.still_missing() if run.error is None else []
-        self._updateButtons()
-        self._gpuHints(refresh=True)
-        self._updateDevices()
-        if isinstance(run.error, CancelledError):
-            self.ui.statusLabel.text = "Installation cancelled."
-        elif run.error is not None or still:
-            error = run.error or LiverSegError(f"installed, yet not importable: {', '.join(still)} (restart Slicer)")
-            self.ui.statusLabel.text = "Installation failed."
-            show_error(str(error), run.details)
-        else:
-            self.ui.statusLabel.text = "Installed."
-            then()
+    def _tell(self, text: str) -> None:
+        """A user's error (a LiverSegError out of a click): on the status line and in a dialog, in one line."""
+        self.ui.statusLabel.text = text
+        show_error(text)
 
     # -- running -------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("LiverSeg could not start.", waitCursor=True):
+        with reported("LiverSeg could not start.", self._tell):
             if not self._installFirst(p.device, False, self.onApplyButton):
                 return
             self._run = self.logic.start(p.inputVolume, p.outputSegmentation, p.device, p.modelPath or None)
@@ -363,20 +317,22 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onShowUncertain(self, show: bool) -> None:
         p = self._parameterNode
         if p and p.inputVolume and p.outputSegmentation:
-            self.logic.showUncertainRegions(p.outputSegmentation, p.inputVolume, bool(show))
+            with reported("LiverSeg could not show the uncertain regions.", self._tell):
+                self.logic.showUncertainRegions(p.outputSegmentation, p.inputVolume, bool(show))
 
     def onJumpUncertain(self) -> None:
         p = self._parameterNode
         if p and p.inputVolume and p.outputSegmentation:
-            if self.logic.jumpToUncertainRegion(p.outputSegmentation, p.inputVolume) is None:
-                self.ui.statusLabel.text = "No uncertain region in the last run."
+            with reported("LiverSeg could not find the uncertain regions.", self._tell):
+                if self.logic.jumpToUncertainRegion(p.outputSegmentation, p.inputVolume) is None:
+                    self.ui.statusLabel.text = "No uncertain region in the last run."
 
     # -- one-click fixes -------------------------------------------------------------------------------
     def onFix(self, kind: str) -> None:
         """Add here / Remove here, at the crosshair (Shift + mouse move in a slice view puts it there)."""
         p = self._parameterNode
         crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
-        with slicer.util.tryWithErrorDisplay("LiverSeg could not fix the segment here.", waitCursor=True):
+        with reported("LiverSeg could not fix the segment here.", self._tell):
             if crosshair is None:
                 from LiverSegExtension.errors import LiverSegError
 
@@ -388,14 +344,15 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUndoFix(self) -> None:
         p = self._parameterNode
-        if p and self.logic.undoFix(p.outputSegmentation, p.inputVolume):
-            self.ui.statusLabel.text = "The last fix was undone."
+        with reported("LiverSeg could not undo the fix.", self._tell):
+            if p and self.logic.undoFix(p.outputSegmentation, p.inputVolume):
+                self.ui.statusLabel.text = "The last fix was undone."
         self._updateButtons()
 
     # -- export for training ---------------------------------------------------------------------------
     def onExportButton(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+        with reported("Export failed.", self._tell):
             if not self._installFirst("cpu", False, self.onExportButton):
                 return
             self._exportRun = self.logic.startExport(p.inputVolume, p.outputSegmentation,
@@ -416,52 +373,8 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except LiverSegError as exc:
             self.ui.statusLabel.text = "Export failed."
             show_error(str(exc), run.details)
-        self._updateButtons()
-
-    # -- fine-tuning -------------------------------------------------------------------------------------
-    def onTrainButton(self) -> None:
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("LiverSeg could not start fine-tuning.", waitCursor=True):
-            if not self._installFirst(p.device, True, self.onTrainButton):
-                return
-            self._trainRun = self.logic.startFineTune(self.ui.exportFolderPathLineEdit.currentPath,
-                                                      p.device, p.modelPath or None,
-                                                      iterations=int(self.ui.trainIterationsSpinBox.value))
-            self.ui.trainProgressBar.value = 0
-            self.ui.trainStatusLabel.text = "Starting..."
-            self.ui.trainResultLabel.text = ""
-            self._timer.start()
-        self._updateButtons()
-
-    def onTrainCancelButton(self) -> None:
-        if self._trainRun is not None:
-            self._trainRun.cancel()
-            self._pollTraining()
-
-    def _pollTraining(self) -> None:
-        """Show the fine-tune's progress; at the end, the parent-versus-new table and the verdict."""
-        from LiverSegExtension.errors import CancelledError, LiverSegError
-
-        run = self._trainRun
-        if not show_progress(run, self.ui.trainProgressBar, self.ui.trainStatusLabel):
-            return
-        self._trainRun = None
-        try:
-            result = self.logic.finishFineTune(run)
-            self.ui.trainResultLabel.text = comparison_html(result, run.notes)
-            if result["accepted"]:
-                self._fillModels(select=result["model_dir"])
-                self.ui.trainStatusLabel.text = f"Accepted: {result['model_dir']} is now selected."
-            else:
-                self.ui.trainStatusLabel.text = (f"Rejected: the new model is kept in {result['model_dir']} for "
-                                                 "inspection and not offered.")
-        except CancelledError:
-            self.ui.trainStatusLabel.text = "Cancelled; no model was added."
-        except LiverSegError as exc:
-            self.ui.trainStatusLabel.text = "Fine-tuning failed; no model was added."
-            show_error(str(exc), run.details)
-        except Exception as exc:  # a bug: say so and keep Slicer running
-            self.ui.trainStatusLabel.text = "Fine-tuning failed."
-            logging.exception("LiverSeg fine-tuning failed")
-            show_error(f"LiverSeg fine-tuning failed: {exc}", run.details)
+        except Exception as exc:  # a bug: say so, with the traceback in the details, and keep Slicer running
+            self.ui.statusLabel.text = "Export failed."
+            logging.exception("LiverSeg export failed")
+            show_error(f"LiverSeg export failed: {exc}", run.details)
         self._updateButtons()

@@ -14,6 +14,7 @@ import os
 import select
 import subprocess
 import time
+import traceback
 import weakref
 import xml.etree.ElementTree as ET
 from typing import Any, Callable
@@ -65,8 +66,13 @@ class QObject:
             slots.remove(slot)
 
     def emit(self, signal: str, *args: Any) -> None:
+        """Call the connected slots, as PythonQt's ``PythonQtSignalTarget::call`` (src/PythonQtSignalReceiver.cpp)
+        does: a slot gets as many of the signal's arguments as it takes, and an exception that leaves a slot goes
+        to ``PythonQt::handleError``, which prints its traceback and returns to the emitter: the other slots run,
+        the signal's sender goes on, nothing reaches the code that emitted. The stand-in keeps what it printed
+        for :func:`take_slot_errors` (the tests fail on any they did not expect)."""
         for slot in list(self._slots.get(signal, [])):
-            try:  # PythonQt calls a slot with as many of the signal's arguments as it takes
+            try:
                 params = inspect.signature(slot).parameters.values()
                 if any(p.kind == p.VAR_POSITIONAL for p in params):
                     count = len(args)
@@ -74,7 +80,22 @@ class QObject:
                     count = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
             except (TypeError, ValueError):
                 count = len(args)
-            slot(*args[:count])
+            try:
+                slot(*args[:count])
+            except Exception as exc:  # noqa: BLE001 - PythonQt::handleError: PyErr_Print, then on
+                traceback.print_exc()
+                _slot_errors.append(exc)
+
+
+#: exceptions that left a slot (PythonQt printed them); read and cleared by :func:`take_slot_errors`
+_slot_errors: list[BaseException] = []
+
+
+def take_slot_errors() -> list[BaseException]:
+    """The exceptions slots let out since the last call (PythonQt printed each with its traceback)."""
+    errors = list(_slot_errors)
+    _slot_errors.clear()
+    return errors
 
 
 class QLayout(QObject):
@@ -219,6 +240,11 @@ class QSpinBox(QWidget):
 
 
 class QLineEdit(QWidget):
+    """QLineEdit (qtbase ``src/widgets/widgets/qlineedit.cpp``, ``qwidgetlinecontrol.cpp``): setting ``text`` emits
+    textChanged(QString); ``keyClicks`` types one character at a time, as QTest::keyClicks, each keystroke
+    emitting textChanged; ``pressReturn`` emits returnPressed() then editingFinished(), and ``focusOut`` (the
+    focus leaving the edit) editingFinished(). Setting the text never emits editingFinished."""
+
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._text = ""
@@ -233,6 +259,40 @@ class QLineEdit(QWidget):
         if value != self._text:
             self._text = value
             self.emit("textChanged", value)
+
+    def setText(self, value: str) -> None:
+        self.text = str(value)
+
+    def keyClicks(self, text: str) -> None:
+        for character in text:
+            self.text = self._text + character
+
+    def pressReturn(self) -> None:
+        self.emit("returnPressed")
+        self.emit("editingFinished")
+
+    def focusOut(self) -> None:
+        self.emit("editingFinished")
+
+
+class QToolButton(QAbstractButton):
+    pass
+
+
+class QFileDialog:
+    """QFileDialog's static dialogs, answered as a user would: each call takes the next of ``answers`` (a path,
+    or "" for Cancel, as the real ones return); with none queued it is cancelled."""
+
+    answers: list[str] = []
+
+    @staticmethod
+    def getExistingDirectory(parent: Any = None, caption: str = "", directory: str = "", options: Any = None) -> str:
+        return QFileDialog.answers.pop(0) if QFileDialog.answers else ""
+
+    @staticmethod
+    def getOpenFileName(parent: Any = None, caption: str = "", directory: str = "", filter: str = "",
+                        selectedFilter: Any = None, options: Any = None) -> str:
+        return QFileDialog.answers.pop(0) if QFileDialog.answers else ""
 
 
 class _StandardItem:
@@ -305,6 +365,10 @@ class QComboBox(QWidget):
     def model(self) -> _ItemModel:
         return _ItemModel(self)
 
+    def lineEdit(self) -> QLineEdit | None:
+        """The line edit of an editable combo box (None for one that is not)."""
+        return getattr(self, "_lineEdit", None)
+
 
 class ctkCollapsibleButton(QAbstractButton):
     def __init__(self, parent: QObject | None = None) -> None:
@@ -313,21 +377,48 @@ class ctkCollapsibleButton(QAbstractButton):
 
 
 class ctkPathLineEdit(QWidget):
+    """ctkPathLineEdit (CTK ``Libs/Widgets/ctkPathLineEdit.cpp``): the path is the text of an editable combo box's
+    line edit (``comboBox().lineEdit()``), and every change of that text, each keystroke included, emits
+    currentPathChanged(QString) (the line edit's textChanged is connected to ``updateHasValidInput``, which emits
+    it whenever the validator accepts the text; without name filters it accepts any). ``setCurrentPath`` sets
+    the line edit's text; ``browse()`` (its "..." button) asks QFileDialog and sets the path it returns."""
+
+    Dirs, Files, Drives = 0x001, 0x002, 0x004
+
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self._path = ""
         self.filters = 0
+        self.showBrowseButton = True
+        self.showHistoryButton = True
+        self._combo = QComboBox(self)
+        self._combo.editable = True
+        self._combo._lineEdit = QLineEdit(self._combo)
+        self._combo._lineEdit.connect("textChanged(QString)", self._updateHasValidInput)
+
+    def _updateHasValidInput(self, text: str) -> None:
+        self.emit("currentPathChanged", text)
 
     @property
     def currentPath(self) -> str:
-        return self._path
+        return self._combo._lineEdit.text
 
     @currentPath.setter
     def currentPath(self, value: str) -> None:
-        value = str(value or "")
-        if value != self._path:
-            self._path = value
-            self.emit("currentPathChanged", value)
+        self.setCurrentPath(value)
+
+    def setCurrentPath(self, path: str) -> None:
+        self._combo._lineEdit.text = str(path or "")
+
+    def comboBox(self) -> QComboBox:
+        return self._combo
+
+    def browse(self) -> None:
+        if (self.filters or 0) & self.Files:
+            path = QFileDialog.getOpenFileName(self, "Open a file", self.currentPath)
+        else:
+            path = QFileDialog.getExistingDirectory(self, "Select a directory...", self.currentPath)
+        if path:
+            self.setCurrentPath(path)
 
 
 class qMRMLWidget(QWidget):
@@ -458,7 +549,7 @@ class QTableWidget(QWidget):
 
 
 _WIDGET_CLASSES = {cls.__name__: cls for cls in (
-    QWidget, QLabel, QPushButton, QCheckBox, QProgressBar, QSpinBox, QLineEdit, QComboBox, ctkCollapsibleButton,
+    QWidget, QLabel, QPushButton, QToolButton, QCheckBox, QProgressBar, QSpinBox, QLineEdit, QComboBox, ctkCollapsibleButton,
     ctkPathLineEdit, qMRMLWidget, qMRMLNodeComboBox)}
 
 
