@@ -24,6 +24,12 @@ BATCH = ROOT / "LiverSegModule" / "Scripts" / "LiverSegBatch.py"
 
 
 def run(*args, **kw) -> subprocess.CompletedProcess:
+    """``python ARGS``: the CLI (``-m LiverSegExtension.cli ...``) in this process, as test_cli runs it; anything
+    else (the batch script) as a process of its own."""
+    if args[:2] == ("-m", "LiverSegExtension.cli") and not kw:
+        from test_cli import run_cli
+
+        return run_cli(*args[2:])
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=900, **kw)
 
 

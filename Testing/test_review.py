@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,106 @@ def test_claims_keep_cases_apart_expire_and_resume_after_a_restart(tmp_path):
         assert csv.DictReader(f).fieldnames[:6] == ["input", "name", "decision", "who", "when", "reason"]
 
 
+def test_a_decision_needs_the_claim_and_an_earlier_one_is_kept(tmp_path):
+    """A claim that ran out while its annotator was away is another's once taken: their decision is refused (and
+    renew says so), a decided case keeps its decision, and only a re-review replaces it, keeping the earlier."""
+    out = make_batch(tmp_path)
+    keys = [c.key for c in read_worklist(out)]
+    clock = Clock()
+    ann, bob = ReviewState(out, claim_minutes=15, clock=clock), ReviewState(out, claim_minutes=15, clock=clock)
+    assert ann.claim_next("ann", keys) == keys[0]
+    clock.now += dt.timedelta(minutes=16)  # ann's Slicer was busy: her claim ran out, and bob takes the case
+    assert bob.claim_next("bob", keys) == keys[0]
+    with pytest.raises(LiverSegError, match="not recorded: bob holds this case now"):
+        ann.decide(keys[0], "ann", "accepted", dice_changed=1.0)
+    assert ann.renew(keys[0], "ann") is False
+    bob.decide(keys[0], "bob", "skipped", reason="wrong phase")
+    with pytest.raises(LiverSegError, match="not recorded: already skipped by bob"):
+        ann.decide(keys[0], "ann", "accepted", dice_changed=1.0)
+    with pytest.raises(LiverSegError, match="already skipped by bob.*re-review"):
+        ann.claim(keys[0], "ann")  # opened from the table: a decided case is not taken unasked
+    with pytest.raises(LiverSegError, match="you do not hold this case"):
+        ann.decide(keys[1], "ann", "accepted", dice_changed=1.0)
+    assert ann.records()[keys[0]]["decision"] == "skipped" and keys[1] not in ann.records()
+    ann.claim(keys[0], "ann", again=True)  # a re-review
+    ann.decide(keys[0], "ann", "accepted", dice_changed=1.0, again=True)
+    row = ann.records()[keys[0]]
+    assert (row["decision"], row["who"], row["reason"]) == ("accepted", "ann", "")
+    assert row["previous"] == "skipped by bob at 2026-05-04T09:16:00+00:00" and not row["claimed_by"]
+
+
+def unwritable(folder: Path) -> None:
+    """Make ``folder`` refuse a new file, as a read-only share does (root writes anywhere: there, the lock's name is
+    taken by a folder, which open() refuses the same way)."""
+    import os
+
+    if os.geteuid() == 0:
+        (folder / ".review.csv.lock").mkdir()
+    else:
+        folder.chmod(0o555)
+
+
+def test_an_unwritable_review_folder_is_one_line_naming_it(tmp_path):
+    out = make_batch(tmp_path)
+    keys = [c.key for c in read_worklist(out)]
+    unwritable(out)
+    try:
+        with pytest.raises(LiverSegError, match=f"^{out}: cannot lock it for writing .*read-only"):
+            ReviewState(out).claim_next("ann", keys)
+        assert ReviewState(out).records() == {}  # reading takes no lock
+    finally:
+        out.chmod(0o755)
+
+
+def test_a_review_file_being_read_elsewhere_is_replaced_once_the_reader_lets_go(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another process has open (another Slicer reading review.csv, for a
+    moment): os.replace raises PermissionError, and the write is tried again."""
+    import os
+
+    out = make_batch(tmp_path)
+    keys = [c.key for c in read_worklist(out)]
+    real, refused = os.replace, []
+
+    def replace(source, target):
+        if Path(target).name == "review.csv" and len(refused) < 3:
+            refused.append(target)
+            raise PermissionError(13, "The process cannot access the file because it is being used by another "
+                                      "process", str(target))
+        return real(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert ReviewState(out).claim_next("ann", keys) == keys[0]
+    assert len(refused) == 3 and ReviewState(out).records()[keys[0]]["claimed_by"] == "ann"
+    assert not list(out.glob(".review.csv*"))  # no temporary left behind
+
+
+def test_the_ct_is_the_one_the_batch_record_names_not_one_in_the_current_folder(tmp_path, monkeypatch):
+    """A relative input is looked for from the output folder and its parent before the current folder; where
+    two places hold a file of that name, the batch's record beside the mask says which content it was made
+    from, and without a record the case is refused rather than guessed."""
+    from LiverSegExtension.io import InputCase
+    from LiverSegExtension.io.records import identity, write_record
+    from LiverSegExtension.review.worklist import record_of
+
+    out = make_batch(tmp_path)
+    m = make_affine((6.0, 6.0, 8.0), (16, 24, 24))
+    decoy = tmp_path / "elsewhere" / "scans" / "b" / "ct.nii.gz"  # another patient's scan at the same relative place
+    decoy.parent.mkdir(parents=True)
+    sitk.WriteImage(image_from_array(phantom((16, 24, 24), m)[0] + 7, m), str(decoy))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    case = next(c for c in read_worklist(out) if c.name == "b/ct")
+    right = tmp_path / "scans" / "b" / "ct.nii.gz"
+    with pytest.raises(LiverSegError, match="the CT could be any of"):
+        ct_input(case, out)
+    write_record(record_of(case.mask), {"identity": identity(InputCase(right)), "state": "done",
+                                        "outputs": [case.mask.name], "row": {}})
+    assert ct_input(case, out).source == right
+    write_record(record_of(case.mask), {"identity": {**identity(InputCase(right)), "fingerprint": "f" * 32,
+                                                     "key": "/scans/someone-else.nii.gz"}, "state": "done"})
+    with pytest.raises(LiverSegError, match="names another input .*someone-else"):
+        ct_input(case, out)
+
+
 def test_an_unreadable_review_file_is_named_and_never_overwritten(tmp_path):
     out = make_batch(tmp_path)
     (out / "review.csv").write_bytes(b"\xff\xfe\x00garbage")
@@ -149,38 +250,62 @@ def test_an_unreadable_review_file_is_named_and_never_overwritten(tmp_path):
 
 
 ANNOTATOR = r"""
-import json, random, sys, time
+import json, sys, time
+from pathlib import Path
 sys.path.insert(0, ROOT)
 from LiverSegExtension.review import ReviewState, read_worklist
-out, who = sys.argv[1], sys.argv[2]
+out, who, other, sync = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
+
+
+def wait_for(name):  # only a generous bound against a hang: the other process is there within seconds
+    end = time.monotonic() + 600
+    while not (sync / name).exists():
+        if time.monotonic() > end:
+            sys.exit(f"{name} never came")
+        time.sleep(0.005)
+
+
 keys = [c.key for c in read_worklist(out)]
 state, log = ReviewState(out), []
-random.seed(who)
+(sync / f"ready-{who}").touch()
+wait_for("go")  # both start together
 while True:
     key = state.claim_next(who, keys)
     if key is None:
         break
     log.append(key)
-    time.sleep(random.random() * 0.01)  # looking at the case
+    if len(log) <= 5:  # the first cases paced: each is decided only once the other holds a case of its own
+        (sync / f"holds-{who}-{len(log)}").touch()
+        wait_for(f"holds-{other}-{len(log)}")
     state.decide(key, who, "accepted", dice_changed=1.0)
 print(json.dumps(log))
 """
 
 
 def test_two_annotators_as_two_processes_share_no_case_and_lose_no_record(tmp_path):
+    """Started together (a start barrier), each holding a case while the other does for their first five: the
+    claims keep every case to one annotator, and the lock loses no record."""
     cohort = [(f"p{i:02d}/ct", "ok", i / 100, "") for i in range(40)]
     out = make_batch(tmp_path, cohort)
     script = tmp_path / "annotator.py"
     script.write_text(ANNOTATOR.replace("ROOT", repr(str(ROOT))))
-    procs = [subprocess.Popen([sys.executable, str(script), str(out), who], stdout=subprocess.PIPE, text=True)
-             for who in ("ann", "bob")]
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    procs = {who: subprocess.Popen([sys.executable, str(script), str(out), who, other, str(sync)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for who, other in (("ann", "bob"), ("bob", "ann"))}
+    end = time.monotonic() + 600  # only against a hang
+    while not all((sync / f"ready-{who}").exists() for who in procs) and time.monotonic() < end:
+        assert all(p.poll() is None for p in procs.values())
+        time.sleep(0.02)
+    (sync / "go").touch()
     logs = {}
-    for who, proc in zip(("ann", "bob"), procs):
-        stdout, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0
+    for who, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)  # only against a hang
+        assert proc.returncode == 0, stderr[-2000:]
         logs[who] = json.loads(stdout)
     assert not set(logs["ann"]) & set(logs["bob"])  # no case given to both
-    assert logs["ann"] and logs["bob"]
+    assert len(logs["ann"]) >= 5 and len(logs["bob"]) >= 5
     records = ReviewState(out).records()
     assert len(records) == 40 and all(r["decision"] == "accepted" for r in records.values())  # no record lost
     assert {k for k, r in records.items() if r["who"] == "ann"} == set(logs["ann"])
@@ -194,11 +319,12 @@ def test_review_status_on_a_half_reviewed_folder(tmp_path, capsys):
     cases = {c.name: c for c in read_worklist(out)}
     state = ReviewState(out)
     # The uncertainty ranks the changes: b (0.30) changed most, d (0.11) less, a (0.02) not at all.
+    for name, who in (("b/ct", "ann"), ("d/ct", "bob"), ("a/ct", "ann"), ("e/ct", "ann"), ("c/ct", "bob")):
+        state.claim(cases[name].key, who)
     state.decide(cases["b/ct"].key, "ann", "exported", dice_changed=0.70, dataset="ds", dataset_case="x1")
     state.decide(cases["d/ct"].key, "bob", "exported", dice_changed=0.97)
     state.decide(cases["a/ct"].key, "ann", "accepted", dice_changed=1.0)
     state.decide(cases["e/ct"].key, "ann", "skipped", reason="CT unreadable")
-    state.claim(cases["c/ct"].key, "bob")
     numbers = review_summary(out)
     assert numbers["counts"] == {"accepted": 1, "exported": 2, "skipped": 1, "in review": 1, "not reviewed": 1}
     assert main(["review", "status", str(out)]) == 0

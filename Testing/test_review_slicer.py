@@ -194,6 +194,15 @@ def small_cohort(root: Path, n: int) -> Path:
     return root / "out"
 
 
+def open_folder(panel, folder: Path) -> None:
+    """Type a folder into the Review section's box, as a user does (each keystroke a currentPathChanged in CTK's
+    path box), then press Return."""
+    edit = panel.folderEdit.comboBox().lineEdit()
+    edit.text = ""
+    edit.keyClicks(str(folder))
+    edit.pressReturn()
+
+
 def test_no_node_is_left_behind_over_ten_cases(tmp_path, scene, review):
     out = small_cohort(tmp_path, 10)
     review.open(out, "ann")
@@ -232,42 +241,74 @@ def test_resume_after_a_restart_and_a_second_annotator_elsewhere(tmp_path, scene
 
 
 ANNOTATOR = r"""
-import json, sys
+import json, sys, time
+from pathlib import Path
 sys.path[:0] = PATHS
 import slicer_app
 scene = slicer_app.install(testing=True)
 from LiverSeg import LiverSegLogic
 from LiverSegLib.review import ReviewLogic
-out, who, dataset = sys.argv[1:4]
+out, who, other, dataset, sync = sys.argv[1:6]
+sync = Path(sync)
+
+
+def wait_for(name):  # only a generous bound against a hang: the other process is there within seconds
+    end = time.monotonic() + 600
+    while not (sync / name).exists():
+        if time.monotonic() > end:
+            sys.exit(f"{name} never came")
+        time.sleep(0.01)
+
+
 review = ReviewLogic(LiverSegLogic(), scene)
 review.open(out, who)
+(sync / f"ready-{who}").touch()
+wait_for("go")  # both start together
 seen, nodes = [], set()
 case = review.next()
 while case is not None:
     seen.append(case.key)
     nodes.add(scene.GetNumberOfNodes())
+    if len(seen) <= 2:  # the first cases paced: each is decided only once the other holds a case of its own
+        (sync / f"holds-{who}-{len(seen)}").touch()
+        wait_for(f"holds-{other}-{len(seen)}")
     case = review.exportAndNext(dataset, background=False) if len(seen) % 3 == 0 else review.accept()
 print("RESULT " + json.dumps({"seen": seen, "nodes": sorted(nodes)}))
 """
 
 
+def start_together(script: Path, args: dict[str, list[str]], sync: Path) -> dict[str, subprocess.Popen]:
+    """The annotators' processes, started, then let go at once when both are ready (a start barrier)."""
+    procs = {who: subprocess.Popen([sys.executable, str(script), *extra], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for who, extra in args.items()}
+    end = time.monotonic() + 600  # only against a hang
+    while not all((sync / f"ready-{who}").exists() for who in procs) and time.monotonic() < end:
+        assert all(p.poll() is None for p in procs.values()), [p.stderr.read()[-2000:] for p in procs.values()]
+        time.sleep(0.02)
+    (sync / "go").touch()
+    return procs
+
+
 def test_two_annotators_in_two_slicers_on_one_folder(tmp_path):
-    """Two processes review one folder through the logic, exporting into one dataset: no case is given to
-    both, no record and no exported case is lost."""
+    """Two processes review one folder through the logic, exporting into one dataset, started together and each
+    holding a case while the other does: no case is given to both, no record and no exported case is lost."""
     out = small_cohort(tmp_path, 12)
     paths = [str(ROOT / "Testing" / "StandIns"), str(ROOT / "LiverSegModule"), str(ROOT), str(ROOT / "Testing")]
     script = tmp_path / "annotator.py"
     script.write_text(ANNOTATOR.replace("PATHS", repr(paths), 1))
-    procs = {who: subprocess.Popen([sys.executable, str(script), str(out), who, str(tmp_path / "dataset")],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for who in ("ann", "bob")}
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    dataset = str(tmp_path / "dataset")
+    procs = start_together(script, {"ann": [str(out), "ann", "bob", dataset, str(sync)],
+                                    "bob": [str(out), "bob", "ann", dataset, str(sync)]}, sync)
     seen = {}
     for who, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=600)  # only against a hang
         assert proc.returncode == 0, stderr[-2000:]
         result = json.loads(stdout.split("RESULT ", 1)[1])
         seen[who] = result["seen"]
         assert len(result["nodes"]) == 1  # the same node count on every case
-    assert seen["ann"] and seen["bob"] and not set(seen["ann"]) & set(seen["bob"])
+    assert len(seen["ann"]) >= 2 and len(seen["bob"]) >= 2 and not set(seen["ann"]) & set(seen["bob"])
     records = ReviewState(out).records()
     assert len(records) == 12 and all(r["decision"] in ("accepted", "exported") for r in records.values())
     assert all(records[k]["who"] == who for who in seen for k in seen[who])
@@ -284,7 +325,7 @@ def test_the_review_section_of_the_panel(tmp_path, scene, monkeypatch):
         assert panel.section.text == "Review"
         assert not panel.nextButton.enabled
         widget._parameterNode.annotator = "ann"
-        panel.folderEdit.currentPath = str(out)
+        open_folder(panel, out)
         assert panel.table.rowCount == 3 and panel.table.item(0, 0).text() == "p2/ct"
         assert [panel.table.item(r, 3).text() for r in range(3)] == ["0.020", "0.010", "0.000"]
         assert panel.progressLabel.text == "0 of 3 reviewed" and panel.nextButton.enabled
@@ -314,7 +355,7 @@ def test_export_and_next_in_the_engine_process_records_its_provenance(tmp_path, 
         panel = widget.review
         widget._parameterNode.annotator = "ann"
         widget.ui.exportFolderPathLineEdit.currentPath = str(tmp_path / "dataset")
-        panel.folderEdit.currentPath = str(out)
+        open_folder(panel, out)
         panel.nextButton.click()
         first = panel.review.current
         panel.exportButton.click()
@@ -323,11 +364,11 @@ def test_export_and_next_in_the_engine_process_records_its_provenance(tmp_path, 
         second = panel.review.current
         panel.exportButton.click()  # again at once: the first export is finished before the second starts
         assert panel.review.current.name == "p0/ct"
-        end = time.monotonic() + 120
-        while panel.review.exporting:
-            assert time.monotonic() < end, "the export did not finish"
+        end = time.monotonic() + 600  # only against a hang: an export takes seconds
+        while panel.review.exporting and time.monotonic() < end:
             panel.timer.timeout()
             time.sleep(0.05)
+        assert not panel.review.exporting, "the export never finished"
         records = ReviewState(out).records()
         record = records[first.key]
         assert record["decision"] == "exported" and float(record["dice_changed"]) == 1.0

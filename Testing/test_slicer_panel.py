@@ -560,6 +560,39 @@ def test_no_python_slicer_is_said_never_a_second_slicer(scene, monkeypatch, tmp_
     assert python_executable() == sys.executable
 
 
+def test_a_user_error_from_a_button_is_one_line_and_the_panel_goes_on(scene, monkeypatch, tmp_path):
+    """No PythonSlicer on PATH, Segment Liver clicked, in a Slicer outside testing mode: the message in one line
+    (status line and a dialog without details), nothing out of the slot (PythonQt would print its traceback),
+    the buttons updated. A bug (any other exception) is shown with its traceback, and still stays in the slot."""
+    import qt
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: shown.append((text, kwargs)))
+    monkeypatch.setattr(slicer.app, "_testing", False)  # tryWithErrorDisplay shows what it catches
+    module, widget = open_panel()
+    try:
+        widget.ui.inputVolumeSelector.setCurrentNode(add_ct("ct", shape=(20, 40, 40)))
+        monkeypatch.setenv("PATH", str(tmp_path))  # no PythonSlicer there
+        widget.ui.applyButton.click()
+        assert qt.take_slot_errors() == []
+        said = "PythonSlicer, Slicer's Python launcher, was not found on PATH"
+        assert len(shown) == 1 and shown[0][0].startswith(said) and shown[0][1] == {}  # no traceback as details
+        assert widget.ui.statusLabel.text.startswith(said) and "\n" not in widget.ui.statusLabel.text
+        assert widget.ui.applyButton.enabled and not widget.ui.cancelButton.enabled and widget._run is None
+        shown.clear()
+
+        def bug(*args, **kwargs):
+            raise KeyError("a bug")
+
+        monkeypatch.setattr(widget.logic, "start", bug)
+        widget.ui.applyButton.click()
+        assert qt.take_slot_errors() == []
+        assert len(shown) == 1 and "Traceback" in shown[0][1]["detailedText"]  # a bug keeps its traceback
+        assert widget.ui.applyButton.enabled
+    finally:
+        close_panel(module)
+
+
 def test_a_stale_engine_pid_is_not_killed(scene, tmp_path):
     """Once the launcher has ended, the pid its child had may name another process: kill() leaves it alone,
     whether Qt has noticed the end yet or not."""

@@ -222,19 +222,19 @@ def ct_input(case: ReviewCase, folder: str | Path) -> InputCase:
     """The case's CT as the batch found it: a volume file, or one DICOM series (by its UID where the folder
     holds several). A LiverSegError says where it was looked for when it is not there, and which files it
     could be when it could be more than one."""
-    return case_files(case, folder, with_mask=False)[0]
+    return case_files(case, folder, need_mask=False)[0]
 
 
-def case_files(case: ReviewCase, folder: str | Path, with_mask: bool = True) -> tuple[InputCase, Path | None]:
+def case_files(case: ReviewCase, folder: str | Path, need_mask: bool = True) -> tuple[InputCase, Path | None]:
     """(the case's CT, its mask or None), checked to be this row's before they are shown: the batch's record
     beside a mask must name the CT's content (another input's record: refused); without a record the place alone
     decides, and only where one file fits. More than one fitting, or none: a LiverSegError naming them."""
     folder = Path(folder)
     uid = _series_uid(case)
     places = ct_candidates(case, folder)
-    text = case.row.get("output", "") if with_mask else ""
+    text = case.row.get("output", "")
     masks = mask_candidates(text, folder)
-    if text and not masks:
+    if need_mask and text and not masks:
         raise LiverSegError(f"{text}: the mask summary.csv records for {case.name} is not there (looked below {folder})")
     records = {mask: read_record(record_of(mask)) for mask in masks}
     if any(record is not None for record in records.values()):

@@ -168,6 +168,11 @@ class ReviewLogic(ReviewExports):
         held += [(self.state, c) for c in self.cases if self._id(c.key) in self._failed and self.state is not None]
         return [case.name for state, case in held if not state.renew(case.key, self.who)]
 
+    @property
+    def holds(self) -> bool:
+        """Whether this annotator holds cases to keep claimed: an open one, or one whose export runs or failed."""
+        return self.current is not None or bool(self._exports) or bool(self._failed)
+
     def clear(self) -> None:
         """Remove the nodes loading the current case added, and only those (the annotator's own stay); the case
         stays claimed: coming back resumes it."""

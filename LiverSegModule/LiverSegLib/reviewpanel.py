@@ -2,13 +2,20 @@
 click to a case, Accept / Export and next / Skip, progress always shown. The cases load and the decisions are
 kept by :class:`LiverSegLib.review.ReviewLogic`; exports go to the dataset folder of "Export for training", so
 the Fine-tune section picks up what the review filled.
+
+The folder is opened once its path is finished (Return, or the focus leaving the box) or picked with the "..."
+button, never while it is typed: CTK's path box says currentPathChanged on every keystroke. Errors of the
+review (a folder, a case, a claim) are told in one line; nothing leaves a slot (see ``slots``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import slicer
 
 from LiverSegLib.review import ReviewLogic
+from LiverSegLib.slots import reported, tell_error
 
 SETTINGS_REVIEW_FOLDER = "LiverSeg/ReviewFolder"
 COLUMNS = ("Case", "Status", "Liver mL", "Uncertainty", "Warning", "Review")
@@ -39,7 +46,11 @@ class ReviewPanel:
         layout = qt.QVBoxLayout(self.section)
         self.folderEdit = ctk.ctkPathLineEdit()
         self.folderEdit.filters = ctk.ctkPathLineEdit.Dirs
-        self.folderEdit.toolTip = "A batch's output folder (the one holding summary.csv)"
+        self.folderEdit.showBrowseButton = False  # its own "..." below: a folder picked there opens at once
+        self.folderEdit.toolTip = "A batch's output folder (the one holding summary.csv); Return opens it"
+        self.browseButton = qt.QToolButton()
+        self.browseButton.text, self.browseButton.toolTip = "...", "Choose a batch's output folder and open it"
+        self._lost: set[str] = set()  # cases whose claim another annotator took (told once)
         self.pendingCheckBox = qt.QCheckBox()
         self.pendingCheckBox.text = "Only cases not yet reviewed"
         self.table = qt.QTableWidget()
@@ -59,7 +70,7 @@ class ReviewPanel:
         self.skipButton = self._button("Skip", "Not for the dataset: record why, open the next case")
         self.reasonEdit = qt.QLineEdit()
         self.reasonEdit.placeholderText = "Reason for skipping"
-        layout.addWidget(self.folderEdit)
+        layout.addWidget(self._row(qt, self.folderEdit, self.browseButton))
         layout.addWidget(self.pendingCheckBox)
         layout.addWidget(self.table)
         layout.addWidget(self.progressLabel)
@@ -74,15 +85,18 @@ class ReviewPanel:
         self.timer.connect("timeout()", self.onPoll)
         self.folderEdit.currentPath = qt.QSettings().value(SETTINGS_REVIEW_FOLDER, "")
         self.openFolder(self.folderEdit.currentPath, quiet=True)  # the last folder, unless it is gone
-        self.folderEdit.connect("currentPathChanged(QString)", self.openFolder)
-        self.pendingCheckBox.connect("toggled(bool)", lambda checked: self.fillTable())
+        self.folderEdit.comboBox().lineEdit().connect("editingFinished()", self.onFolderEdited)
+        self.browseButton.connect("clicked(bool)", self.onBrowse)
+        # A closed scene takes the open case's nodes with it; removed with the widget's observers in cleanup().
+        widget.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.pendingCheckBox.connect("toggled(bool)", lambda checked: self._guarded(self.fillTable))
         self.table.connect("cellDoubleClicked(int,int)", self.onCellDoubleClicked)
         self.nextButton.connect("clicked(bool)", lambda: self._decide(self.review.next))
         self.acceptButton.connect("clicked(bool)", lambda: self._decide(self.review.accept))
         self.exportButton.connect("clicked(bool)", lambda: self._decide(
             lambda: self.review.exportAndNext(self.widget.ui.exportFolderPathLineEdit.currentPath)))
         self.skipButton.connect("clicked(bool)", lambda: self._decide(lambda: self.review.skip(self.reasonEdit.text)))
-        self.reasonEdit.connect("textChanged(QString)", lambda text: self.updateButtons())
+        self.reasonEdit.connect("textChanged(QString)", lambda text: self._guarded(self.updateButtons))
 
     @staticmethod
     def _button(text: str, tip: str):
@@ -101,25 +115,37 @@ class ReviewPanel:
         return row
 
     # -- the worklist ---------------------------------------------------------------------------------------
+    def onFolderEdited(self) -> None:
+        """Return in the folder box, or the focus leaving it: open the folder it names, if it is another one."""
+        self._openChosen(self.folderEdit.currentPath)
+
+    def onBrowse(self) -> None:
+        """The "..." button: CTK's folder dialog (it sets the box's path), then that folder opens."""
+        self.folderEdit.browse()
+        self._openChosen(self.folderEdit.currentPath)
+
+    def _openChosen(self, path: str) -> None:
+        path = str(path or "").strip()
+        folder = self.review.folder
+        if not path or (folder is not None and Path(path).exists() and Path(path).resolve() == folder.resolve()):
+            return  # the folder open now (the focus left the box unchanged): its case stays open
+        if not Path(path).is_dir():
+            self.statusLabel.text = f"{path}: no such folder"  # quiet: no dialog for a path being worked on
+            return
+        self.openFolder(path)
+
     def openFolder(self, path: str, quiet: bool = False) -> None:
-        """Read a batch output folder's cases into the table; what is wrong with it goes to the status line
-        (and, unless ``quiet``, to a message)."""
+        """Read a batch output folder's cases into the table; the folder open until now (and its case) stays
+        open when this one cannot be read. What is wrong goes to the status line (and, unless ``quiet``, to a
+        message)."""
         import qt
 
-        from LiverSegExtension.errors import LiverSegError
-
-        self.review.close()
-        self.statusLabel.text = ""
         if path:
-            qt.QSettings().setValue(SETTINGS_REVIEW_FOLDER, path)
-            try:
+            with reported("LiverSeg could not open the review folder.", self._say if quiet else self._tell):
                 self.review.open(path, self._annotator())
+                qt.QSettings().setValue(SETTINGS_REVIEW_FOLDER, path)
                 self.statusLabel.text = "Next case opens the case most in need of review."
-            except LiverSegError as exc:
-                self.statusLabel.text = str(exc)
-                if not quiet:
-                    slicer.util.errorDisplay(str(exc))
-        self.fillTable()
+        self._refresh()
 
     def _annotator(self) -> str:
         p = self.widget._parameterNode
@@ -140,25 +166,46 @@ class ReviewPanel:
         self.updateButtons()
 
     def onCellDoubleClicked(self, row: int, column: int = 0) -> None:
-        if 0 <= row < len(self._rows):
-            key = self._rows[row]["key"]
-            self._decide(lambda: self.review.openCase(key))
+        """One click to a case; a decided one is opened for a re-review once the annotator says so."""
+        if not 0 <= row < len(self._rows):
+            return
+        item = self._rows[row]
+        again = bool(item["decision"])
+        if again and not slicer.util.confirmYesNoDisplay(
+                f"{item['name']}: {item['review']} by {item['who'] or 'someone'}. Review it again? Your decision will "
+                "replace that one (which review.csv keeps).", windowTitle="LiverSeg review"):
+            return
+        self._decide(lambda: self.review.openCase(item["key"], again=again))
 
     # -- deciding ---------------------------------------------------------------------------------------------
     def _decide(self, step) -> None:
         """Run a step that ends with a case loaded (or none left); show where the review stands."""
         self.review.who = self._annotator().strip() or self.review.who
-        try:
-            with slicer.util.tryWithErrorDisplay("LiverSeg could not go on with the review.", waitCursor=True):
-                case = step()
-                self.reasonEdit.text = ""
-                if case is None and self.review.state is not None:
-                    self.statusLabel.text = "No case left to review in this folder."
-        finally:  # a case that failed to load is still the open one: it can be skipped
+        with reported("LiverSeg could not go on with the review.", self._tell):
+            case = step()
+            self.reasonEdit.text = ""
+            if case is None and self.review.state is not None:
+                self.statusLabel.text = "No case left to review in this folder."
+        self._refresh()  # a case that failed to load is still the open one: it can be skipped
+
+    def _refresh(self) -> None:
+        with reported("LiverSeg could not show the review.", self._tell):
             self._showCase()
-            if self.review.exporting:
-                self.timer.start()
+            if self.review.holds:
+                self.timer.start()  # exports are recorded, claims renewed, while there are any
             self.fillTable()
+
+    def _guarded(self, step) -> None:
+        with reported("LiverSeg could not show the review.", self._say):
+            step()
+
+    def _say(self, text: str) -> None:
+        self.statusLabel.text = text
+
+    def _tell(self, text: str) -> None:
+        """A review error, in one line: on the status line and in a dialog without details."""
+        self.statusLabel.text = text
+        tell_error(text)
 
     def _showCase(self) -> None:
         """Point the panel's tools (uncertain regions, fixes, export) at the open case."""
@@ -174,21 +221,32 @@ class ReviewPanel:
             p.inputVolume, p.outputSegmentation = self.review.volume, self.review.segmentation
             if self.widget.ui.showUncertainCheckBox.checked:
                 self.widget.logic.showUncertainRegions(self.review.segmentation, self.review.volume, True)
-        self.timer.start()  # the claim on the open case is renewed while it is open
 
     def onPoll(self) -> None:
-        """Timer tick: record the exports that finished; renew the open case's claim every minute."""
-        messages = self.review.pollExports()
-        if messages:
-            self.statusLabel.text = " ".join(messages)
-            self.fillTable()
-            self.widget._updateButtons()  # the Fine-tune section's case count
-        self._ticks += 1
-        if self._ticks >= RENEW_TICKS and self.review.current is not None:
-            self._ticks = 0
-            self.review.renew()
-        if not self.review.exporting and self.review.current is None:
+        """Timer tick: record the exports that finished; renew this annotator's claims every minute."""
+        with reported("LiverSeg could not keep the review up to date.", self._say):
+            messages = self.review.pollExports()
+            if messages:
+                self.statusLabel.text = " ".join(messages)
+                self.fillTable()
+                self.widget._updateButtons()  # the Fine-tune section's case count
+            self._ticks += 1
+            if self._ticks >= RENEW_TICKS:
+                self._ticks = 0
+                self._renew()
+        if not self.review.holds:
             self.timer.stop()
+
+    def _renew(self) -> None:
+        """Renew the claims; tell the annotator (once) of a case another annotator holds now."""
+        lost = set(self.review.renew())
+        if lost - self._lost:
+            text = (f"{', '.join(sorted(lost - self._lost))}: another annotator holds it now (the claim ran out): "
+                    "a decision on it will not be recorded.")
+            self.statusLabel.text = text
+            slicer.util.warningDisplay(text, windowTitle="LiverSeg review")
+            self.fillTable()
+        self._lost = lost
 
     def updateButtons(self) -> None:
         done, total = self.review.progress() if self.review.state is not None else (0, 0)
@@ -196,14 +254,22 @@ class ReviewPanel:
         opened = self.review.state is not None
         has_case = self.review.current is not None
         self.nextButton.enabled = opened
-        self.acceptButton.enabled = has_case and self.review.volume is not None
+        self.acceptButton.enabled = has_case and self.review.volume is not None and self.review.modelMask
         self.exportButton.enabled = has_case and self.review.volume is not None and bool(
             self.widget.ui.exportFolderPathLineEdit.currentPath)
         self.skipButton.enabled = has_case and bool(self.reasonEdit.text.strip())
 
+    def onSceneEndClose(self, caller=None, event=None) -> None:
+        """The scene was closed: the open case's nodes went with it (the case stays claimed: Next case resumes
+        it)."""
+        self.review.leave()
+        self._refresh()
+
     def stop(self) -> None:
-        """Slicer closes or the module is cleaned up: exports under way are waited for and recorded (the open
-        case stays claimed by this annotator, who resumes there next time)."""
+        """Slicer closes, or the module is cleaned up or reloaded: exports under way are waited for and recorded,
+        and the review's nodes leave the scene (the open case stays claimed by this annotator, who resumes there
+        next time, with one copy of it in the scene)."""
         self.timer.stop()
         self.review.pollExports(wait=True)
+        self.review.leave()
         self.review.exporter.shutdown()
