@@ -46,8 +46,8 @@ def main() -> None:
     card["validation"] = {
         "cases": per_case,
         "case_sources": {r["case"]: source(r["case"]) for r in rows},
-        "mean": {k: round(sum(r[k] for r in per_case if isinstance(r[k], float)) / len(per_case), 4)
-                 for k in ("dice", "nsd_2mm", "hd95_mm", "msd_mm", "volume_error_pct")},
+        "mean": {k: round(sum(r[k] for r in per_case if isinstance(r.get(k), float)) / len(per_case), 4)
+                 for k in ("dice", "nsd_2mm", "hd95_mm", "msd_mm", "volume_error_pct") if k in per_case[0]},
         "protocol": "full coarse-to-fine pipeline at each case's own resolution; cases never trained on",
     }
     if args.benchmark and args.benchmark.is_file():
