@@ -180,16 +180,19 @@ def test_a_mask_of_another_grid_is_refused_and_leaves_nothing(tmp_path, scene, r
     assert scene.GetNumberOfNodes() == count and review.current.name == "ct"  # still open: to skip it
 
 
-def small_cohort(root: Path, n: int) -> Path:
+def small_cohort(root: Path, n: int, failed: tuple[int, ...] = ()) -> Path:
+    """``n`` patients' CTs and their masks (none for the cases in ``failed``: the batch failed on them)."""
     m = make_affine((6.0, 6.0, 8.0), (16, 24, 24))
     rows = []
     for i in range(n):
         ct, liver = phantom((16, 24, 24), m, seed=i)  # each patient's own noise: exports are never duplicates
         source, mask = root / "scans" / f"p{i}" / "ct.nii.gz", root / "out" / f"p{i}" / "ct_liver.nii.gz"
-        for path, array in ((source, ct), (mask, liver)):
+        for path, array in ((source, ct), (mask, liver))[: 1 if i in failed else 2]:
             path.parent.mkdir(parents=True, exist_ok=True)
             sitk.WriteImage(image_from_array(array, m), str(path))
-        rows.append({**io.summary_row(str(source), str(mask)), "uncertainty": f"{i / 100:.3f}"})
+        row = io.summary_row(str(source), "" if i in failed else str(mask))
+        row.update(uncertainty=f"{i / 100:.3f}", **({"status": "failed", "error": "engine crashed"} if i in failed else {}))
+        rows.append(row)
     io.write_summary(root / "out" / "summary.csv", rows)
     return root / "out"
 
@@ -238,6 +241,349 @@ def test_resume_after_a_restart_and_a_second_annotator_elsewhere(tmp_path, scene
     assert other.next().name == "p1/ct"  # not ann's case
     assert [r["review"] for r in other.rows()] == ["accepted", "in review by ann", "open", "not reviewed"]
     assert [r["name"] for r in other.rows(onlyPending=True)] == ["p2/ct", "p1/ct", "p0/ct"]
+
+
+def edit(review) -> np.ndarray:
+    """The annotator cuts the liver's top slices off the open case's Liver segment; the corrected mask."""
+    from LiverSegLib.mrml import write_liver_segment
+
+    corrected = liver_of(review).copy()
+    corrected[np.nonzero(corrected.any(axis=(1, 2)))[0][-2:]] = 0
+    write_liver_segment(review.segmentation, review.volume, corrected)
+    return corrected
+
+
+def test_next_case_with_a_case_open_gives_another_and_never_loses_edits(tmp_path, scene, review):
+    out = small_cohort(tmp_path, 3)
+    review.open(out, "ann")
+    assert review.next().name == "p2/ct"
+    assert review.next().name == "p1/ct"  # another case, not the same one read again
+    records = ReviewState(out).records()
+    assert records[review.cases[1].key]["claimed_by"] == "ann" and review.cases[0].key not in records  # p2 given back
+    corrected = edit(review)
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(LiverSegError, match="p1/ct: its Liver segment was changed, and Next case would lose that"):
+        review.next()
+    with pytest.raises(LiverSegError, match="opening another case would lose that"):
+        review.openCase(review.cases[0].key)
+    with pytest.raises(LiverSegError, match="opening another folder would lose that"):
+        review.open(small_cohort(tmp_path / "other", 1), "ann")
+    assert review.current.name == "p1/ct" and np.array_equal(liver_of(review), corrected)  # the edits are there
+    assert scene.GetNumberOfNodes() == count and review.folder == out
+    assert review.openCase(review.cases[1].key) is review.current  # the open case clicked: nothing read again
+    assert np.array_equal(liver_of(review), corrected)
+    assert review.skip("too hard").name == "p2/ct"
+
+
+def test_the_folder_opens_when_its_path_is_finished_not_on_each_keystroke(tmp_path, scene, monkeypatch):
+    """CTK's path box says currentPathChanged on every keystroke: typing another folder's path leaves the open
+    case alone until Return (or the focus leaving the box); a path that does not exist is said quietly; the
+    "..." button opens the folder picked."""
+    import qt
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: shown.append(text))
+    first, second = small_cohort(tmp_path / "a", 2), small_cohort(tmp_path / "b", 3)
+    module, widget = open_panel()
+    try:
+        panel = widget.review
+        widget._parameterNode.annotator = "ann"
+        open_folder(panel, first)
+        panel.nextButton.click()
+        case, count = panel.review.current, scene.GetNumberOfNodes()
+        edit(panel.review)
+        box = panel.folderEdit.comboBox().lineEdit()
+        changes = []
+        panel.folderEdit.connect("currentPathChanged(QString)", changes.append)
+        box.text = ""
+        box.keyClicks(str(second))
+        assert len(changes) == len(str(second)) + 1  # one per keystroke, as CTK's box says it
+        assert panel.review.folder == first and panel.review.current is case and scene.GetNumberOfNodes() == count
+        box.focusOut()  # finished: the other folder would lose the edits, so it is not opened
+        assert panel.review.folder == first and panel.review.current is case
+        assert "would lose that" in panel.statusLabel.text and len(shown) == 1
+        panel.reasonEdit.text = "not this phase"
+        panel.skipButton.click()  # the case decided, the other folder can open
+        box.text = str(tmp_path / "no-such")
+        box.pressReturn()
+        assert panel.statusLabel.text.endswith("no-such: no such folder") and len(shown) == 1  # quiet
+        assert panel.review.folder == first
+        box.text = str(second)
+        box.pressReturn()
+        assert panel.review.folder == second and panel.table.rowCount == 3
+        assert qt.QSettings().value("LiverSeg/ReviewFolder") == str(second)
+        box.focusOut()  # the same folder again: nothing happens
+        assert panel.review.folder == second
+        qt.QFileDialog.answers[:] = [str(first)]
+        panel.browseButton.click()
+        assert panel.review.folder == first and panel.folderEdit.currentPath == str(first)
+        assert panel.progressLabel.text == "1 of 2 reviewed"
+    finally:
+        close_panel(module)
+
+
+class FailingExport:
+    """The engine process's answer to an export, without a process: it failed (``error``)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error, self.done = error, True
+
+    def poll(self) -> bool:
+        return True
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        return True
+
+
+class NoEngine:
+    """The module's export, where starting an engine process is an error of the test."""
+
+    def __init__(self) -> None:
+        from LiverSeg import LiverSegLogic
+
+        self.logic = LiverSegLogic(engineFactory=lambda: pytest.fail("an engine process was started"))
+        self.failWith: Exception | None = None
+
+    def startExport(self, *args, **kwargs):
+        self.logic._exportInputs(*args[:2])  # what the export checks before it writes anything
+        return FailingExport(self.failWith)
+
+    def finishExport(self, run):
+        raise run.error
+
+    def exportForTraining(self, *args, **kwargs) -> str:
+        return self.logic.exportForTraining(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_a_failed_background_export_keeps_the_correction_to_retry(tmp_path, scene):
+    """A full disk: the export fails in the engine process after the next case was shown. The corrected case stays
+    claimed and its segmentation stays (hidden): Next case opens the correction again, and the retry records
+    it; an empty segment is refused before anything moves."""
+    from LiverSeg import LiverSegLogic
+    from LiverSegLib.review import ReviewLogic
+
+    out = small_cohort(tmp_path, 3)
+    exporter = NoEngine()
+    review = ReviewLogic(LiverSegLogic(), scene, exporter=exporter)
+    review.open(out, "ann")
+    first = review.next()
+    corrected = edit(review)
+    exporter.failWith = LiverSegError(f"{tmp_path / 'dataset'}: could not be written (No space left on device)")
+    assert review.exportAndNext(tmp_path / "dataset").name == "p1/ct"
+    with pytest.raises(LiverSegError, match="p2/ct: its export is under way"):
+        review.openCase(first.key)
+    (message,) = review.pollExports()
+    assert message.startswith("p2/ct: export failed: ") and "No space left on device" in message
+    assert "your correction is kept" in message
+    assert [r["review"] for r in review.rows()][0] == "export failed: open it to retry"
+    assert ReviewState(out).records()[first.key]["claimed_by"] == "ann"
+    assert review.renew() == []  # the failed case is kept claimed too
+    assert review.next().name == "p2/ct"  # this annotator's own case first: the correction, not the model's mask
+    assert np.array_equal(liver_of(review), corrected) and review.edited()
+    assert review.exportAndNext(tmp_path / "dataset", background=False).name == "p1/ct"  # the retry
+    record = ReviewState(out).records()[first.key]
+    assert record["decision"] == "exported" and float(record["dice_changed"]) < 0.99
+    nodes = scene.GetNumberOfNodes()
+    from LiverSegLib.mrml import write_liver_segment
+
+    write_liver_segment(review.segmentation, review.volume, np.zeros_like(liver_of(review)))
+    with pytest.raises(LiverSegError, match="the Liver segment is empty: nothing to export"):
+        review.exportAndNext(tmp_path / "dataset")
+    assert review.current.name == "p1/ct" and scene.GetNumberOfNodes() == nodes and not review.exporting
+
+
+def test_an_image_and_label_in_the_dataset_already_are_recorded_as_exported_there(tmp_path, scene, review):
+    out = small_cohort(tmp_path, 2)
+    review.open(out, "ann")
+    first = review.next()
+    review.exportAndNext(tmp_path / "dataset", background=False)
+    name = ReviewState(out).records()[first.key]["dataset_case"]
+    review.skip("next annotator's turn")
+    review.openCase(first.key, again=True)  # a re-review that changes nothing: the same image and label
+    assert review.exportAndNext(tmp_path / "dataset", background=False) is None
+    record = ReviewState(out).records()[first.key]
+    assert record["decision"] == "exported" and record["dataset_case"] == name
+    assert record["previous"].startswith("exported by ann at ")
+    assert len(json.loads((tmp_path / "dataset" / "dataset.json").read_text())["training"]) == 1
+
+
+def test_another_patient_s_mask_is_never_shown(tmp_path, scene, review):
+    """p1's mask is gone; a mask of p0 lies where a shorter tail of p1's path points. The batch's record beside it
+    names p0's CT: p1 is refused in one line and nothing of it enters the scene."""
+    from LiverSegExtension.io import InputCase
+    from LiverSegExtension.io.records import identity, write_record
+    from LiverSegExtension.review.worklist import record_of
+
+    out = small_cohort(tmp_path, 2)
+    for i in range(2):
+        mask = out / f"p{i}" / "ct_liver.nii.gz"
+        write_record(record_of(mask), {"identity": identity(InputCase(tmp_path / "scans" / f"p{i}" / "ct.nii.gz")),
+                                       "state": "done", "outputs": [mask.name], "row": {}})
+    import csv
+
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:  # the outputs as a run from tmp_path recorded them: relative, "out/p1/ct_liver.nii.gz"
+        row["output"] = str(Path(row["output"]).relative_to(tmp_path))
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "p1" / "ct_liver.nii.gz").unlink()
+    (out / "p1" / "ct_liver.json").unlink()
+    for name in ("ct_liver.nii.gz", "ct_liver.json"):  # p0's mask and record, where the shorter tail points
+        (out / name).write_bytes((out / "p0" / name).read_bytes())
+    review.open(out, "ann")
+    p0, p1 = (next(c for c in review.cases if f"p{i}" in c.key) for i in range(2))
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(LiverSegError, match=r"the record beside its mask \(.*ct_liver.json\) names another input "
+                                            r"\(.*p0.*\), not this CT \(.*p1"):
+        review.openCase(p1.key)
+    assert scene.GetNumberOfNodes() == count and review.volume is None
+    with pytest.raises(LiverSegError, match="p0/ct: more than one mask fits this row"):  # its own, and the copy
+        review.openCase(p0.key)
+    (out / "ct_liver.nii.gz").unlink()
+    assert review.openCase(p0.key).name == "p0/ct" and liver_of(review).any()
+
+
+def test_accept_is_refused_where_the_model_made_no_mask(tmp_path, scene):
+    """The batch failed on p1 (its CT reads): there is nothing to accept. Accept is disabled and refused; drawing
+    the liver and Export and next, or Skip, remain."""
+    out = small_cohort(tmp_path, 2, failed=(1,))
+    module, widget = open_panel()
+    try:
+        panel = widget.review
+        open_folder(panel, out)
+        panel.nextButton.click()
+        assert panel.review.current.name == "p1/ct" and panel.review.volume is not None
+        assert not liver_of(panel.review).any() and not panel.acceptButton.enabled
+        with pytest.raises(LiverSegError, match="p1/ct: no model's mask to accept"):
+            panel.review.accept()
+        assert not ReviewState(out).records()[panel.review.current.key]["decision"]
+    finally:
+        close_panel(module)
+
+
+def test_review_errors_are_one_line_and_never_leave_a_slot(tmp_path, scene, monkeypatch):
+    """In a Slicer outside testing mode: a case that cannot be read, and a folder where review.csv cannot be
+    written (Next case, and the minute's renewal), are told in one line, without a traceback as details, and
+    nothing leaves the slot (PythonQt would print the traceback each time)."""
+    import qt
+    from LiverSegLib.reviewpanel import RENEW_TICKS
+    from test_review import unwritable
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: shown.append((text, kwargs)))
+    monkeypatch.setattr(slicer.app, "_testing", False)  # tryWithErrorDisplay shows what it catches
+    out = small_cohort(tmp_path, 2)
+    (tmp_path / "scans" / "p1" / "ct.nii.gz").write_bytes(b"not a CT")
+    module, widget = open_panel()
+    try:
+        panel = widget.review
+        open_folder(panel, out)
+        panel.nextButton.click()
+        assert qt.take_slot_errors() == []
+        assert len(shown) == 1 and "ct.nii.gz" in shown[0][0] and shown[0][1] == {}
+        assert panel.statusLabel.text == shown[0][0] and "\n" not in shown[0][0]
+        assert panel.review.current.name == "p1/ct" and panel.progressLabel.text == "0 of 2 reviewed"
+        unwritable(out)
+        try:
+            panel.reasonEdit.text = "the CT is damaged"
+            panel.skipButton.click()
+            assert qt.take_slot_errors() == []
+            assert shown[-1][0].startswith(f"{out}: cannot lock it for writing") and shown[-1][1] == {}
+            panel._ticks = RENEW_TICKS - 1
+            panel.timer.timeout()  # the minute's renewal: said on the status line, not a dialog every minute
+            assert qt.take_slot_errors() == [] and len(shown) == 2
+            assert panel.statusLabel.text.startswith(f"{out}: cannot lock it for writing")
+        finally:
+            out.chmod(0o755)
+    finally:
+        close_panel(module)
+
+
+def test_a_claim_taken_by_another_is_told_and_a_decided_case_reopens_only_as_a_re_review(tmp_path, scene, monkeypatch):
+    from LiverSegLib.reviewpanel import RENEW_TICKS
+
+    warned = []
+    monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, **kwargs: warned.append(text))
+    out = small_cohort(tmp_path, 3)
+    module, widget = open_panel()
+    try:
+        panel = widget.review
+        widget._parameterNode.annotator = "ann"
+        panel.review.claim_minutes = -1.0  # every claim of this Slicer runs out at once: it never renewed in time
+        open_folder(panel, out)
+        panel.nextButton.click()
+        taken = panel.review.current
+        bob = ReviewState(out)
+        assert bob.claim_next("bob", [taken.key]) == taken.key
+        panel._ticks = RENEW_TICKS - 1
+        panel.timer.timeout()
+        assert len(warned) == 1 and warned[0].startswith("p2/ct: another annotator holds it now")
+        assert panel.statusLabel.text == warned[0]
+        panel.timer.timeout()
+        panel._ticks = RENEW_TICKS - 1
+        panel.timer.timeout()
+        assert len(warned) == 1  # told once
+        bob.decide(taken.key, "bob", "skipped", reason="wrong phase")
+        panel.acceptButton.click()
+        assert panel.statusLabel.text.startswith("p2/ct: not recorded: already skipped by bob")
+        assert ReviewState(out).records()[taken.key]["who"] == "bob"  # bob's decision stays
+        asked = []
+        monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, **kwargs: asked.append(text) or False)
+        panel.table.emit("cellDoubleClicked", 0, 0)  # the decided case: reopened only if the annotator says so
+        assert len(asked) == 1 and "skipped: wrong phase by bob. Review it again?" in asked[0]
+        assert not panel.review.again
+        monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, **kwargs: True)
+        panel.table.emit("cellDoubleClicked", 0, 0)
+        assert panel.review.current.key == taken.key and panel.review.again
+        panel.acceptButton.click()
+        record = ReviewState(out).records()[taken.key]
+        assert (record["decision"], record["who"]) == ("accepted", "ann")
+        assert record["previous"].startswith("skipped by bob at ")
+    finally:
+        close_panel(module)
+
+
+def test_a_damaged_seg_nrrd_is_one_line_naming_it(tmp_path, scene, review):
+    out = make_cohort(tmp_path)
+    (out / "seg_liver.seg.nrrd").write_bytes(b"\x00\x01 damaged: not a segmentation any more")
+    review.open(out, "ann")
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(LiverSegError, match=r"seg_liver\.seg\.nrrd: Slicer could not read this segmentation file"):
+        review.openCase(next(c.key for c in review.cases if c.name == "seg"))
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_the_review_s_nodes_leave_with_the_panel_and_with_a_closed_scene(tmp_path, scene):
+    """The panel cleaned up (Slicer closing, Reload): the open case's nodes leave the scene and it stays claimed;
+    the rebuilt panel resumes it with one copy in the scene. A closed scene takes the nodes, and the panel
+    notices: Next case loads the case again."""
+    out = small_cohort(tmp_path, 2)
+    module, widget = open_panel()
+    base = scene.GetNumberOfNodes()
+    open_folder(widget.review, out)
+    widget.review.nextButton.click()
+    case, loaded = widget.review.review.current, scene.GetNumberOfNodes()
+    assert loaded > base
+    close_panel(module)
+    assert scene.GetNumberOfNodes() == base
+    module, widget = open_panel()
+    try:
+        panel = widget.review
+        assert panel.review.folder == out  # the last folder, opened again
+        panel.nextButton.click()
+        assert panel.review.current.key == case.key and scene.GetNumberOfNodes() == loaded  # one copy
+        scene.Clear(0)
+        assert panel.review.current is None and panel.caseLabel.text == ""
+        panel.nextButton.click()
+        assert panel.review.current.key == case.key and liver_of(panel.review).any()
+    finally:
+        close_panel(module)
 
 
 ANNOTATOR = r"""
@@ -318,7 +664,10 @@ def test_two_annotators_in_two_slicers_on_one_folder(tmp_path):
 
 
 def test_the_review_section_of_the_panel(tmp_path, scene, monkeypatch):
+    import qt
+
     out = small_cohort(tmp_path, 3)
+    qt.QSettings().setValue("LiverSeg/ReviewFolder", "")  # no folder of an earlier session to open again
     module, widget = open_panel()
     try:
         panel = widget.review

@@ -152,6 +152,8 @@ class ReviewLogic(ReviewExports):
         case, state, left = self._case(key), self._state(), self.current
         if left is not None and left.key == key and self.volume is not None and again == self.again:
             return left  # open already: nothing is read again, the annotator's changes stay
+        if key in self._pending():
+            raise LiverSegError(f"{case.name}: its export is under way; it opens again once the export is recorded")
         if left is not None and left.key != key:
             self._keepEdits("opening another case would lose that")
         state.claim(key, self.who, case.name, again=again)
@@ -207,9 +209,10 @@ class ReviewLogic(ReviewExports):
         if parked is not None and all(self.scene.IsNodePresent(n) for n in parked[1:]):  # the annotator's own work
             self._nodes, self.volume, self.segmentation = parked
             self.segmentation.SetDisplayVisibility(True)
-            draft = self._labelAndDraft()[1]
+            label, draft = self._labelAndDraft()
             self.modelMask = draft is not None and bool(draft.any())
-            self._show(self.volume, self._labelAndDraft()[0] if draft is None else draft)
+            shape = self.volume.GetImageData().GetDimensions()[::-1]
+            self._show(self.volume, next(m for m in (label, draft, np.zeros(shape, np.uint8)) if m is not None))
             return case
         self._remove(parked[0] if parked else [])
         before = mrml.node_ids(self.scene)
