@@ -28,24 +28,29 @@ def pytest_addoption(parser) -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: trains a model or reads every real CT (left out by --fast)")
+    config.addinivalue_line("markers", "process: starts a process: the CLI, the batch script or the engine as a process "
+                                       "of its own, a PythonSlicer launcher (left out by --fast)")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     if config.getoption("--fast"):
-        skip = pytest.mark.skip(reason="slow tier: run without --fast")
         for item in items:
-            if "slow" in item.keywords:
-                item.add_marker(skip)
+            for mark, reason in (("slow", "slow tier: run without --fast"),
+                                 ("process", "starts a process: slow tier, run without --fast")):
+                if mark in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+                    break
 
 
 @pytest.fixture(autouse=True)
-def _processes_belong_to_the_slow_tier(request, monkeypatch):
-    """With --fast, a test that starts a process (subprocess, QProcess, the engine) is skipped when it does."""
+def _processes_are_marked(request, monkeypatch):
+    """With --fast, a test that starts a process without saying so (``@pytest.mark.process``) fails: the fast tier
+    stays in-process, and what it leaves out is named by the marker, not found out at run time."""
     if request.config.getoption("--fast"):
         import subprocess
 
         def refuse(self, *args, **kwargs):
-            pytest.skip("starts a process: slow tier, run without --fast")
+            pytest.fail("starts a process but is not marked @pytest.mark.process")
 
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 

@@ -57,6 +57,7 @@ def blank_uids_and_scramble(files, folder, transfer_syntax=None):
 
 
 # -- 1. a series the batch used to stack in a scrambled order ---------------------------------------------------
+@pytest.mark.process
 @requires_bundled_model
 def test_a_series_without_uids_in_scrambled_files_gives_one_mask_in_both_doors(tmp_path):
     from pydicom.uid import JPEG2000Lossless
@@ -109,6 +110,7 @@ def test_a_grid_another_reader_made_wrongly_is_refused(tmp_path):
 
 
 # -- 2. a tilted gantry ---------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_a_tilted_gantry_series_is_refused_by_both_doors(tmp_path):
     m = make_affine((0.9, 0.9, 3.0), (16, 48, 56))
     ct, _ = phantom((16, 48, 56), m)
@@ -125,6 +127,7 @@ def test_a_tilted_gantry_series_is_refused_by_both_doors(tmp_path):
 
 
 # -- 4, 5. outputs taken for inputs, one file named twice --------------------------------------------------------
+@pytest.mark.process
 def test_a_rerun_into_a_folder_inside_the_inputs_does_not_take_masks_for_cts(tmp_path, tiny_model_dir):
     from LiverSegExtension.io import expand_inputs
 
@@ -141,6 +144,7 @@ def test_a_rerun_into_a_folder_inside_the_inputs_does_not_take_masks_for_cts(tmp
     assert [c.source.name for c in expand_inputs([scans])] == ["ct.nii.gz"]
 
 
+@pytest.mark.process
 def test_the_same_file_named_twice_is_segmented_once(tmp_path, tiny_model_dir):
     (ct, _), m = small_ct()
     sitk.WriteImage(image_from_array(ct, m), str(tmp_path / "ct.nii.gz"))
@@ -154,6 +158,7 @@ def test_the_same_file_named_twice_is_segmented_once(tmp_path, tiny_model_dir):
 
 
 # -- 6. a soft label -------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_a_soft_label_is_refused_by_dataset_add(tmp_path):
     (ct, liver), m = small_ct()
     sitk.WriteImage(image_from_array(ct, m), str(tmp_path / "ct.nii.gz"))
@@ -170,6 +175,7 @@ def test_a_soft_label_is_refused_by_dataset_add(tmp_path):
 
 
 # -- 8. names that would leave their folder ----------------------------------------------------------------------
+@pytest.mark.process
 def test_a_card_name_that_leaves_the_models_folder_is_refused(tmp_path, tiny_model_dir):
     import shutil
 
@@ -189,6 +195,7 @@ def test_a_card_name_that_leaves_the_models_folder_is_refused(tmp_path, tiny_mod
 
 
 # -- 12. the engine process under bad requests ------------------------------------------------------------------
+@pytest.mark.process
 def test_the_engine_answers_bad_requests_and_stays_usable(tmp_path):
     lines = ["[1, 2]", '{"cmd": "segment", "id": NaN, "input": "x", "output": "y"}', "not json",
              '{"cmd": "segment", "id": 7, "output": "y"}', '{"cmd": "fly", "id": 8}',
@@ -207,6 +214,7 @@ def test_the_engine_answers_bad_requests_and_stays_usable(tmp_path):
 
 
 # -- 7. headers that read their voxels from elsewhere ------------------------------------------------------------
+@pytest.mark.process
 def test_detached_data_outside_the_header_folder_is_refused(tmp_path):
     from LiverSegExtension.io import read_image
 
@@ -246,6 +254,7 @@ def nifti_header(dims, bitpix=16, datatype=4) -> bytes:
     return bytes(header) + b"\0" * 4
 
 
+@pytest.mark.process
 def test_memory_bombs_are_refused_at_once_without_allocating(tmp_path):
     """A .nii.gz whose header claims tens of GB (a gzip bomb), and a tiny one whose claim wraps the gzip trailer's
     length (mod 2**32): refused in one line, in a process that never grows past 1 GB."""
@@ -307,6 +316,7 @@ def test_running_out_of_memory_while_reading_says_so(tmp_path, monkeypatch):
         io.read_image(tmp_path / "ct.nrrd")
 
 
+@pytest.mark.process
 def test_too_little_memory_to_start_is_one_line():
     code = ("import builtins, sys\nreal = builtins.__import__\n"
             "def imp(name, *a, **k):\n"
@@ -318,6 +328,7 @@ def test_too_little_memory_to_start_is_one_line():
 
 
 # -- 11. a file name that is not UTF-8 ---------------------------------------------------------------------------
+@pytest.mark.process
 def test_a_latin1_file_name_is_refused_and_the_other_cases_still_run(tmp_path, tiny_model_dir):
     import os
 
@@ -360,6 +371,7 @@ def test_a_full_disk_while_writing_the_summary_is_one_line(tmp_path, tiny_model_
     assert "old.nii.gz" in (tmp_path / "out" / "summary.csv").read_text()  # the record as it was
 
 
+@pytest.mark.process
 def test_a_dataset_folder_that_is_a_broken_link_is_one_line(tmp_path):
     (ct, liver), m = small_ct()
     sitk.WriteImage(image_from_array(ct, m), str(tmp_path / "ct.nii.gz"))
@@ -396,6 +408,7 @@ def test_a_small_mask_is_explained_by_what_the_scan_shows():
 
 
 # -- 3. a NIfTI whose qform and sform disagree ----------------------------------------------------------------
+@pytest.mark.process
 def test_disagreeing_qform_and_sform_are_named_and_kept_in_the_mask(tmp_path, tiny_model_dir):
     nib = pytest.importorskip("nibabel")
     (ct, _), m = small_ct()
@@ -456,6 +469,7 @@ def test_a_seg_of_a_series_with_an_empty_sop_class_is_valid_and_one_without_seri
     assert not (tmp_path / "seg2.dcm").exists()
 
 
+@pytest.mark.process
 @requires_bundled_model
 def test_the_batch_leaves_no_output_for_a_case_whose_seg_failed(tmp_path):
     import pydicom

@@ -169,6 +169,7 @@ def test_bad_inputs_fail_alone_with_one_clear_line(ct_case, tiny_model_dir, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "whole_liver.json", "whole_liver.nii.gz"]
 
 
+@pytest.mark.process
 def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
     r = run_cli_process("segment", tmp_path / "nothing.nii.gz", "-o", tmp_path / "o", "--model", tiny_model_dir, "-q",
                         "--debug")

@@ -84,6 +84,7 @@ def test_names_mirror_the_folders_and_do_not_depend_on_order_or_shards(cohort):
 
 
 # -- parallel shards -----------------------------------------------------------------------------------------------
+@pytest.mark.process
 def test_parallel_shards_of_a_cohort_sharing_file_names_each_write_their_own_patient(cohort, tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "out"
@@ -163,6 +164,7 @@ def test_a_changed_input_or_an_unrecorded_output_is_not_taken_for_done(cohort, t
     assert r.returncode == 1 and "no record" in r.stderr, r.stderr
 
 
+@pytest.mark.process
 def test_a_claim_left_by_a_killed_writer_frees_the_name(cohort, tiny_model_dir, tmp_path):
     from LiverSegExtension.io.files import _HOST
 

@@ -216,6 +216,7 @@ def test_bad_labels_are_refused(tmp_path):
         add_case_images(tmp_path, image, shifted)
 
 
+@pytest.mark.process
 def test_concurrent_exports_from_two_processes(tmp_path):
     image, label = small_case()
     sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
@@ -238,6 +239,7 @@ def test_concurrent_exports_from_two_processes(tmp_path):
     assert check_dataset(ds) == []
 
 
+@pytest.mark.process
 def test_dataset_cli_add_and_check(tmp_path):
     image, label = small_case()
     sitk.WriteImage(image, str(tmp_path / "ct.nrrd"))

@@ -39,6 +39,7 @@ def series(tmp_path: Path, kind: str) -> Path:
     return tmp_path / kind
 
 
+@pytest.mark.process
 @requires_bundled_model
 @pytest.mark.parametrize("kind", ["oblique_left_handed", "rle", "chaos_ct3"])
 def test_dicom_seg_round_trips_onto_the_source_series(tmp_path, kind):
@@ -91,6 +92,7 @@ def test_dicom_seg_round_trips_onto_the_source_series(tmp_path, kind):
     assert 0.0 <= float(row["uncertainty"]) <= 1.0
 
 
+@pytest.mark.process
 def test_dicom_seg_is_refused_for_a_volume_file_and_skipped_when_empty(tmp_path, tiny_model_dir, threshold_segmenter,
                                                                           monkeypatch):
     from LiverSegExtension import cli

@@ -45,6 +45,7 @@ def write_ct(path: Path, shape=(44, 96, 104), spacing=(2.0, 2.6, 4.0), rot=(0.2,
     return m, truth
 
 
+@pytest.mark.process
 @requires_bundled_model
 def test_cli_batch_and_module_logic_give_one_mask_on_the_input_grid(tmp_path, scene):
     pytest.importorskip("slicer")

@@ -18,6 +18,7 @@ from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import image_from_array
 
 
+@pytest.mark.process
 def test_a_mask_cut_short_by_a_file_size_limit_never_takes_its_name(tmp_path):
     """ITK writes a .nii.gz cut short at the limit without an error: the read-back check must refuse it."""
     script = textwrap.dedent(f"""
@@ -61,6 +62,7 @@ def test_damaged_compressed_input_and_nan_voxels_are_refused(tmp_path, threshold
         threshold_segmenter.segment_image(read_image(nan_path), source=str(nan_path))
 
 
+@pytest.mark.process
 def test_an_output_folder_that_cannot_be_written_is_a_usage_error(tmp_path, tiny_model_dir):
     m = make_affine((4.0, 4.5, 6.0), (30, 48, 56))
     ct, _ = phantom((30, 48, 56), m)
@@ -133,6 +135,7 @@ def test_sheared_grids_bad_nifti_spacing_and_padding(tmp_path, threshold_segment
     assert result.liver_ml > 0 and (result.mask > 0).sum() == pytest.approx(int(liver.sum()), rel=0.05)
 
 
+@pytest.mark.process
 def test_debris_of_a_dead_writer_is_cleaned_and_live_work_is_not(tmp_path):
     from LiverSegExtension.io.files import _HOST, TEMP_MARK, clean_stale_temporaries
 
@@ -146,6 +149,7 @@ def test_debris_of_a_dead_writer_is_cleaned_and_live_work_is_not(tmp_path):
     assert live.exists() and other_host.exists()  # another host's file goes only once a day old
 
 
+@pytest.mark.process
 def test_concurrent_runs_into_one_folder_lose_no_row(tmp_path, tiny_model_dir):
     inputs = []
     for n in range(4):
@@ -285,6 +289,7 @@ def test_damaged_wide_files_are_refused_not_zero_filled(tmp_path):
         read_image(mha)
 
 
+@pytest.mark.process
 def test_a_float64_ct_is_never_held_whole_in_memory(tmp_path):
     """The chunked reader holds the int16 result (and its copy into ITK), never the float64 buffer: its
     peak stays under the file's size, where ITK's read-and-cast needs 1.5 times it."""
@@ -318,6 +323,7 @@ def test_a_float64_ct_is_never_held_whole_in_memory(tmp_path):
     assert int(added) < size, f"reading took {int(added) / 2**20:.0f} MB for a {size / 2**20:.0f} MB file"
 
 
+@pytest.mark.process
 def test_a_symlink_loop_gives_each_series_once_and_an_mr_label_is_named(tmp_path, tiny_model_dir):
     """A link back up and a second link to one series: each series and file is one case, under its real
     name; a series labelled MR whose values look like CT is segmented with a warning, not silently."""

@@ -191,6 +191,7 @@ def test_libraries_that_cannot_be_mapped_are_memory():
     assert not is_allocation_failure(ImportError("No module named 'torch'"))
 
 
+@pytest.mark.process
 def test_a_virtual_memory_limit_too_small_to_start_is_one_line_not_a_hang():
     """Under ``ulimit -v`` of 500 MB, numpy's OpenBLAS used to hang in its thread start: the command now says so
     before it imports anything."""
@@ -206,6 +207,7 @@ def test_a_virtual_memory_limit_too_small_to_start_is_one_line_not_a_hang():
     assert r.returncode == 1 and r.stderr.strip() == "liverseg: error: not enough memory to start"
 
 
+@pytest.mark.process
 def test_openblas_runs_one_thread_for_every_command_but_train():
     code = ("import os, sys; import LiverSegExtension, LiverSegExtension.cli as c; c.main = lambda: 0; "
             "LiverSegExtension.console(); print(os.environ.get('OPENBLAS_NUM_THREADS'))")
@@ -250,6 +252,7 @@ def test_a_mask_in_metres_keeps_its_unit(tmp_path):
     assert mask_header(tmp_path / "m.nii", (8, 8, 9)) is None  # another grid: ITK writes that mask
 
 
+@pytest.mark.process
 def test_a_mask_cut_short_by_a_file_size_limit_never_takes_its_name(tmp_path):
     script = f"""
 import resource, sys
@@ -342,6 +345,7 @@ def test_the_networks_allocation_failure_is_not_enough_memory(threshold_segmente
         threshold_segmenter.segment_image(ct_image((8.0, 8.0, 8.0)), source="ct")  # air around the body
 
 
+@pytest.mark.process
 def test_reading_runs_no_scipy_and_segmenting_waits_for_its_import(tmp_path):
     """scipy.ndimage (a quarter of a second of the start) is not imported by reading or writing; a segmenter
     imports it in a thread of its own, and its first use finds it there."""

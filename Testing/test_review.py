@@ -282,6 +282,7 @@ print(json.dumps(log))
 """
 
 
+@pytest.mark.process
 def test_two_annotators_as_two_processes_share_no_case_and_lose_no_record(tmp_path):
     """Started together (a start barrier), each holding a case while the other does for their first five: the
     claims keep every case to one annotator, and the lock loses no record."""

@@ -635,6 +635,7 @@ def start_together(script: Path, args: dict[str, list[str]], sync: Path) -> dict
     return procs
 
 
+@pytest.mark.process
 def test_two_annotators_in_two_slicers_on_one_folder(tmp_path):
     """Two processes review one folder through the logic, exporting into one dataset, started together and each
     holding a case while the other does: no case is given to both, no record and no exported case is lost."""
@@ -696,6 +697,7 @@ def test_the_review_section_of_the_panel(tmp_path, scene, monkeypatch):
         close_panel(module)
 
 
+@pytest.mark.process
 def test_export_and_next_in_the_engine_process_records_its_provenance(tmp_path, scene, slicer_launcher):
     """The panel's path: the export's compression runs in the engine process while the next case loads."""
     out = small_cohort(tmp_path, 3)

@@ -106,6 +106,7 @@ def test_runtime_choice(monkeypatch):
 
 @pytest.mark.parametrize("build, expected", [("None", ["False", "['cpu']", "False"]),
                                              ("'12.1'", ["True", "['cpu']", "True"])])
+@pytest.mark.process
 def test_the_gpu_probe_imports_torch_only_for_a_build_that_can_reach_one(tmp_path, build, expected):
     """A torch laid out by the test (whatever build this machine has): a CPU build is not imported to look for a
     GPU; a CUDA build is (and, with no GPU here, gives the CPU alone)."""

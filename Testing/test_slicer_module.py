@@ -166,6 +166,7 @@ def test_cancel_and_errors_leave_the_scene_unchanged(tmp_path, scene, logic):
     assert node_count(scene) == before
 
 
+@pytest.mark.process
 @requires_bundled_model
 def test_self_test_runs(scene, slicer_launcher):
     """LiverSegTest, as Slicer's self-test runs it, with the bundled model (real CT when available)."""
@@ -344,6 +345,7 @@ def small_ct(tmp_path):
     return path
 
 
+@pytest.mark.process
 def test_the_batch_in_slicer_ends_slicer_on_every_way_out(tmp_path, tiny_model_dir):
     """``Slicer --python-script`` keeps running after the script: the stand-in says so (exit STILL_RUNNING)
     where the real one would wait for ever. The batch ends Slicer on every way out: a broken import (before
@@ -369,6 +371,7 @@ def test_the_batch_in_slicer_ends_slicer_on_every_way_out(tmp_path, tiny_model_d
     assert code == 2 and "the following arguments are required: --output-dir" in stderr, stderr[-2000:]
 
 
+@pytest.mark.process
 def test_the_batch_in_slicer_never_imports_torch_and_logs_at_the_level_asked(tmp_path, tiny_model_dir,
                                                                            slicer_launcher):
     """Where a torch that can reach a GPU is installed, ``--device auto`` sends the cases through the engine

@@ -86,6 +86,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.process
 @requires_bundled_model
 def test_panel_segments_without_torch(tmp_path, slicer_launcher):
     """A fresh Slicer: torch, monai and safetensors cannot be imported, in the panel's process or the engine's.
@@ -161,6 +162,7 @@ def wait_ready(run, timeout_s: float = 60.0) -> None:
         run.engine.wait_for_output(50)
 
 
+@pytest.mark.process
 @requires_bundled_model
 def test_panel_runs_the_engine_process_on_the_nodes_chosen_at_start(scene, panel):
     from LiverSeg import LiverSegLogic
@@ -211,6 +213,7 @@ def test_panel_runs_the_engine_process_on_the_nodes_chosen_at_start(scene, panel
     assert gone_within(pid) and gone_within(engine)
 
 
+@pytest.mark.process
 @requires_bundled_model
 def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_engine(scene, panel):
     volume = add_ct("ct")
@@ -235,6 +238,7 @@ def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_engine(scene, panel):
     assert panel.ui.applyButton.enabled and not panel.ui.cancelButton.enabled
 
 
+@pytest.mark.process
 @requires_bundled_model
 def test_a_killed_engine_gives_an_error_and_leaves_the_scene_unchanged(scene, slicer_launcher):
     from LiverSeg import LiverSegLogic
@@ -262,6 +266,7 @@ def test_a_killed_engine_gives_an_error_and_leaves_the_scene_unchanged(scene, sl
         logic.shutdown()
 
 
+@pytest.mark.process
 @requires_bundled_model
 @requires_bundled_model
 def test_a_killed_launcher_takes_the_engine_with_it(scene, slicer_launcher):
@@ -280,6 +285,7 @@ def test_a_killed_launcher_takes_the_engine_with_it(scene, slicer_launcher):
         logic.shutdown()
 
 
+@pytest.mark.process
 def test_an_engine_of_another_protocol_is_refused(scene, tmp_path):
     """A worker that answers with another protocol version is refused with a clear message and ended."""
     from LiverSegLib.engine import EngineProcess, SegmentRun
@@ -295,6 +301,7 @@ def test_an_engine_of_another_protocol_is_refused(scene, tmp_path):
     assert not engine.running
 
 
+@pytest.mark.process
 def test_a_volume_removed_during_the_run_is_an_error_not_a_crash(scene, slicer_launcher):
     from LiverSeg import LiverSegLogic
 
@@ -412,6 +419,7 @@ def test_what_each_use_needs(fresh_slicer):
             "torch>=2.0", "onnxruntime>=1.16", "monai>=1.3", "safetensors>=0.4", "onnx>=1.15"]
 
 
+@pytest.mark.process
 @requires_bundled_model
 def test_first_click_installs_onnxruntime_in_a_process_then_segments(fresh_slicer, panel):
     """One dialog, onnxruntime alone, pip in a process (progress on the panel, Slicer not blocked), a
@@ -434,6 +442,7 @@ def test_first_click_installs_onnxruntime_in_a_process_then_segments(fresh_slice
     assert panel.ui.statusLabel.text.startswith("Liver: ")
 
 
+@pytest.mark.process
 def test_a_gpu_installs_torch_with_light_the_torch_leaving_slicer_s_pip_alone(fresh_slicer):
     """Picking CUDA installs torch with light-the-torch (the CUDA build for the driver), which is installed
     into a private folder with the pip it requires (light-the-torch 0.8.1 wants pip < 26.1, Slicer 5.10 ships
@@ -456,6 +465,7 @@ def test_a_gpu_installs_torch_with_light_the_torch_leaving_slicer_s_pip_alone(fr
     assert not run.folder.exists()  # the private folder and the constraints are gone
 
 
+@pytest.mark.process
 def test_an_old_torch_is_upgraded_not_pinned(fresh_slicer, monkeypatch):
     """torch older than the engine needs: what installs torch leaves it out of its constraints (pinning the
     old one would make ``torch>=2.0`` unresolvable); the commands after it keep torch as it then is."""
@@ -473,6 +483,7 @@ def test_an_old_torch_is_upgraded_not_pinned(fresh_slicer, monkeypatch):
     assert "torch==1.13.1" in rest["constraints"]
 
 
+@pytest.mark.process
 def test_a_cancelled_install_ends_pip_behind_the_launcher(fresh_slicer, monkeypatch, panel):
     """Cancel, and Slicer quitting, kill pip too: it runs behind CTK's launcher, which leaves its child
     running when killed (here pip stays, as on Windows, where nothing ends it when its launcher goes)."""
@@ -508,6 +519,7 @@ def test_a_cancelled_install_ends_pip_behind_the_launcher(fresh_slicer, monkeypa
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.process
 def test_a_failed_install_says_so_with_pip_s_output(fresh_slicer, monkeypatch):
     dependencies, log, _ = fresh_slicer
     monkeypatch.setenv("LIVERSEG_FAKE_PIP_EXIT", "1")
@@ -517,6 +529,7 @@ def test_a_failed_install_says_so_with_pip_s_output(fresh_slicer, monkeypatch):
     assert "Collecting onnxruntime" in run.details
 
 
+@pytest.mark.process
 def test_a_real_pip_run_of_what_is_there_goes_through(tmp_path, monkeypatch):
     """The installer with the real pip (nothing to download: already satisfied), list arguments and a
     constraints file in a folder whose name has spaces (as under C:\\Users\\John Smith)."""
@@ -593,6 +606,7 @@ def test_a_user_error_from_a_button_is_one_line_and_the_panel_goes_on(scene, mon
         close_panel(module)
 
 
+@pytest.mark.process
 def test_a_stale_engine_pid_is_not_killed(scene, tmp_path):
     """Once the launcher has ended, the pid its child had may name another process: kill() leaves it alone,
     whether Qt has noticed the end yet or not."""
@@ -651,6 +665,7 @@ def test_self_test_without_the_packages_is_skipped_as_slicer_runs_it(scene, monk
     assert "LiverSeg self-test skipped: install onnxruntime>=1.16" in caplog.text
 
 
+@pytest.mark.process
 @requires_bundled_model
 def test_self_test_runs_as_slicer_runs_it(scene, slicer_launcher, request):
     """With the packages, each test_* runs (through the engine process) and passes."""
@@ -689,6 +704,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.process
 def test_reload_executes_the_module_s_code_anew_and_reload_and_test_shows_a_skip(tmp_path):
     """Reload re-executes LiverSeg.py alone; the panel's and the engine's modules are executed anew too, the
     panel set up again from them. "Reload and Test" where onnxruntime is missing shows the skip (a message,

@@ -74,8 +74,8 @@ def tiled_ct(tiles: int, pixel: float | None = None):
 
 def run(ct: Path, out: Path) -> dict:
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "LiverSegExtension.cli", "segment", str(ct), "-o", str(out),
-                             "--device", "cpu", "-q"], cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from LiverSegExtension import console; "
+                             "sys.exit(console())", "segment", str(ct), "-o", str(out), "--device", "cpu", "-q"], cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)

@@ -7,9 +7,10 @@ per case, without the batch script).
 The CT is chaos_ct3 from ../shared/data resampled to 512 x 512 x 129 with PIXEL mm pixels (0.57 mm: a field
 of view of 292 mm, the research CTs' usual fine grid; real HU, centred on the scan), or a synthetic CT of that
 size when the data is absent. It is written once as each kind: a gzip NIfTI, a plain NIfTI, an uncompressed
-NRRD and a DICOM series (one file a slice). The processes run with Python's bytecode cached in the work
-folder, as an installed package has it (a first, uncounted run per kind writes it). Prints one JSON line per
-run (wall seconds, the case's own seconds from summary.csv, peak RSS) and one with the medians per kind.
+NRRD and a DICOM series (one file a slice). Each process runs the ``liverseg`` command's entry point on this
+folder's code, with Python's bytecode cached in the work folder as an installed package has it (a first,
+uncounted run per kind writes it). Prints one JSON line per run (wall seconds, the case's own seconds from
+summary.csv, peak RSS) and one with the medians per kind.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIVERSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "Testing"))
+#: what the installed ``liverseg`` script runs, on this folder's code
+LIVERSEG = "import sys; from LiverSegExtension import console; sys.exit(console())"
 
 
 def fine_ct(pixel_mm: float):
@@ -73,7 +76,7 @@ def write_kind(image, kind: str, work: Path) -> Path:
 
 def segment(ct: Path, out: Path, runtime: str, env: dict) -> tuple[float, dict, float]:
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "LiverSegExtension.cli", "segment", str(ct), "-o", str(out),
+    proc = subprocess.Popen([sys.executable, "-c", LIVERSEG, "segment", str(ct), "-o", str(out),
                              "--device", "cpu", "--runtime", runtime, "-q"], cwd=ROOT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
