@@ -1,6 +1,10 @@
 """The engine process's protocol, shared by the engine (``worker.py``) and the doors that start it (Slicer's
 ``LiverSegLib/engine.py``): JSON lines, one request per line on the engine's stdin, one message per line on
-its stdout. Volumes travel as files. The requests' and messages' fields are built and read here only.
+its stdout. Volumes travel as files. The requests' and messages' fields are built and read here only: the
+engine reads requests as :class:`SegmentRequest`, :class:`TrainRequest`, :class:`ExportRequest` and builds its
+messages with :func:`ready`, :func:`progress`, :func:`note`, :func:`error` and the outcomes' ``message``; the doors
+build requests with the ``*_request`` functions and read messages with :class:`Ready`, :func:`read_progress`,
+:func:`read_error` and the outcomes' ``read``.
 
 Requests::
 
@@ -12,8 +16,8 @@ Requests::
      "draft": "draft.nrrd (optional)", "provenance": {"model": "...", "annotator": "..."}}
     {"cmd": "quit"}
 
-``segment`` may also name a ``probability_output`` (the liver probability x 255, uint8, on the input grid), a
-``runtime`` (``auto``, ``onnxruntime`` or ``torch``), and ask for ``attributes``: its result then names
+``segment`` may also name a ``runtime`` (``auto``, ``onnxruntime`` or ``torch``), and ask for ``attributes``: its
+result then names
 ``draft_file`` and ``uncertain_file``, beside ``output``, holding the mask and the uncertain band as
 ``masktext`` strings.
 
@@ -35,6 +39,7 @@ only these lines: whatever a library prints goes to stderr. The process ends at 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 VERSION = 2  # "ready" says it; a door refuses an engine that speaks another
@@ -79,11 +84,6 @@ def parse_request(line: str) -> dict[str, Any]:
     return request
 
 
-def message(event: str, **fields: Any) -> str:
-    """One message line (without its newline)."""
-    return json.dumps({"event": event, **fields})
-
-
 def parse_message(line: bytes | str) -> dict[str, Any] | None:
     """One message from the engine, or None for a line that is not one (a library's stray output)."""
     try:
@@ -108,3 +108,173 @@ def train_request(rid: int, init: str, data: list[str], output: str, device: str
 def export_request(rid: int, dataset: str, files: dict[str, str], provenance: dict[str, Any]) -> dict[str, Any]:
     """``files``: ``image`` and ``label`` (and ``draft``), raw volumes the door wrote."""
     return {"cmd": EXPORT, "id": rid, "dataset": dataset, "provenance": provenance, "output": dataset, **files}
+
+
+# -- requests, as the engine reads them ------------------------------------------------------------------------
+@dataclass
+class SegmentRequest:
+    id: Any
+    input: str
+    output: str
+    model: str = ""
+    device: str = "auto"
+    runtime: str = "auto"
+    source: str = ""
+    attributes: bool = False
+
+    @classmethod
+    def read(cls, request: dict[str, Any]) -> SegmentRequest:
+        return cls(request.get("id"), str(request["input"]), str(request["output"]), str(request.get("model") or ""),
+                   str(request.get("device") or "auto"), str(request.get("runtime") or "auto"),
+                   str(request.get("source") or request["input"]), bool(request.get("attributes")))
+
+
+@dataclass
+class TrainRequest:
+    id: Any
+    init: str
+    data: list[str]
+    output: str
+    device: str = "auto"
+    iterations: int | None = None
+    version: str | None = None
+
+    @classmethod
+    def read(cls, request: dict[str, Any]) -> TrainRequest:
+        data = request["data"] if isinstance(request["data"], list) else [request["data"]]
+        iterations = request.get("iterations")
+        return cls(request.get("id"), str(request["init"]), [str(d) for d in data], str(request["output"]),
+                   str(request.get("device") or "auto"), int(iterations) if iterations is not None else None,
+                   request.get("version"))
+
+
+@dataclass
+class ExportRequest:
+    id: Any
+    dataset: str
+    image: str
+    label: str
+    draft: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, request: dict[str, Any]) -> ExportRequest:
+        provenance = request.get("provenance")
+        return cls(request.get("id"), str(request["dataset"]), str(request["image"]), str(request["label"]),
+                   str(request["draft"]) if request.get("draft") else None,
+                   provenance if isinstance(provenance, dict) else {})
+
+
+# -- messages, as the engine builds them ----------------------------------------------------------------------
+def ready(pid: int, runtimes: dict[str, str | None], devices: list[str]) -> dict[str, Any]:
+    return {"event": READY, "protocol": VERSION, "pid": pid, "runtimes": runtimes, "devices": devices}
+
+
+def progress(rid: Any, fraction: float, stage: str, **info: Any) -> dict[str, Any]:
+    return {"event": PROGRESS, "id": rid, "fraction": round(float(fraction), 3), "stage": stage, **info}
+
+
+def note(rid: Any, text: str) -> dict[str, Any]:
+    return {"event": NOTE, "id": rid, "text": text}
+
+
+def error(rid: Any, message_text: str, user: bool, details: str = "") -> dict[str, Any]:
+    return {"event": ERROR, "id": rid, "message": message_text, "user": user, **({"details": details} if details else {})}
+
+
+@dataclass
+class SegmentOutcome:
+    """A segment request's ``result``: the figures of the mask written to the request's ``output``."""
+
+    liver_ml: float
+    seconds: float
+    model_name: str
+    warnings: list[str] = field(default_factory=list)
+    uncertainty: float = 0.0
+    runtime: str = ""
+    device: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    draft_file: str | None = None  # the mask as masktext, with ``attributes``
+    uncertain_file: str | None = None  # the uncertain band as masktext, with ``attributes``
+
+    def message(self, rid: Any) -> dict[str, Any]:
+        fields = {k: v for k, v in self.__dict__.items() if v is not None}
+        return {"event": RESULT, "id": rid, **fields}
+
+    @classmethod
+    def read(cls, message_: dict[str, Any]) -> SegmentOutcome:
+        return cls(float(message_["liver_ml"]), float(message_["seconds"]), str(message_.get("model_name", "")),
+                   [str(w) for w in message_.get("warnings") or []], float(message_.get("uncertainty") or 0.0),
+                   str(message_.get("runtime", "")), str(message_.get("device", "")), dict(message_.get("timings") or {}),
+                   message_.get("draft_file"), message_.get("uncertain_file"))
+
+
+@dataclass
+class TrainOutcome:
+    """A train request's ``result``: the new model's folder and the guard's verdict."""
+
+    model_dir: str
+    accepted: bool
+    reason: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def message(self, rid: Any) -> dict[str, Any]:
+        return {"event": RESULT, "id": rid, **self.__dict__}
+
+    @classmethod
+    def read(cls, message_: dict[str, Any]) -> TrainOutcome:
+        return cls(str(message_["model_dir"]), bool(message_["accepted"]), str(message_.get("reason", "")),
+                   list(message_.get("rows") or []))
+
+
+def export_result(rid: Any, case: str) -> dict[str, Any]:
+    return {"event": RESULT, "id": rid, "case": case}
+
+
+def exported_case(message_: dict[str, Any]) -> str:
+    """The name an ``export``'s ``result`` says the case got."""
+    return str(message_["case"])
+
+
+# -- messages, as the doors read them ---------------------------------------------------------------------------
+def quit_request() -> dict[str, Any]:
+    return {"cmd": QUIT}
+
+
+def event_of(message_: dict[str, Any]) -> str:
+    return str(message_.get("event", ""))
+
+
+def id_of(message_: dict[str, Any]) -> Any:
+    return message_.get("id")
+
+
+@dataclass
+class Ready:
+    """The engine's ``ready``: the protocol it speaks, its own pid (behind a launcher), what it can run on."""
+
+    protocol: Any
+    pid: int | None
+    devices: list[str]
+    runtimes: dict[str, Any]
+
+    @classmethod
+    def read(cls, message_: dict[str, Any]) -> Ready:
+        pid = message_.get("pid")
+        pid = pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+        return cls(message_.get("protocol"), pid, [str(d) for d in message_.get("devices") or []],
+                   dict(message_.get("runtimes") or {}))
+
+
+def read_progress(message_: dict[str, Any]) -> tuple[float, str]:
+    """(fraction done, what is being done) of a ``progress`` message; the rest of it is the request's own."""
+    return float(message_["fraction"]), str(message_["stage"])
+
+
+def read_error(message_: dict[str, Any]) -> tuple[str, str]:
+    """(the one-line message, the details: a traceback for an error the engine did not expect) of an ``error``."""
+    return str(message_.get("message") or "the engine failed"), str(message_.get("details") or "")
+
+
+def note_text(message_: dict[str, Any]) -> str:
+    return str(message_.get("text", ""))

@@ -8,6 +8,7 @@ writes one request per line on stdin and reads one message per line on stdout, a
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -26,8 +27,9 @@ class _Channel:
         os.dup2(2, 1)  # C libraries (ITK, OpenMP) that print to fd 1 land on stderr
         sys.stdout = sys.stderr
 
-    def send(self, event: str, **fields: Any) -> None:
-        self._out.write(protocol.message(event, **fields) + "\n")
+    def send(self, message: dict[str, Any]) -> None:
+        """One message, built by :mod:`LiverSegExtension.protocol`."""
+        self._out.write(json.dumps(message) + "\n")
         self._out.flush()
 
 
@@ -55,48 +57,41 @@ def _segment(request: dict, channel: _Channel, segmenters: dict) -> None:
     from LiverSegExtension.inference.segmenter import LiverSegmenter
     from LiverSegExtension.io import atomic_write, mask_image, read_image
 
-    rid = request.get("id")
-    source = str(request.get("source") or request.get("input"))
+    req = protocol.SegmentRequest.read(request)
+    rid, source = req.id, req.source
 
     def progress(fraction: float, stage: str) -> None:
-        channel.send("progress", id=rid, fraction=round(float(fraction), 3), stage=stage)
+        channel.send(protocol.progress(rid, fraction, stage))
 
     try:
-        key = (str(request.get("model") or ""), str(request.get("device") or "auto"), str(request.get("runtime") or "auto"))
+        key = (req.model, req.device, req.runtime)
         if key not in segmenters:
             progress(0.0, "loading the model")
-            segmenters[key] = LiverSegmenter(key[0] or None, device=key[1], runtime=key[2])
+            segmenters[key] = LiverSegmenter(req.model or None, device=req.device, runtime=req.runtime)
         segmenter = segmenters[key]
-        image = _read_once(str(request["input"]), read_image)
-        attributes = bool(request.get("attributes"))
-        wanted = bool(request.get("probability_output")) or attributes
-        result = segmenter.segment_image(image, progress=progress, source=source, probabilities=wanted)
+        image = _read_once(req.input, read_image)
+        result = segmenter.segment_image(image, progress=progress, source=source, probabilities=req.attributes)
         # Uncompressed: a private file on a local disk, read back at once; compression would cost seconds.
         mask = mask_image(result.mask, image)
-        atomic_write(request["output"], lambda tmp: sitk.WriteImage(mask, tmp, useCompression=False), overwrite=True)
+        atomic_write(req.output, lambda tmp: sitk.WriteImage(mask, tmp, useCompression=False), overwrite=True)
         extra = {}
-        if attributes:  # what Slicer keeps with the segmentation node, as text made here, off its main thread
+        if req.attributes:  # what Slicer keeps with the segmentation node, as text made here, off its main thread
             from pathlib import Path
 
             from LiverSegExtension.inference.masktext import encode_mask, uncertain_band
 
             for name, mask in (("draft", result.mask), ("uncertain", uncertain_band(result.probability))):
-                path = Path(request["output"]).with_name(f"{name}.txt")  # a file: a long line would clog the pipe
+                path = Path(req.output).with_name(f"{name}.txt")  # a file: a long line would clog the pipe
                 atomic_write(path, lambda tmp, m=mask: Path(tmp).write_text(encode_mask(m)), overwrite=True)
                 extra[f"{name}_file"] = str(path)
-        if request.get("probability_output"):
-            prob = mask_image(result.probability, image)
-            atomic_write(request["probability_output"], lambda tmp: sitk.WriteImage(prob, tmp, useCompression=False),
-                         overwrite=True)
-        channel.send("result", id=rid, liver_ml=result.liver_ml, seconds=result.seconds, warnings=result.warnings,
-                     model_name=segmenter.model.name, timings=result.timings, uncertainty=result.uncertainty,
-                     runtime=f"{segmenter.runtime.name} {segmenter.runtime.version}", device=segmenter.device,
-                     **extra)
+        outcome = protocol.SegmentOutcome(result.liver_ml, result.seconds, segmenter.model.name, list(result.warnings),
+                                          result.uncertainty, f"{segmenter.runtime.name} {segmenter.runtime.version}",
+                                          str(segmenter.device), dict(result.timings), **extra)
+        channel.send(outcome.message(rid))
     except LiverSegError as exc:
-        channel.send("error", id=rid, message=str(exc), user=True)
+        channel.send(protocol.error(rid, str(exc), user=True))
     except Exception as exc:  # reported to the door, which shows it; the process serves the next request
-        channel.send("error", id=rid, message=f"{source}: unexpected error: {exc}", user=False,
-                     details=traceback.format_exc())
+        channel.send(protocol.error(rid, f"{source}: unexpected error: {exc}", False, traceback.format_exc()))
 
 
 def _export(request: dict, channel: _Channel) -> None:
@@ -107,19 +102,18 @@ def _export(request: dict, channel: _Channel) -> None:
     from LiverSegExtension.data.dataset import add_case_images
     from LiverSegExtension.errors import LiverSegError
 
-    rid = request.get("id")
+    req = protocol.ExportRequest.read(request)
+    rid = req.id
     try:
-        channel.send("progress", id=rid, fraction=0.0, stage="exporting")
-        image, label = sitk.ReadImage(str(request["image"])), sitk.ReadImage(str(request["label"]))
-        draft = sitk.GetArrayFromImage(sitk.ReadImage(str(request["draft"]))) if request.get("draft") else None
-        provenance = request.get("provenance") if isinstance(request.get("provenance"), dict) else {}
-        name = add_case_images(str(request["dataset"]), image, label, provenance, draft)
-        channel.send("result", id=rid, case=name)
+        channel.send(protocol.progress(rid, 0.0, "exporting"))
+        image, label = sitk.ReadImage(req.image), sitk.ReadImage(req.label)
+        draft = sitk.GetArrayFromImage(sitk.ReadImage(req.draft)) if req.draft else None
+        name = add_case_images(req.dataset, image, label, req.provenance, draft)
+        channel.send(protocol.export_result(rid, name))
     except LiverSegError as exc:
-        channel.send("error", id=rid, message=str(exc), user=True)
+        channel.send(protocol.error(rid, str(exc), user=True))
     except Exception as exc:
-        channel.send("error", id=rid, message=f"export failed: unexpected error: {exc}", user=False,
-                     details=traceback.format_exc())
+        channel.send(protocol.error(rid, f"export failed: unexpected error: {exc}", False, traceback.format_exc()))
 
 
 def _train(request: dict, channel: _Channel) -> None:
@@ -128,7 +122,8 @@ def _train(request: dict, channel: _Channel) -> None:
     from LiverSegExtension.errors import LiverSegError
     from LiverSegExtension.training.finetune import fine_tune, recipe
 
-    rid = request.get("id")
+    req = protocol.TrainRequest.read(request)
+    rid = req.id
 
     def progress(info: dict) -> None:
         if info["stage"] == "guard":  # two passes (parent, then new) over the guard's cases
@@ -139,22 +134,18 @@ def _train(request: dict, channel: _Channel) -> None:
             fraction = 0.85 * info["iteration"] / info["total"]
             stage = f"training ({info['stage']}): iteration {info['iteration']} of {info['total']}, loss {info['loss']:.3f}"
         if info["stage"] == "guard" or info["iteration"] % 5 == 0 or info["iteration"] == info["total"]:
-            channel.send("progress", id=rid, fraction=round(fraction, 3), stage=stage,
-                         **{k: v for k, v in info.items() if k != "stage"}, step=info["stage"])
+            channel.send(protocol.progress(rid, fraction, stage, **{k: v for k, v in info.items() if k != "stage"},
+                                           step=info["stage"]))
 
     try:
-        cfg = recipe([Path(d) for d in request["data"]], Path(request["output"]), Path(request["init"]),
-                     iterations=request.get("iterations"), stages=request.get("stages"),
-                     device=request.get("device") or "auto", seed=int(request.get("seed") or 0),
-                     version=request.get("version"))
-        result = fine_tune(cfg, progress=progress, log=lambda text: channel.send("note", id=rid, text=text))
-        channel.send("result", id=rid, model_dir=str(result.model_dir), accepted=result.accepted,
-                     reason=result.reason, rows=result.rows)
+        cfg = recipe([Path(d) for d in req.data], Path(req.output), Path(req.init), iterations=req.iterations,
+                     device=req.device, version=req.version)
+        result = fine_tune(cfg, progress=progress, log=lambda text: channel.send(protocol.note(rid, text)))
+        channel.send(protocol.TrainOutcome(str(result.model_dir), result.accepted, result.reason, result.rows).message(rid))
     except LiverSegError as exc:
-        channel.send("error", id=rid, message=str(exc), user=True)
+        channel.send(protocol.error(rid, str(exc), user=True))
     except Exception as exc:
-        channel.send("error", id=rid, message=f"fine-tuning failed: unexpected error: {exc}", user=False,
-                     details=traceback.format_exc())
+        channel.send(protocol.error(rid, f"fine-tuning failed: unexpected error: {exc}", False, traceback.format_exc()))
 
 
 def _end_with_parent() -> None:
@@ -182,10 +173,9 @@ def main() -> int:
         import LiverSegExtension.inference.segmenter  # noqa: F401 - all the engine needs: "ready" means the first request is quick
         from LiverSegExtension.model.runtimes import available_devices, runtimes_installed
 
-        channel.send(protocol.READY, protocol=protocol.VERSION, pid=os.getpid(), runtimes=runtimes_installed(),
-                     devices=available_devices())
+        channel.send(protocol.ready(os.getpid(), runtimes_installed(), available_devices()))
     except ImportError as exc:  # the door installs the packages; say which one is missing
-        channel.send("error", id=None, message=f"the LiverSeg engine cannot start: {exc}", user=True)
+        channel.send(protocol.error(None, f"the LiverSeg engine cannot start: {exc}", user=True))
         return 1
     segmenters: dict = {}
     for line in sys.stdin:
@@ -195,7 +185,7 @@ def main() -> int:
         try:
             request = protocol.parse_request(line)
         except protocol.BadRequest as exc:
-            channel.send(protocol.ERROR, id=exc.id, message=str(exc), user=False)
+            channel.send(protocol.error(exc.id, str(exc), user=False))
             continue
         command = request["cmd"]
         if command == protocol.QUIT:

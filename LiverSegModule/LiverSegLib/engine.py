@@ -99,8 +99,7 @@ class EngineProcess:
     @property
     def engine_pid(self) -> int | None:
         """The engine's own pid, as its ``ready`` message gave it (behind a launcher, not the QProcess's)."""
-        pid = (self.ready or {}).get("pid")
-        return int(pid) if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+        return protocol.Ready.read(self.ready).pid if self.ready else None
 
     def send(self, request: dict) -> None:
         self._process.write((json.dumps(request) + "\n").encode("utf-8"))  # built by protocol.*_request
@@ -120,12 +119,13 @@ class EngineProcess:
             if message is None:
                 logging.debug("LiverSeg engine (not a message): %r", line[:200])
                 continue
-            if message.get("event") == protocol.READY:
-                if message.get("protocol") != protocol.VERSION:  # an engine of another LiverSeg version: refuse it
-                    messages.append({"event": protocol.ERROR, "id": None, "user": True,
-                                     "message": f"the LiverSeg engine speaks protocol {message.get('protocol')}, this "
-                                                f"panel {protocol.VERSION}: the engine package and the module are of "
-                                                "different versions (reinstall the extension and restart Slicer)"})
+            if protocol.event_of(message) == protocol.READY:
+                spoken = protocol.Ready.read(message).protocol
+                if spoken != protocol.VERSION:  # an engine of another LiverSeg version: refuse it
+                    messages.append(protocol.error(None, f"the LiverSeg engine speaks protocol {spoken}, this panel "
+                                                         f"{protocol.VERSION}: the engine package and the module are of "
+                                                         "different versions (reinstall the extension and restart Slicer)",
+                                                   user=True))
                     self.kill()
                     continue
                 self.ready = message
@@ -158,7 +158,7 @@ class EngineProcess:
     def stop(self) -> None:
         """Ask the process to quit, kill it if it does not within a few seconds."""
         if self.running:
-            self.send({"cmd": protocol.QUIT})
+            self.send(protocol.quit_request())
             if not self._process.waitForFinished(3000):
                 self.kill()
 
@@ -222,11 +222,11 @@ class _EngineRun:
         for message in self.engine.read():
             if self.done or not self._mine(message):
                 continue
-            event = message.get("event")
+            event = protocol.event_of(message)
             if event == protocol.READY:
                 self.stage = self.ready_stage
             elif event == protocol.NOTE:
-                self.notes.append(str(message.get("text", "")))
+                self.notes.append(protocol.note_text(message))
             else:
                 self._take(message)
         self._ended(alive)
@@ -242,14 +242,14 @@ class _EngineRun:
 
     def _take(self, message: dict) -> bool:
         """Take in a progress, result or error message (False for any other)."""
-        event = message.get("event")
+        event = protocol.event_of(message)
         if event == protocol.PROGRESS:
-            self.fraction, self.stage, self.info = float(message["fraction"]), str(message["stage"]), message
+            (self.fraction, self.stage), self.info = protocol.read_progress(message), message
         elif event == protocol.RESULT:
             self.result, self.fraction, self.stage = message, 1.0, "done"
         elif event == protocol.ERROR:
-            self.error = LiverSegError(message.get("message", "the engine failed"))
-            self.details = message.get("details", "")
+            text, self.details = protocol.read_error(message)
+            self.error = LiverSegError(text)
         else:
             return False
         return True
@@ -273,7 +273,7 @@ class SegmentRun(_EngineRun):
         return int(self.request["id"])
 
     def _mine(self, message: dict) -> bool:
-        return message.get("id") in (self.id, None)
+        return protocol.id_of(message) in (self.id, None)
 
     def _ended(self, alive: bool) -> None:
         if not self.done and not alive:  # it ended without answering: whatever its exit code says, it crashed

@@ -75,7 +75,7 @@ class ExportMixin:
     def finishExport(run: SegmentRun) -> str:
         """The case name a finished export got, or its error."""
         try:
-            return str(outcome(run, "the export")["case"])
+            return protocol.exported_case(outcome(run, "the export"))
         finally:
             run.cleanup()
 

@@ -84,7 +84,7 @@ class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
         """Devices present, as the engine process found them (None until it has started: Slicer itself
         never imports torch)."""
         ready = self._engine.ready if self._engine is not None else None
-        return list(ready.get("devices") or ["cpu"]) if ready else None
+        return (protocol.Ready.read(ready).devices or ["cpu"]) if ready else None
 
     @staticmethod
     def modelCard(model_path: str | Path | None) -> dict[str, Any]:
@@ -197,12 +197,11 @@ class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
                     raise LiverSegError(f"{run.source}: the output segmentation was removed during the run")
             image = sitk.ReadImage(str(run.output_path))
             mask = sitk.GetArrayViewFromImage(image)  # no copy: ``image`` outlives the writing below
-            result = run.result
-            done = self._write_result(volume, segmentation, mask, result["liver_ml"], result["seconds"],
-                                      result["model_name"], list(result.get("warnings", [])),
-                                      draft=_text(result.get("draft_file")), uncertain=_text(result.get("uncertain_file")))
-            done.uncertainty = float(result.get("uncertainty", 0.0))
-            done.runtime = f"{result.get('runtime', '?')} on {result.get('device', '?')}"
+            result = protocol.SegmentOutcome.read(run.result)
+            done = self._write_result(volume, segmentation, mask, result.liver_ml, result.seconds, result.model_name,
+                                      result.warnings, draft=_text(result.draft_file), uncertain=_text(result.uncertain_file))
+            done.uncertainty = result.uncertainty
+            done.runtime = f"{result.runtime or '?'} on {result.device or '?'}"
             return done
         finally:
             run.cleanup()
@@ -317,6 +316,6 @@ class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
         return run
 
     @staticmethod
-    def finishFineTune(run: TrainRun) -> dict[str, Any]:
+    def finishFineTune(run: TrainRun) -> protocol.TrainOutcome:
         """A finished fine-tune's result (``model_dir``, ``accepted``, ``reason``, ``rows``), or its error."""
-        return outcome(run, "the fine-tune")
+        return protocol.TrainOutcome.read(outcome(run, "the fine-tune"))

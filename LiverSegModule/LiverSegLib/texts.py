@@ -23,15 +23,15 @@ def card_summary(card: dict) -> str:
     return text
 
 
-def comparison_html(result: dict, notes: list[str]) -> str:
+def comparison_html(result, notes: list[str]) -> str:  # noqa: ANN001 - protocol.TrainOutcome
     """The fine-tune's parent-versus-new table and verdict, as rich text for a QLabel."""
     from html import escape
 
     cells = "".join(
         f"<tr><td>{escape(r['case'])}</td><td>{escape(r['group'])}</td><td>{r['dice_parent']:.3f}</td>"
         f"<td>{r['dice_new']:.3f}</td><td>{r['hd95_mm_parent']:.1f}</td><td>{r['hd95_mm_new']:.1f}</td></tr>"
-        for r in result.get("rows", []))
+        for r in result.rows)
     table = ("<table><tr><th>case</th><th>group</th><th>Dice parent</th><th>Dice new</th><th>HD95 parent</th>"
              f"<th>HD95 new</th></tr>{cells}</table>") if cells else ""
-    verdict = f"<p><b>{escape(result['reason'])}</b></p>"
+    verdict = f"<p><b>{escape(result.reason)}</b></p>"
     return table + verdict + "".join(f"<p>{escape(n)}</p>" for n in notes)

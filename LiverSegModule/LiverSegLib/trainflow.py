@@ -45,11 +45,11 @@ class FineTuneFlow:
         try:
             result = self.logic.finishFineTune(run)
             self.ui.trainResultLabel.text = comparison_html(result, run.notes)
-            if result["accepted"]:
-                self._fillModels(select=result["model_dir"])
-                self.ui.trainStatusLabel.text = f"Accepted: {result['model_dir']} is now selected."
+            if result.accepted:
+                self._fillModels(select=result.model_dir)
+                self.ui.trainStatusLabel.text = f"Accepted: {result.model_dir} is now selected."
             else:
-                self.ui.trainStatusLabel.text = (f"Rejected: the new model is kept in {result['model_dir']} for "
+                self.ui.trainStatusLabel.text = (f"Rejected: the new model is kept in {result.model_dir} for "
                                                  "inspection and not offered.")
         except CancelledError:
             self.ui.trainStatusLabel.text = "Cancelled; no model was added."
