@@ -105,8 +105,10 @@ def test_panel_segments_without_torch(tmp_path, slicer_launcher):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    assert out["models"] == ["liverseg v1.1.0"]
-    assert out["card"].startswith("liverseg v1.1.0, validation Dice 0.9")
+    from LiverSegExtension.model.catalog import bundled_model_name
+
+    assert out["models"] == [bundled_model_name()]  # the bundled model, whichever version ships
+    assert out["card"].startswith(f"{bundled_model_name()}, validation Dice 0.9")
     assert out["devices"] == [True, True, False, False]  # no GPU here, and none reachable
     assert out["apply_before"] is False and out["apply_after"] is True and out["parameter"] is True
     assert out["status"].startswith("Liver: ") and "onnxruntime" in out["status"] and "on cpu" in out["status"]

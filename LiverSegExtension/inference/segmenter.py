@@ -2,8 +2,9 @@
 
 1. coarse: the whole scan resampled to a low-resolution, axis-aligned grid finds the liver;
 2. fine: only a box around that liver is resampled to the fine grid and segmented;
-3. the fine *probabilities* are resampled onto the matching sub-block of the input grid, thresholded,
-   cleaned (largest component, holes filled) and pasted into an all-zero mask of the input's size.
+3. the fine *probabilities*, cleaned (largest component, holes filled: :mod:`.postprocess`), are resampled
+   onto the input grid only where they can be non-zero, thresholded, and pasted into an all-zero mask of
+   the input's size.
 
 Time and memory therefore follow the liver's size, not the scan's; no float copy of the whole input
 is ever made. Resampling goes through ITK, which respects oblique and left-handed directions.

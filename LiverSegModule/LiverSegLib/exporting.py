@@ -57,10 +57,7 @@ class ExportMixin:
             if draft is not None:
                 files["draft"] = workdir / "draft.nrrd"
                 sitk.WriteImage(image_from_array(np.asarray(draft, np.uint8), matrix), str(files["draft"]), False)
-            record = {"model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
-                      "annotator": annotator or None,
-                      "one_click_fixes": json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]") or None,
-                      **(provenance or {})}
+            record = export_provenance(segmentationNode, annotator, modelName, provenance)
             engine = self.engine()
             request = protocol.export_request(next(self._ids), str(datasetFolder), {k: str(v) for k, v in files.items()},
                                               record)
@@ -87,10 +84,15 @@ class ExportMixin:
         from LiverSegExtension.data.dataset import add_case_arrays
 
         array, matrix, label, draftMask = self._exportInputs(inputVolume, segmentationNode, draftMask)
-        record = {
-            "model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
+        record = export_provenance(segmentationNode, annotator, modelName, provenance)
+        return add_case_arrays(datasetFolder, array, label, matrix, provenance=record, draft=draftMask)
+
+
+def export_provenance(segmentationNode, annotator: str, modelName: str | None,  # noqa: ANN001 - an MRML node
+                      provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """What an export records of its case, in both ways of exporting: the model that made the draft, the
+    annotator, the one-click fixes applied, and what the caller adds (a review's batch row)."""
+    return {"model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
             "annotator": annotator or None,
             "one_click_fixes": json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]") or None,
-            **(provenance or {}),
-        }
-        return add_case_arrays(datasetFolder, array, label, matrix, provenance=record, draft=draftMask)
+            **(provenance or {})}
