@@ -178,7 +178,19 @@ def test_panel_runs_the_engine_process_on_the_nodes_chosen_at_start(scene, panel
     assert not panel.ui.inputVolumeSelector.enabled and not panel.ui.outputSegmentationSelector.enabled
     pid = panel.logic._engine.pid
     panel._parameterNode.inputVolume = second  # the selection changes while the engine works
-    seen = poll_until_done(panel)
+    import slicer
+
+    surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    when_shown = []
+
+    def watch(_seen) -> None:  # the tick the segment is shown: its 3D surface comes one tick later
+        node = panel._parameterNode.outputSegmentation
+        if panel._run is None and not when_shown and node is not None:
+            when_shown.append(node.GetSegmentation().ContainsRepresentation(surface))
+
+    seen = poll_until_done(panel, during=watch)
+    assert when_shown == [False]
+    assert panel._parameterNode.outputSegmentation.GetSegmentation().ContainsRepresentation(surface)
     assert any(0 < value < 100 for value, _ in seen), seen  # progress arrived before the end
     assert any("Segmenting the liver" in text for _, text in seen)
     seg = panel._parameterNode.outputSegmentation

@@ -181,8 +181,9 @@ class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
         self._ctCache = (key, path)
         return path
 
-    def finish(self, run: SegmentRun) -> SlicerResult:
-        """Write a finished run's mask into the scene (main thread), or raise its error."""
+    def finish(self, run: SegmentRun, surface: bool = True) -> SlicerResult:
+        """Write a finished run's mask into the scene (main thread), or raise its error. ``surface=False``
+        leaves the 3D surface for later (``mrml.make_surface``), so that the segment shows sooner."""
         import SimpleITK as sitk
 
         try:
@@ -199,7 +200,8 @@ class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
             mask = sitk.GetArrayViewFromImage(image)  # no copy: ``image`` outlives the writing below
             result = protocol.SegmentOutcome.read(run.result)
             done = self._write_result(volume, segmentation, mask, result.liver_ml, result.seconds, result.model_name,
-                                      result.warnings, draft=_text(result.draft_file), uncertain=_text(result.uncertain_file))
+                                      result.warnings, draft=_text(result.draft_file), uncertain=_text(result.uncertain_file),
+                                      surface=surface)
             done.uncertainty = result.uncertainty
             done.runtime = f"{result.runtime or '?'} on {result.device or '?'}"
             return done
@@ -208,7 +210,7 @@ class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
 
     def _write_result(self, volume, segmentation, mask, liver_ml: float, seconds: float, model_name: str,
                       warnings: list[str], probability=None, draft: str | None = None,
-                      uncertain: str | None = None) -> SlicerResult:
+                      uncertain: str | None = None, surface: bool = True) -> SlicerResult:
         """The mask into the scene, with the draft and the uncertain band as node attributes: given as text
         (from the engine process), or made here from the mask and the probability."""
         expected = mrml.volume_array_and_matrix(volume)[0].shape
@@ -220,7 +222,7 @@ class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
         if created:
             segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} liver")
         try:
-            segment_id = mrml.write_liver_segment(segmentation, volume, mask)
+            segment_id = mrml.write_liver_segment(segmentation, volume, mask, surface)
         except Exception:
             if created:
                 scene.RemoveNode(segmentation)

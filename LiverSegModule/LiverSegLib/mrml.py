@@ -41,20 +41,30 @@ def find_liver_segment(segmentation_node) -> str | None:
     return segment_id or None
 
 
-def write_liver_segment(segmentation_node, volume_node, mask: np.ndarray) -> str:
+def write_liver_segment(segmentation_node, volume_node, mask: np.ndarray, surface: bool = True) -> str:
     """Put ``mask`` into the segmentation's "Liver" segment (created if missing), on the volume's grid.
 
     Other segments are left alone. Terminology, color and reference geometry are (re)applied, the
-    segmentation follows the volume's parent transform and sits under the volume's study.
+    segmentation follows the volume's parent transform and sits under the volume's study. ``surface=False``
+    leaves the 3D surface to :func:`make_surface` (the panel makes it once the segment is shown).
     """
     # The 3D surface is made once, after the segment is written: left in place, it would be remade by the
     # write and again here (0.4 s on a 512x512x129 CT).
     segmentation_node.RemoveClosedSurfaceRepresentation()
     segment_id = write_segment(segmentation_node, volume_node, mask, SEGMENT_NAME, LIVER_SEGMENT["color"],
                                LIVER_SEGMENT["terminology"])
-    segmentation_node.CreateClosedSurfaceRepresentation()  # for the 3D view
+    if surface:
+        segmentation_node.CreateClosedSurfaceRepresentation()  # for the 3D view
     place_beside(segmentation_node, volume_node)
     return segment_id
+
+
+def make_surface(segmentation_node) -> bool:
+    """The segmentation's 3D surface, made now (0.4-0.7 s on a 512x512x129 CT), if the node is still in a scene.
+    Returns whether it was made."""
+    if segmentation_node is None or segmentation_node.GetScene() is None:
+        return False
+    return bool(segmentation_node.CreateClosedSurfaceRepresentation())
 
 
 def write_segment(segmentation_node, volume_node, mask: np.ndarray, name: str, color, terminology: str | None = None) -> str:

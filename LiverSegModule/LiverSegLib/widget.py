@@ -42,6 +42,7 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
         self._afterInstall = None
         self._hints = None  # _gpuHints
         self._timer = None
+        self._surfacePending = None  # a segmentation whose 3D surface the next timer tick makes
         self.review = None  # the Review section (reviewpanel.ReviewPanel)
         VTKObservationMixin.__init__(self)
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -269,6 +270,12 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
 
     def onPoll(self) -> None:
         """Timer tick (100 ms): take in the processes' progress (install, segmentation, export, fine-tune)."""
+        if self._surfacePending is not None:  # the tick after a result was shown (and drawn): its 3D surface
+            from LiverSegLib.mrml import make_surface
+
+            node, self._surfacePending = self._surfacePending, None
+            with reported("LiverSeg could not make the 3D surface.", self._tell):
+                make_surface(node)
         if self._installRun is not None:
             self._pollInstall()
         if self._trainRun is not None:
@@ -277,7 +284,8 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
             self._pollSegmentation()
         if self._exportRun is not None:
             self._pollExport()
-        if all(r is None for r in (self._run, self._trainRun, self._exportRun, self._installRun)):
+        if all(r is None for r in (self._run, self._trainRun, self._exportRun, self._installRun)) \
+                and self._surfacePending is None:
             self._timer.stop()
 
     def _pollSegmentation(self) -> None:
@@ -292,7 +300,8 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
         self._run = None
         p = self._parameterNode
         try:
-            result = self.logic.finish(run)
+            result = self.logic.finish(run, surface=False)  # the segment first; its 3D surface on the next tick
+            self._surfacePending = result.segmentation_node
             if p is not None:
                 p.outputSegmentation = result.segmentation_node
             result.segmentation_node.SetDisplayVisibility(True)
