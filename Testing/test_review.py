@@ -252,17 +252,14 @@ def test_an_unreadable_review_file_is_named_and_never_overwritten(tmp_path):
 ANNOTATOR = r"""
 import json, sys, time
 from pathlib import Path
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, TESTING]
+import barrier
 from LiverSegExtension.review import ReviewState, read_worklist
 out, who, other, sync = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
 
 
-def wait_for(name):  # only a generous bound against a hang: the other process is there within seconds
-    end = time.monotonic() + 600
-    while not (sync / name).exists():
-        if time.monotonic() > end:
-            sys.exit(f"{name} never came")
-        time.sleep(0.005)
+def wait_for(name):
+    barrier.wait_for(sync, name)
 
 
 keys = [c.key for c in read_worklist(out)]
@@ -289,7 +286,7 @@ def test_two_annotators_as_two_processes_share_no_case_and_lose_no_record(tmp_pa
     cohort = [(f"p{i:02d}/ct", "ok", i / 100, "") for i in range(40)]
     out = make_batch(tmp_path, cohort)
     script = tmp_path / "annotator.py"
-    script.write_text(ANNOTATOR.replace("ROOT", repr(str(ROOT))))
+    script.write_text(ANNOTATOR.replace("TESTING", repr(str(ROOT / "Testing"))).replace("ROOT", repr(str(ROOT))))
     sync = tmp_path / "sync"
     sync.mkdir()
     procs = {who: subprocess.Popen([sys.executable, str(script), str(out), who, other, str(sync)],

@@ -590,6 +590,7 @@ ANNOTATOR = r"""
 import json, sys, time
 from pathlib import Path
 sys.path[:0] = PATHS
+import barrier
 import slicer_app
 scene = slicer_app.install(testing=True)
 from LiverSeg import LiverSegLogic
@@ -598,12 +599,8 @@ out, who, other, dataset, sync = sys.argv[1:6]
 sync = Path(sync)
 
 
-def wait_for(name):  # only a generous bound against a hang: the other process is there within seconds
-    end = time.monotonic() + 600
-    while not (sync / name).exists():
-        if time.monotonic() > end:
-            sys.exit(f"{name} never came")
-        time.sleep(0.01)
+def wait_for(name):
+    barrier.wait_for(sync, name)
 
 
 review = ReviewLogic(LiverSegLogic(), scene)

@@ -31,35 +31,16 @@ for path in (ROOT / "Testing", ROOT / "Testing" / "StandIns", ROOT / "LiverSegMo
     sys.path.insert(0, str(path))
 
 
-def ct_512x512x130():
-    import SimpleITK as sitk
-
-    from LiverSegExtension.io import read_image
-
-    series = SHARED / "dicom" / "chaos_ct3"
-    if series.is_dir():
-        image = read_image(series)
-        size, spacing = image.GetSize(), image.GetSpacing()
-        ref = sitk.Image([size[0], size[1], 130], image.GetPixelID())
-        ref.SetSpacing([spacing[0], spacing[1], spacing[2] * (size[2] - 1) / 129])
-        ref.SetOrigin(image.GetOrigin())
-        ref.SetDirection(image.GetDirection())
-        return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, -1024), None, "chaos_ct3 resampled"
-    from synthetic import phantom_image
-
-    image, liver = phantom_image(shape_kji=(130, 512, 512), spacing=(0.75, 0.75, 2.0))
-    return image, liver, "synthetic"
-
-
 def make_folder(folder: Path, cases: int, probabilities: bool) -> str:
     """The batch output folder (summary.csv and masks) and its CTs; what the CT is."""
     import numpy as np
     import SimpleITK as sitk
+    from slicer_click import ct_512x512
 
     from LiverSegExtension import io
     from LiverSegExtension.model.catalog import default_model_dir
 
-    image, liver, what = ct_512x512x130()
+    image, liver, what = ct_512x512(130)
     probability = None
     if default_model_dir() is not None:
         from LiverSegExtension.inference.segmenter import LiverSegmenter

@@ -25,7 +25,9 @@ for path in (ROOT / "Testing", ROOT / "Testing" / "StandIns", ROOT / "LiverSegMo
     sys.path.insert(0, str(path))
 
 
-def ct_512x512x129():
+def ct_512x512(slices: int = 129):
+    """(CT, its true liver or None, what it is): chaos_ct3 from ../shared/data resampled to 512 x 512 x ``slices``
+    (real HU), or a synthetic CT of that size when the data is absent. ``review_next.py`` uses it too."""
     import SimpleITK as sitk
 
     from LiverSegExtension.io import read_image
@@ -34,16 +36,15 @@ def ct_512x512x129():
     if series.is_dir():
         image = read_image(series)
         size, spacing = image.GetSize(), image.GetSpacing()
-        z = spacing[2] * (size[2] - 1) / 128
-        ref = sitk.Image([size[0], size[1], 129], image.GetPixelID())
-        ref.SetSpacing([spacing[0], spacing[1], z])
+        ref = sitk.Image([size[0], size[1], slices], image.GetPixelID())
+        ref.SetSpacing([spacing[0], spacing[1], spacing[2] * (size[2] - 1) / (slices - 1)])
         ref.SetOrigin(image.GetOrigin())
         ref.SetDirection(image.GetDirection())
-        return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, -1024), "chaos_ct3 resampled"
+        return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, -1024), None, "chaos_ct3 resampled"
     from synthetic import phantom_image
 
-    image, _ = phantom_image(shape_kji=(129, 512, 512), spacing=(0.75, 0.75, 2.0))
-    return image, "synthetic"
+    image, liver = phantom_image(shape_kji=(slices, 512, 512), spacing=(0.75, 0.75, 2.0))
+    return image, liver, "synthetic"
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
 
     from LiverSegExtension.geometry import ijk_to_ras_of
 
-    image, what = ct_512x512x129()
+    image, _, what = ct_512x512(129)
     import SimpleITK as sitk
 
     volume = slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijkToRAS=ijk_to_ras_of(image), name="CT")
