@@ -87,7 +87,8 @@ def run_batch(inputs: Sequence[str | Path], out_dir: Path, door: Door, shard: tu
         start = time.perf_counter()
         written: list[Path] = []
         try:
-            note = _run_case(case, name, wanted, out_dir, door, row, written, overwrite, skip_existing)
+            ident = records.identity(case, key=row["input_path"])
+            note = _run_case(case, name, wanted, out_dir, door, row, written, overwrite, skip_existing, ident)
         except LiverSegError as exc:
             LOG.debug("%s failed", case.label, exc_info=True)  # the traceback, with --debug
             row.update(status="failed", output="", error=str(exc))
@@ -105,10 +106,9 @@ def run_batch(inputs: Sequence[str | Path], out_dir: Path, door: Door, shard: tu
 
 
 def _run_case(case: io.InputCase, name: str, wanted: list[Path], out_dir: Path, door: Door, row: dict,
-              written: list[Path], overwrite: bool, skip_existing: bool) -> str:
+              written: list[Path], overwrite: bool, skip_existing: bool, ident: dict[str, str]) -> str:
     """One case: its outputs kept, written or replaced together, for this input only. Returns the note."""
     record_path = records.record_path(out_dir, name)
-    ident = records.identity(case)
     record = records.read_record(record_path)
     if reason := records.foreign(record, ident, wanted, overwrite):
         raise LiverSegError(reason)

@@ -386,7 +386,7 @@ def test_a_dataset_folder_that_is_a_broken_link_is_one_line(tmp_path):
 # -- 15. messages that point the right way ------------------------------------------------------------------------
 def test_a_small_mask_is_explained_by_what_the_scan_shows():
     """A child-sized body is not "a scan of the chest or the pelvis"; nor is a scan too short for a liver."""
-    from LiverSegExtension.inference.segmenter import body_extent, size_warning
+    from LiverSegExtension.inference.postprocess import body_extent, size_warning
 
     def body(width_mm: float, slices: int, spacing=(1.0, 1.0, 2.0)):
         ct = np.full((slices, 300, 400), -1000, np.int16)

@@ -165,7 +165,7 @@ def _rod(ras: np.ndarray, a, b, radius: float) -> np.ndarray:
 def test_leak_through_a_thin_neck_is_cut_off_and_thin_liver_kept(threshold_segmenter):
     """A liver-bright blob joined to the liver by a 7 mm neck (a leak into the heart, say) is dropped,
     while a 7 mm thin tip of the liver itself, as thin but free-ended, is kept."""
-    from LiverSegExtension.inference.segmenter import largest_component
+    from LiverSegExtension.inference.postprocess import largest_component
 
     ct, liver, m, ras = oblique_phantom()
     c = LIVER_CENTER_RAS

@@ -30,17 +30,15 @@ from LiverSegExtension.geometry import (
     resample_to_grid,
     to_original_order,
 )
-from LiverSegExtension.inference.postprocess import (  # noqa: F401 - their home before; callers import them here
+from LiverSegExtension.inference.postprocess import (
     SMALL_LIVER_ML,
     body_extent,
     components,
-    largest_component,
     liver_body,
     ndimage,
     prefetch_ndimage,
     side_warning,
     size_warning,
-    spine_column,
     spine_warning,
     split_parts,
 )

@@ -69,9 +69,10 @@ def fingerprint(case: InputCase) -> str:
     return digest.hexdigest()[:32]
 
 
-def identity(case: InputCase) -> dict[str, str]:
-    """What a record says of its input: how it was given, its key and its content's fingerprint."""
-    return {"input": case.label, "key": input_key(case), "fingerprint": fingerprint(case)}
+def identity(case: InputCase, key: str | None = None) -> dict[str, str]:
+    """What a record says of its input: how it was given, its key (:func:`input_key`, when the caller has it
+    already) and its content's fingerprint."""
+    return {"input": case.label, "key": key or input_key(case), "fingerprint": fingerprint(case)}
 
 
 def read_record(path: Path) -> dict | None:

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.io import OUTPUT_FORMATS, VOLUME_SUFFIXES, InputCase, dicom_series
+from LiverSegExtension.io import OUTPUT_FORMATS, InputCase, dicom_series
+from LiverSegExtension.io.cases import volume_stem
 from LiverSegExtension.io.records import identity, read_record, same_input
+from LiverSegExtension.io.summary import shard_summaries
 
 SUMMARY = "summary.csv"
-#: columns that may hold the input's resolved location (used when they name something that exists)
-INPUT_PATH_COLUMNS = ("input_path", "resolved_input", "input_resolved", "resolved_path", "input_realpath", "source_path")
 SERIES_LABEL = re.compile(r"^(?P<path>.*) \(series (?P<uid>[0-9.]+)\)$")  # InputCase.label of one series of several
 PROBABILITY_SUFFIXES = (".nii.gz", ".nrrd")  # what --probabilities writes beside a mask
 
@@ -86,7 +86,7 @@ def read_summary(folder: Path) -> list[dict[str, str]]:
     folder = Path(folder)
     path = folder / SUMMARY
     if not path.is_file():
-        shards = sorted(folder.glob("summary_shard*of*.csv")) if folder.is_dir() else []
+        shards = shard_summaries(folder) if folder.is_dir() else {}
         hint = " (shard summaries are there: run `liverseg summary merge` first)" if shards else ""
         raise LiverSegError(f"{folder}: no {SUMMARY}: not a LiverSeg batch output folder{hint}")
     try:
@@ -163,22 +163,17 @@ def read_worklist(folder: str | Path) -> list[ReviewCase]:
 def _input_stem(label: str) -> str:
     """A case without a mask is named by its input: its file and folder (patients' files often share names)."""
     match = SERIES_LABEL.match(label)
-    name = "/".join(Path(match["path"] if match else label).parts[-2:])
-    for suffix in VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
+    path = Path(match["path"] if match else label)
+    name = "/".join([*path.parent.parts[-1:], volume_stem(path)])
     return f"{name}_{match['uid'].split('.')[-1]}" if match else name
 
 
 def _input_text(row: dict[str, str]) -> str:
-    """The input's location: a resolved-location column where the summary has one that exists, else ``input``."""
-    columns = [c for c in INPUT_PATH_COLUMNS if c in row]
-    columns += [c for c in row if c not in columns and ("resolved" in c or "realpath" in c)]
-    for column in columns:
-        value = row.get(column, "")
-        match = SERIES_LABEL.match(value)
-        if value and Path(match["path"] if match else value).exists():
-            return value
+    """The input's location: the summary's ``input_path`` (the input resolved) where it exists, else ``input``."""
+    value = row.get("input_path", "")
+    match = SERIES_LABEL.match(value)
+    if value and Path(match["path"] if match else value).exists():
+        return value
     return row["input"]
 
 
