@@ -80,5 +80,5 @@ def segment(source: str | Path | Any, output: str | Path | None = None, *, model
     mask = io.mask_image(result.mask, image)
     probability = io.mask_image(result.probability, image) if result.probability is not None else None
     if output is not None:
-        io.write_mask(result.mask, image, Path(output), overwrite=overwrite, header_source=header)
+        io.write_mask(mask, None, Path(output), overwrite=overwrite, header_source=header)  # the image made above
     return LiverMask(mask, result.liver_ml, result.uncertainty, list(result.warnings), probability, segmenter.runs_on)

@@ -42,7 +42,7 @@ def check_options(out_dir: Path, overwrite: bool, skip_existing: bool, shard: st
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: exists and is not a folder")
-    if not out_dir.exists() and out_dir.name.lower().endswith(io.VOLUME_SUFFIXES):  # .seg.nrrd ends in .nrrd
+    if not out_dir.exists() and io.format_of(out_dir) is not None:
         # `-o liver.nii.gz` would make a folder of that name: say what -o is instead.
         raise UsageError(f"{out_dir}: --output-dir names a folder, not a mask file; each mask is written "
                          f"into it as <input name>_liver.<format>")

@@ -430,7 +430,7 @@ def test_disagreeing_qform_and_sform_are_named_and_kept_in_the_mask(tmp_path, ti
         assert int(mask.header["qform_code"]) == 2 and int(mask.header["sform_code"]) == 1
     agree = nib.Nifti1Image(np.ascontiguousarray(ct.transpose(2, 1, 0)), affine)
     nib.save(agree, str(tmp_path / "agree.nii.gz"))
-    from LiverSegExtension.io.nifti_header import disagreement
+    from LiverSegExtension.io.formats.nifti import disagreement
 
     assert disagreement(tmp_path / "agree.nii.gz") is None
 

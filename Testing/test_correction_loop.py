@@ -39,8 +39,7 @@ def segment_dicom_ct(dicom_ct, segmenter):
     from LiverSeg import LiverSegLogic
 
     volume = slicer.util.loadVolume(str(dicom_ct[0][0]))
-    logic = LiverSegLogic()
-    logic._segmenters[("", "cpu")] = segmenter
+    logic = LiverSegLogic(segmenterFactory=lambda model_path, device: segmenter)
     return volume, logic, logic.process(volume, None, device="cpu")
 
 
@@ -56,8 +55,7 @@ def test_export_corrected_segment_then_fine_tune(tmp_path, scene, tiny_model_dir
 
     files, _, truth = dicom_ct
     volume = slicer.util.loadVolume(str(files[0]))
-    logic = LiverSegLogic()
-    logic._segmenters[("", "cpu")] = threshold_segmenter
+    logic = LiverSegLogic(segmenterFactory=lambda model_path, device: threshold_segmenter)
     run = logic.process(volume, None, device="cpu")
     seg = run.segmentation_node
     draft = segment_mask(seg, run.segment_id, volume)

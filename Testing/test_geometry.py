@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from synthetic import LIVER_CENTER_RAS, LIVER_RADII, make_affine, phantom, ras_grid, rotation
 
 from LiverSegExtension.data.metrics import dice
-from LiverSegExtension.geometry import Grid, ijk_to_ras_of, image_from_array
+from LiverSegExtension.geometry import Grid, ijk_to_ras_of, image_from_array, resample_to_grid
 from LiverSegExtension.inference import segmenter as inference
 from LiverSegExtension.io import read_image, write_mask
 
@@ -81,6 +81,23 @@ def test_grid_covering_is_centred_and_spans_the_box():
     last = grid.index_to_physical(np.array(grid.size) - 1)
     np.testing.assert_allclose((np.array(grid.origin) + last) / 2, [5.0, 3.5, 1.5])
     assert np.all(np.array(grid.origin) <= 0) and np.all(last >= [10.0, 7.0, 3.0])
+
+
+@pytest.mark.parametrize("spacing", [(0.57, 0.57, 2.0), (0.3, 0.3, 0.3)])
+def test_resampling_reads_the_scan_out_to_its_edge_not_air(spacing):
+    """A grid covering a small scan's voxel centres reaches past them (and past what BinShrink keeps): those
+    points lie inside the scanned body and must read its tissue, not the default air (-1024); only points
+    more than a voxel outside the scan do."""
+    size = [int(round(40 / s)) + 1 for s in spacing]  # 40 mm plus a remainder BinShrink drops
+    image = sitk.Image(size, sitk.sitkInt16) + 40
+    image.SetSpacing(spacing)
+    corners = np.array(image.TransformIndexToPhysicalPoint([n - 1 for n in size]))
+    grid = Grid.covering(np.zeros(3), corners, 2.5)
+    assert np.any(grid.index_to_physical(np.array(grid.size) - 1) > corners)  # the grid reaches past the centres
+    hu = sitk.GetArrayFromImage(resample_to_grid(image, grid, pixel_type=sitk.sitkFloat32))
+    np.testing.assert_allclose(hu, 40.0)
+    outside = Grid(tuple(float(v) for v in corners + 10.0), (2.5, 2.5, 2.5), (2, 2, 2))
+    assert np.all(sitk.GetArrayFromImage(resample_to_grid(image, outside, pixel_type=sitk.sitkFloat32)) == -1024)
 
 
 @pytest.mark.parametrize("name", ["axial_identity", "left_handed_oblique_anisotropic"])

@@ -223,6 +223,7 @@ def test_wide_voxel_types_are_read_in_chunks_exactly_as_itk_reads_them(tmp_path,
     """float64, int32... are decoded chunk by chunk into int16 (whole HU) or float32 (fractions): the same
     values and grid as ITK's whole read, and a chunk boundary that splits voxels changes nothing."""
     from LiverSegExtension.io import compact_read, read_image
+    from LiverSegExtension.io.formats import raw_layout
 
     monkeypatch.setattr(compact_read, "CHUNK_BYTES", 4099)  # many chunks, none a whole number of voxels
     rng = np.random.default_rng(0)
@@ -234,7 +235,7 @@ def test_wide_voxel_types_are_read_in_chunks_exactly_as_itk_reads_them(tmp_path,
         image = sitk.Cast(image_from_array(values, m), pixel)
         path = tmp_path / f"ct_{pixel}{'_gz' if compress else ''}{ext}"
         sitk.WriteImage(image, str(path), compress)
-        assert compact_read.layout_of(path) is not None  # the chunked reader, not ITK's fallback
+        assert raw_layout(path) is not None  # the chunked reader, not ITK's fallback
         got, ref = read_image(path), sitk.ReadImage(str(path))
         assert sitk.GetArrayViewFromImage(got).dtype == expect
         np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(ref).astype(expect))

@@ -243,7 +243,7 @@ def test_a_nifti_mask_carries_the_inputs_header_and_is_compressed_once(tmp_path,
 
 def test_a_mask_in_metres_keeps_its_unit(tmp_path):
     """ITK reads a NIfTI's sizes in metres as such: the mask says metres too, or it would lie 1000 times smaller."""
-    from LiverSegExtension.io.nifti_header import mask_header
+    from LiverSegExtension.io.formats.nifti import mask_header
 
     header = bytearray(nifti_header([8, 8, 8]))
     header[123] = 1 | 8

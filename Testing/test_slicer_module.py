@@ -32,9 +32,7 @@ def logic(scene, threshold_segmenter):
     """The module's real logic with the networks swapped for the threshold (exact expected mask)."""
     from LiverSeg import LiverSegLogic
 
-    logic = LiverSegLogic()
-    logic._segmenters[("", "cpu")] = threshold_segmenter
-    return logic
+    return LiverSegLogic(segmenterFactory=lambda model_path, device: threshold_segmenter)
 
 
 def oblique_left_handed_ct(tmp_path):
@@ -61,7 +59,7 @@ def test_segment_lands_on_the_volume_in_ras(tmp_path, scene, logic):
     assert np.linalg.norm(mask_ras - truth_ras) < 1.0
     assert abs(int(mask.sum()) - int(truth.sum())) / int(truth.sum()) < 0.05
     # Same voxels as the engine gives for the same file read by SimpleITK, mapped through RAS.
-    engine = logic._segmenters[("", "cpu")].segment_image(sitk.ReadImage(str(path))).mask
+    engine = logic.segmenter(device="cpu").segment_image(sitk.ReadImage(str(path))).mask
     if not np.allclose(vm, m):
         engine = engine[::-1]  # the K flip
     assert dice(mask, engine) > 0.99

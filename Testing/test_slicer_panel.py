@@ -355,8 +355,7 @@ def test_segment_mask_and_export_leave_no_node_behind(scene, threshold_segmenter
     from LiverSeg import LiverSegLogic
     from LiverSegLib.mrml import segment_mask
 
-    logic = LiverSegLogic()
-    logic._segmenters[("", "cpu")] = threshold_segmenter
+    logic = LiverSegLogic(segmenterFactory=lambda model_path, device: threshold_segmenter)
     volume = add_ct("ct", left_handed=True)
     run = logic.process(volume, None, device="cpu")
     before = nodes_by_class(scene)
@@ -757,21 +756,23 @@ def test_about_to_quit_is_connected_once_and_disconnected_on_cleanup(scene):
     assert not [s for s, _ in slicer.app.__dict__.get("slots", []) if s.startswith("aboutToQuit")]
 
 
-def test_dataset_count_is_read_again_only_when_dataset_json_changes(tmp_path, monkeypatch):
+def test_dataset_count_is_read_again_only_when_dataset_json_changes(tmp_path):
+    from pathlib import Path
+
     from LiverSeg import LiverSegLogic
 
-    logic = LiverSegLogic()
+    reads = []
+    logic = LiverSegLogic(readText=lambda path: reads.append(path) or Path(path).read_text())
     (tmp_path / "dataset.json").write_text(json.dumps({"training": [{}, {}]}))
     assert logic.datasetCaseCount(tmp_path) == 2
-    reads = []
-    original = type(tmp_path).read_text
-    monkeypatch.setattr(type(tmp_path), "read_text", lambda self, *a, **k: reads.append(self) or original(self, *a, **k))
+    assert reads == [tmp_path / "dataset.json"]
     for _ in range(50):  # keystrokes
         assert logic.datasetCaseCount(tmp_path) == 2
-    assert reads == []
+    assert len(reads) == 1
     time.sleep(0.01)
     (tmp_path / "dataset.json").write_text(json.dumps({"training": [{}, {}, {}]}))
     assert logic.datasetCaseCount(tmp_path) == 3
+    assert len(reads) == 2
 
 
 @requires_bundled_model
@@ -821,8 +822,7 @@ def test_running_out_of_memory_is_a_short_error_and_changes_nothing(scene, thres
 
     monkeypatch.setattr(threshold_segmenter, "predict", predict)
     monkeypatch.setattr(threshold_segmenter.runtime, "device", device)
-    logic = LiverSegLogic()
-    logic._segmenters[("", "cpu")] = threshold_segmenter
+    logic = LiverSegLogic(segmenterFactory=lambda model_path, device: threshold_segmenter)
     volume = add_ct("ct", shape=(40, 80, 80))
     before = scene.GetNumberOfNodes()
     with pytest.raises(LiverSegError, match=f"ct: {said}"):

@@ -23,7 +23,8 @@ from LiverSegExtension import __version__
 from LiverSegExtension.data.metrics import dice, volume_ml
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import image_from_array, same_grid
-from LiverSegExtension.io import atomic_write, clean_stale_temporaries, locked, read_image
+from LiverSegExtension.io import atomic_write, clean_stale_temporaries, format_of, locked, read_image
+from LiverSegExtension.io.formats import DICOM_SEG
 from LiverSegExtension.model.catalog import bundled_model_name
 
 LOCK_FILE = ".liverseg.lock"
@@ -201,7 +202,7 @@ def _listed(values: list[int]) -> str:
 def _read_label(path: str | Path, image: sitk.Image) -> sitk.Image:
     """A label volume, or a DICOM SEG's liver segment on ``image``'s grid."""
     path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".dcm":
+    if path.is_file() and format_of(path) is DICOM_SEG:
         from LiverSegExtension.io.dicom_seg import read_dicom_seg
 
         return read_dicom_seg(path, image)

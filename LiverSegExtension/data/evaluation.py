@@ -12,10 +12,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from LiverSegExtension.data.metrics import case_metrics
-from LiverSegExtension.data.msd import case_name, load_msd
+from LiverSegExtension.data.msd import load_msd
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import canonical, same_grid
-from LiverSegExtension.io import atomic_write, is_volume_file, read_image
+from LiverSegExtension.io import MASK_MARK, atomic_write, format_of, output_stem, read_image
+from LiverSegExtension.io.formats import DICOM_SEG
 
 COLUMNS = ["case", "dice", "nsd_2mm", "hd95_mm", "msd_mm", "pred_ml", "ref_ml", "volume_error_pct", "note", "error"]
 
@@ -47,10 +48,9 @@ def on_grid_of(mask: sitk.Image, ref: sitk.Image, name: str) -> sitk.Image:
     raise LiverSegError(f"{name}: prediction and reference are not on the same grid")
 
 
-def _strip(name: str) -> str:
-    for suffix in (".seg", "_liver"):  # segment writes <name>_liver.<format>, seg.nrrd included
-        name = name[: -len(suffix)] if name.endswith(suffix) else name
-    return name
+def _strip(stem: str) -> str:
+    """A prediction's case name: segment writes ``<name>_liver.<format>``."""
+    return stem[: -len(MASK_MARK)] if stem.endswith(MASK_MARK) else stem
 
 
 def _named(folder: Path, predictions: bool) -> dict[str, Path]:
@@ -58,10 +58,11 @@ def _named(folder: Path, predictions: bool) -> dict[str, Path]:
     ``a/ct_liver.nii.gz``, as ``segment`` mirrors a cohort's folders); predictions also as DICOM SEG."""
     found: dict[str, Path] = {}
     for p in sorted(folder.rglob("*")):
-        seg = predictions and p.is_file() and p.name.lower().endswith("_liver.dcm")
-        if not (is_volume_file(p) or seg) or p.name.startswith("."):
+        kind = format_of(p)
+        seg = predictions and kind is DICOM_SEG and output_stem(p.name) is not None
+        if kind is None or not (kind.volume or seg) or not p.is_file() or p.name.startswith("."):
             continue
-        stem = p.name[: -len(".dcm")] if seg else case_name(p)
+        stem = kind.stem(p.name)
         name = (p.parent.relative_to(folder) / (_strip(stem) if predictions else stem)).as_posix()
         if name in found:
             raise LiverSegError(f"{folder}: two {'predictions' if predictions else 'references'} for case {name} "
@@ -71,7 +72,7 @@ def _named(folder: Path, predictions: bool) -> dict[str, Path]:
 
 
 def _read_prediction(path: Path, ref: sitk.Image) -> sitk.Image:
-    if path.name.lower().endswith(".dcm"):  # a DICOM SEG: its frames placed on the reference's grid
+    if format_of(path) is DICOM_SEG:  # its frames placed on the reference's grid
         from LiverSegExtension.io.dicom_seg import read_dicom_seg
 
         return read_dicom_seg(path, ref)

@@ -48,7 +48,14 @@ def _distances_both_ways(pred: np.ndarray, ref: np.ndarray,
     return _surface_distances(p, r, spacing_zyx), _surface_distances(r, p, spacing_zyx)
 
 
-def _surface_figures(d: tuple[np.ndarray, np.ndarray], tolerance_mm: float) -> tuple[float, float, float]:
+def _surface(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...],
+             tolerance_mm: float = NSD_TOLERANCE_MM) -> tuple[float, float, float]:
+    """(HD95, mean symmetric surface distance, surface Dice at ``tolerance_mm``) from one pair of distance
+    transforms, so that every metric of a case comes from the same surfaces. When either mask is empty the
+    distances are NaN and the surface Dice is 1.0 if both are, 0.0 if only one is (as :func:`dice`)."""
+    d = _distances_both_ways(pred, ref, spacing_zyx)
+    if d is None:
+        return math.nan, math.nan, 1.0 if not pred.any() and not ref.any() else 0.0
     d_pr, d_rp = d
     both = np.concatenate([d_pr, d_rp])
     hd95 = max(float(np.percentile(d_pr, 95)), float(np.percentile(d_rp, 95)))
@@ -60,30 +67,22 @@ def _surface_figures(d: tuple[np.ndarray, np.ndarray], tolerance_mm: float) -> t
 
 def surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...]) -> tuple[float, float]:
     """(HD95, mean symmetric surface distance) in mm; NaN when either mask is empty."""
-    d = _distances_both_ways(pred, ref, spacing_zyx)
-    return (math.nan, math.nan) if d is None else _surface_figures(d, NSD_TOLERANCE_MM)[:2]
+    hd95, msd, _ = _surface(pred, ref, spacing_zyx)
+    return hd95, msd
 
 
 def surface_dice(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...],
                  tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
     """Normalised surface Dice: the share of both masks' surface voxels within ``tolerance_mm`` of the other
     mask's surface; 1.0 when both are empty, 0.0 when only one is (as :func:`dice`)."""
-    d = _distances_both_ways(pred, ref, spacing_zyx)
-    if d is None:
-        return 1.0 if not pred.any() and not ref.any() else 0.0
-    return _surface_figures(d, tolerance_mm)[2]
+    return _surface(pred, ref, spacing_zyx, tolerance_mm)[2]
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, ...]) -> dict[str, float]:
     """All metrics for one case; volumes in mL, volume error relative to the reference in %, ``nsd_2mm`` the
     surface Dice at 2 mm (NSD_TOLERANCE_MM)."""
     pred_ml, ref_ml = volume_ml(pred, spacing_zyx), volume_ml(ref, spacing_zyx)
-    d = _distances_both_ways(pred, ref, spacing_zyx)
-    if d is None:
-        hd95 = msd = math.nan
-        nsd = 1.0 if not pred.any() and not ref.any() else 0.0
-    else:
-        hd95, msd, nsd = _surface_figures(d, NSD_TOLERANCE_MM)
+    hd95, msd, nsd = _surface(pred, ref, spacing_zyx)
     return {
         "dice": dice(pred, ref),
         "nsd_2mm": nsd,

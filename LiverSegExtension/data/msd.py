@@ -11,12 +11,14 @@ import SimpleITK as sitk
 
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import Grid, physical_corners, resample_to_grid
-from LiverSegExtension.io import read_image
-from LiverSegExtension.io.cases import volume_stem
+from LiverSegExtension.io import read_image, volume_stem
 
 
 @dataclass
-class Case:
+class LabelledCase:
+    """A training or validation case of a dataset: a CT with its reference label (an input to segment, without
+    one, is ``io.cases.InputCase``)."""
+
     name: str
     image: Path
     label: Path
@@ -42,7 +44,7 @@ def case_name(path: Path) -> str:
     return volume_stem(path)
 
 
-def load_msd(folder: str | Path) -> list[Case]:
+def load_msd(folder: str | Path) -> list[LabelledCase]:
     """The training cases of an MSD dataset (``dataset.json`` with imagesTr/ and labelsTr/)."""
     folder = Path(folder)
     meta = folder / "dataset.json"
@@ -59,7 +61,7 @@ def load_msd(folder: str | Path) -> list[Case]:
         if not image.is_file() or not label.is_file():
             raise LiverSegError(f"{meta}: case {entry['image']} lists a missing image or label file")
         name = case_name(image)
-        cases.append(Case(name, image, label, provenance=provenance.get(name), dataset=folder.resolve()))
+        cases.append(LabelledCase(name, image, label, provenance=provenance.get(name), dataset=folder.resolve()))
     if not cases:
         raise LiverSegError(f"{meta}: the dataset lists no training cases")
     return cases

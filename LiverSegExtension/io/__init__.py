@@ -1,14 +1,16 @@
-"""Files in and out, for every door: the cases found in what the user gave (``cases``), reading and checking
-a CT (``read``, ``dicom``, ``compact_read``, ``nifti_header``), the summary (``summary``), safe writing
-(``files``) and masks (``write``). Import from here; each module holds one job.
+"""Files in and out, for every door: the file formats and the one registry of their suffixes (``formats``: a
+module per format), the cases found in what the user gave (``cases``), reading and checking a CT (``read``,
+``dicom``, ``compact_read``), memory (``memory``), the native libraries' logs (``logs``), the summary
+(``summary``), safe writing (``files``) and masks (``write``). Import from here; each module holds one job.
 """
 
 from LiverSegExtension.io.cases import (
     LIVER_SEGMENT,
+    MASK_MARK,
     NON_IMAGE_MODALITIES,
-    OUTPUT_FORMATS,
     PROBABILITY_FORMATS,
-    VOLUME_SUFFIXES,
+    PROBABILITY_MARK,
+    PROBABILITY_SUFFIXES,
     InputCase,
     check_name_encoding,
     dicom_series,
@@ -18,6 +20,7 @@ from LiverSegExtension.io.cases import (
     is_volume_file,
     mask_path,
     output_names,
+    output_stem,
     parse_shard,
     probability_path,
     search_folder,
@@ -40,16 +43,23 @@ from LiverSegExtension.io.files import (
     complete_output,
     locked,
 )
+from LiverSegExtension.io.formats import (
+    OUTPUT_FORMATS,
+    VOLUME_SUFFIXES,
+    VolumeFormat,
+    check_file_length,
+    format_of,
+    is_volume_name,
+    split_suffix,
+    volume_stem,
+)
+from LiverSegExtension.io.formats.nifti import MAX_GZIP_RATIO, check_nifti_length
+from LiverSegExtension.io.logs import quiet_native_logs
+from LiverSegExtension.io.memory import is_allocation_failure, memory_bytes, not_enough_memory
 from LiverSegExtension.io.read import (
-    MAX_GZIP_RATIO,
     check_data_files_beside,
     check_directions,
-    check_nifti_length,
     input_grid,
-    is_allocation_failure,
-    memory_bytes,
-    not_enough_memory,
-    quiet_native_logs,
     read_case,
     read_image,
 )
@@ -68,7 +78,9 @@ from LiverSegExtension.io.summary import (
 from LiverSegExtension.io.write import mask_image, write_mask
 
 __all__ = [
-    "VOLUME_SUFFIXES", "OUTPUT_FORMATS", "PROBABILITY_FORMATS", "LIVER_SEGMENT", "InputCase", "display_path",
+    "VOLUME_SUFFIXES", "OUTPUT_FORMATS", "VolumeFormat", "format_of", "split_suffix", "is_volume_name", "volume_stem",
+    "check_file_length", "PROBABILITY_FORMATS", "PROBABILITY_SUFFIXES", "MASK_MARK", "PROBABILITY_MARK", "output_stem",
+    "LIVER_SEGMENT", "InputCase", "display_path",
     "check_name_encoding", "is_volume_file", "is_liverseg_output", "search_folder", "NON_IMAGE_MODALITIES",
     "dicom_series", "expand_inputs", "parse_shard", "shard", "output_names", "mask_path", "probability_path",
     "quiet_native_logs", "read_case", "input_grid", "read_image", "check_data_files_beside", "check_directions",

@@ -10,15 +10,16 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from LiverSegExtension.errors import LiverSegError
-
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm"}
-
+from LiverSegExtension.io.formats import OUTPUT_FORMATS, is_volume_name, split_suffix, volume_stem
 
 #: where ``--probabilities`` goes for each mask format: a volume format (SEG and .seg.nrrd hold masks only)
 PROBABILITY_FORMATS = {"nii.gz": "nii.gz", "nrrd": "nrrd", "seg.nrrd": "nrrd", "dicom-seg": "nii.gz"}
+
+#: the suffixes ``--probabilities`` writes, beside a mask
+PROBABILITY_SUFFIXES = tuple(dict.fromkeys(OUTPUT_FORMATS[f] for f in PROBABILITY_FORMATS.values()))
+
+#: what LiverSeg puts between a case's name and the format: ``<name>_liver.<format>``, ``<name>_liver_prob.<format>``
+MASK_MARK, PROBABILITY_MARK = "_liver", "_liver_prob"
 
 
 LIVER_SEGMENT = {
@@ -54,16 +55,6 @@ class InputCase:
         return name
 
 
-def volume_stem(path: str | Path) -> str:
-    """A file's name without its volume format (``ct`` for ``ct.nii.gz`` or ``CT.NRRD``'s ``CT``): the one place
-    where volume suffixes are taken off."""
-    name = Path(path).name
-    for ext in VOLUME_SUFFIXES:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def display_path(path: str | Path) -> str:
     """A path as text that can be printed and written to a CSV file: bytes of a file name that are not
     UTF-8 (a Latin-1 name) are shown as ``\\xe9``."""
@@ -80,13 +71,22 @@ def check_name_encoding(path: str | Path) -> None:
 
 
 def is_volume_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
+    return path.is_file() and is_volume_name(path)
+
+
+def output_stem(name: str | Path, marks: tuple[str, ...] = (MASK_MARK,)) -> str | None:
+    """The case name in the name of a file LiverSeg writes, folders kept (``a/ct`` for ``a/ct_liver.nii.gz``; with
+    ``marks`` holding PROBABILITY_MARK, for ``a/ct_liver_prob.nrrd`` too), in any case; None for another name."""
+    stem, suffix = split_suffix(name)
+    if suffix.lower() not in OUTPUT_FORMATS.values():
+        return None
+    mark = next((m for m in marks if stem.lower().endswith(m)), None)
+    return stem[: len(stem) - len(mark)] if mark is not None else None
 
 
 def is_liverseg_output(path: Path) -> bool:
     """A file LiverSeg writes (``<name>_liver.<format>``, ``<name>_liver_prob.<format>``): never a CT."""
-    name = path.name.lower()
-    return any(name.endswith(f"_liver{ext}") or name.endswith(f"_liver_prob{ext}") for ext in OUTPUT_FORMATS.values())
+    return output_stem(path.name, (MASK_MARK, PROBABILITY_MARK)) is not None
 
 
 def search_folder(folder: Path, skip: tuple[Path, ...] = ()) -> tuple[list[Path], list[Path]]:
@@ -249,9 +249,9 @@ def output_names(cases: list[InputCase]) -> list[str]:
 
 def mask_path(out_dir: Path, name: str, fmt: str) -> Path:
     """Where a door writes a case's mask: ``OUT/<name>_liver.<format>`` (``name`` may hold folders)."""
-    return Path(out_dir) / f"{name}_liver{OUTPUT_FORMATS[fmt]}"
+    return Path(out_dir) / f"{name}{MASK_MARK}{OUTPUT_FORMATS[fmt]}"
 
 
 def probability_path(out_dir: Path, name: str, fmt: str) -> Path:
     """Where ``--probabilities`` writes a case's liver probability: ``OUT/<name>_liver_prob.<volume format>``."""
-    return Path(out_dir) / f"{name}_liver_prob{OUTPUT_FORMATS[PROBABILITY_FORMATS[fmt]]}"
+    return Path(out_dir) / f"{name}{PROBABILITY_MARK}{OUTPUT_FORMATS[PROBABILITY_FORMATS[fmt]]}"

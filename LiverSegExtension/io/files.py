@@ -11,10 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import SimpleITK as sitk
-
 from LiverSegExtension.errors import LiverSegError, OutputExistsError
-from LiverSegExtension.io.read import check_nifti_length
+from LiverSegExtension.io.formats import VolumeFormat, format_of, split_suffix
 
 
 @contextlib.contextmanager
@@ -87,15 +85,7 @@ def complete_output(path: Path) -> bool:
     """True when an existing output is a whole, readable image (a rerun skips it); False when it is
     truncated or unreadable (a rerun must not count it as done)."""
     try:
-        if path.name.lower().endswith(".dcm"):
-            import pydicom
-
-            return bool(getattr(pydicom.dcmread(path, stop_before_pixels=True), "SOPInstanceUID", ""))
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            check_nifti_length(path)
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
+        (format_of(path) or VolumeFormat()).check_written(path)
         return True
     except Exception:  # noqa: BLE001 - whatever the reader says, the file is not a whole output
         return False
@@ -156,7 +146,7 @@ def atomic_write(path: Path, write_to: Callable[[str], object], overwrite: bool 
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith((".nii.gz", ".seg.nrrd")) else path.suffix
+    suffix = split_suffix(path.name)[1] or path.suffix  # the temporary keeps the format: writers go by it
     # Named after the writer (host and process), so that a later run can tell debris from work in progress.
     tmp = str(path.with_name(f".{path.name}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"))
     try:

@@ -3,12 +3,7 @@ refuse bad input in one line naming the file and the reason."""
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
-import sys
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +11,14 @@ import SimpleITK as sitk
 
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io.cases import InputCase, check_name_encoding, dicom_series, search_folder
-from LiverSegExtension.io.compact_read import WIDE_TYPES, data_files, fits_int16, layout_of, read_compact
+from LiverSegExtension.io.compact_read import WIDE_TYPES, fits_int16, read_compact
 from LiverSegExtension.io.dicom import _frames, _slice_headers, _slice_positions, check_slice_positions, check_slice_sizes
-from LiverSegExtension.io.memory import (  # noqa: F401 - also LiverSegExtension.io's
-    check_fits_memory,
-    is_allocation_failure,
-    memory_bytes,
-    memory_needed,
-    not_enough_memory,
-)
+from LiverSegExtension.io.formats import VolumeFormat, format_of, raw_layout
+from LiverSegExtension.io.memory import check_fits_memory, is_allocation_failure, not_enough_memory
 
 #: bytes a voxel of each type takes as read
 _BYTES = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
           sitk.sitkInt32: 4, sitk.sitkFloat32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat64: 8}
-
-
-def quiet_native_logs(debug: bool) -> None:
-    """ITK's and VTK's own warnings (\"No Series were found\" for every folder without DICOM, MRML's
-    display-node notes) go to the terminal only with --debug; LiverSeg says what matters in one line."""
-    sitk.ProcessObject.SetGlobalWarningDisplay(debug)
-    vtk = sys.modules.get("vtkmodules.vtkCommonCore")  # only where VTK is in use (the batch): importing it costs 0.7 s
-    if vtk is not None:
-        vtk.vtkObject.SetGlobalWarningDisplay(int(debug))
 
 
 def read_case(case: InputCase) -> sitk.Image:
@@ -124,7 +105,7 @@ def read_image(path: str | Path) -> sitk.Image:
     check_data_files_beside(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    checks = format_of(path) or VolumeFormat()  # what ITK does not check of the file, by its format
     try:
         reader.ReadImageInformation()
         if reader.GetDimension() == 4 or reader.GetNumberOfComponents() > 1:
@@ -133,20 +114,18 @@ def read_image(path: str | Path) -> sitk.Image:
             raise LiverSegError(f"{path}: {reader.GetDimension()}D image; LiverSeg needs a 3D CT volume")
         check_directions(path, reader.GetDirection())
         check_fits_memory(path, reader.GetSize(), _BYTES.get(reader.GetPixelID(), 2))  # before any voxel is read
-        layout = layout_of(path) if reader.GetPixelID() in WIDE_TYPES else None
-        claim = _nifti_claim(path) if nifti else None
+        layout = raw_layout(path) if reader.GetPixelID() in WIDE_TYPES else None
+        claim = checks.claim(path)  # the header's length against the file, before ITK allocates
         if layout is not None:  # float64 and the like: never held whole in the file's type
             return read_compact(path, reader, layout)  # it checks the stream as it reads it
         image = reader.Execute()
-        if claim is not None and claim.gz and not _read_whole_stream(path, claim, image):
-            check_nifti_length(path)  # says how the stream is damaged (one more pass, on this path only)
+        checks.check_read(path, claim, image)  # what ITK read is the whole stream (one pass, no second read)
     except MemoryError:
         raise LiverSegError(f"{path}: {not_enough_memory(reader)}") from None
     except RuntimeError as exc:
         if is_allocation_failure(exc):
             raise LiverSegError(f"{path}: {not_enough_memory(reader)}") from None
-        if nifti:
-            check_nifti_length(path)  # a damaged stream also defeats ITK's header read: say that, if so
+        checks.check_length(path)  # a damaged stream also defeats ITK's header read: say that, if so
         reason = _first_line(exc)
         if "Unable to determine ImageIO" in reason or "Could not create IO" in reason:
             reason = "not an image file LiverSeg can read (NIfTI, NRRD, MHA/MHD or a DICOM folder)"
@@ -161,7 +140,8 @@ def check_data_files_beside(path: Path) -> None:
     files in the header's own folder (or below it), so that a file handed over never leads elsewhere (and
     ``dataset add`` never copies another file's bytes into a dataset)."""
     home = os.path.realpath(path.parent)
-    for name in data_files(path):
+    found = format_of(path)
+    for name in found.data_files(path) if found is not None else ():
         target = os.path.realpath(os.path.join(path.parent, os.path.expanduser(name)))
         if os.path.commonpath([home, target]) != home:
             raise LiverSegError(f"{path}: its header reads the voxels from {name}, outside the header's folder; "
@@ -180,118 +160,6 @@ def check_directions(path: Path, direction: tuple[float, ...]) -> None:
         if abs(float(unit[a] @ unit[b])) > 1 - 1e-6:
             raise LiverSegError(f"{path}: the header's directions for axes {'ijk'[a]} and {'ijk'[b]} are the same "
                                 "line (collinear space directions); not a 3D grid")
-
-
-#: deflate cannot compress more than about 1032:1; a header that claims more is lying about its size
-MAX_GZIP_RATIO = 1032
-
-
-@dataclass
-class NiftiClaim:
-    """What a NIfTI-1 header promises: the stream's length up to the end of the voxels, where they start,
-    and for .nii.gz the gzip trailer's CRC-32 and length (mod 2**32)."""
-
-    expected: int
-    offset: int
-    gz: bool
-    crc: int = 0
-    swapped: bool = False  # the voxels are stored in the other byte order than this machine's (ITK swaps them)
-
-
-def _nifti_claim(path: Path) -> NiftiClaim | None:
-    """The header's checks, without reading the voxels: ITK fills a truncated NIfTI with zeros without a
-    word, and allocates whatever the header claims before it reads a byte. The claim is checked against
-    this machine's memory, against what the compressed stream can hold, and against the gzip trailer's
-    length (or the file's size). None for a file that is not NIfTI-1 (ITK decides)."""
-    gz = path.name.lower().endswith(".gz")
-    try:
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
-            header = f.read(352)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise LiverSegError(f"{path}: truncated or corrupt file ({exc})") from None
-    if len(header) < 348:
-        raise LiverSegError(f"{path}: truncated file (incomplete NIfTI header)")
-    for endian in ("<", ">"):
-        if struct.unpack(endian + "i", header[:4])[0] == 348:
-            break
-    else:
-        return None  # not NIfTI-1; let ITK decide
-    dims = struct.unpack(endian + "8h", header[40:56])
-    pixdim = struct.unpack(endian + "8f", header[76:108])[1 : 1 + max(0, min(dims[0], 3))]
-    if not all(np.isfinite(v) and v > 0 for v in pixdim):
-        # ITK would take 1 mm for a zero or NaN spacing, and a negative one as a flip, without a word.
-        raise LiverSegError(f"{path}: the header's voxel spacing (pixdim {', '.join(f'{v:g}' for v in pixdim)}) "
-                            "is not a positive size in mm")
-    bitpix = struct.unpack(endian + "h", header[72:74])[0]
-    offset = int(struct.unpack(endian + "f", header[108:112])[0])
-    shape = [max(1, d) for d in dims[1 : 1 + max(0, min(dims[0], 7))]]
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * max(bitpix, 8) // 8
-    size = path.stat().st_size
-    claimed = f"{expected / 1e9:.1f} GB of voxels ({'x'.join(map(str, shape))})"
-    memory = memory_bytes()
-    if memory and expected > memory // 2:
-        raise LiverSegError(f"{path}: the header claims {claimed}, more than half of this machine's memory "
-                            f"({memory / 1e9:.0f} GB): not enough memory to read it (needed about "
-                            f"{memory_needed(int(np.prod(shape, dtype=np.int64))) / 1e9:.0f} GB)")
-    if gz and expected > MAX_GZIP_RATIO * size:
-        raise LiverSegError(f"{path}: the header claims {claimed} from {size / 1e6:.2f} MB of compressed data, more "
-                            "than gzip can hold: a damaged or forged file")
-    if not gz:
-        if size < expected:
-            raise LiverSegError(f"{path}: truncated or damaged file (header promises {expected} bytes, file holds "
-                                f"{size})")
-        return NiftiClaim(expected, offset, False)
-    with open(path, "rb") as f:
-        f.seek(max(0, size - 8))
-        crc, length = struct.unpack("<II", f.read(8).rjust(8, b"\0"))
-    if length != expected % (1 << 32):
-        raise LiverSegError(f"{path}: truncated or damaged file (header promises {expected} bytes, the compressed "
-                            f"stream holds {length})")
-    return NiftiClaim(expected, offset, True, crc, bitpix > 8 and (endian == ">") == (sys.byteorder == "little"))
-
-
-def check_nifti_length(path: Path, check_stream: bool = True) -> None:
-    """Refuse a NIfTI file whose header's claim the data cannot honour (:func:`_nifti_claim`). With
-    ``check_stream`` a .nii.gz is also decompressed once, without keeping it, for its real length (the
-    trailer's is mod 2**32) and its CRC, which ITK checks neither of. A read of the voxels checks the
-    same on what ITK read instead (:func:`_read_whole_stream`), without decompressing twice."""
-    claim = _nifti_claim(path)
-    if claim is None or not claim.gz or not check_stream:
-        return
-    actual = 0
-    try:
-        with gzip.open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                actual += len(block)
-                if actual > claim.expected:
-                    break
-    except (OSError, EOFError, zlib.error) as exc:
-        raise LiverSegError(f"{path}: corrupt compressed data ({exc})") from None
-    if actual != claim.expected:
-        raise LiverSegError(f"{path}: truncated or damaged file (header promises {claim.expected} bytes, the "
-                            f"compressed stream holds {actual})")
-
-
-def _read_whole_stream(path: Path, claim: NiftiClaim, image: sitk.Image) -> bool:
-    """Whether ITK's voxels, after the header's bytes, are the whole decompressed stream: their CRC-32
-    equals the gzip trailer's (ITK checks neither the CRC nor the length). A stream cut short, damaged, or
-    longer than the header says by a multiple of 4 GiB (the trailer's length wraps) fails; so does a file
-    ITK converted while reading (other types than the file's), which the caller then checks by
-    decompressing it."""
-    view = sitk.GetArrayViewFromImage(image)
-    if view.nbytes != claim.expected - claim.offset or not view.flags.c_contiguous:
-        return False
-    try:
-        with gzip.open(path, "rb") as f:
-            crc = zlib.crc32(f.read(claim.offset))
-    except (OSError, EOFError, zlib.error):
-        return False
-    flat = view.reshape(-1)
-    step = 1 << 22
-    for start in range(0, flat.size, step):
-        block = flat[start : start + step]
-        crc = zlib.crc32(block.byteswap() if claim.swapped else block, crc)
-    return crc == claim.crc
 
 
 def _first_line(exc: Exception) -> str:

@@ -39,7 +39,7 @@ def case_warnings(case: InputCase, warnings: list[str]) -> list[str]:
     """The engine's warnings for a segmented case, and the doors' own: a DICOM series that says it is not
     CT (an MR series with CT-like values has passed the CT check, so it was segmented as CT)."""
     if not case.files:  # a NIfTI file whose two placements of the grid disagree: say which one was used
-        from LiverSegExtension.io.nifti_header import disagreement
+        from LiverSegExtension.io.formats.nifti import disagreement
 
         note = disagreement(case.source)
         return [*warnings, note] if note else list(warnings)

@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.io import OUTPUT_FORMATS, InputCase, dicom_series
-from LiverSegExtension.io.cases import volume_stem
+from LiverSegExtension.io import PROBABILITY_MARK, PROBABILITY_SUFFIXES, InputCase, dicom_series, output_stem, volume_stem
 from LiverSegExtension.io.records import identity, read_record, same_input
 from LiverSegExtension.io.summary import shard_summaries
 
 SUMMARY = "summary.csv"
 SERIES_LABEL = re.compile(r"^(?P<path>.*) \(series (?P<uid>[0-9.]+)\)$")  # InputCase.label of one series of several
-PROBABILITY_SUFFIXES = (".nii.gz", ".nrrd")  # what --probabilities writes beside a mask
 
 
 @dataclass
@@ -61,7 +59,7 @@ def probability_beside(mask: Path | None) -> Path | None:
         return None
     stem = _strip_mask_suffix(mask.name)
     for suffix in PROBABILITY_SUFFIXES:
-        candidate = mask.with_name(f"{stem}_liver_prob{suffix}")
+        candidate = mask.with_name(f"{stem}{PROBABILITY_MARK}{suffix}")
         if candidate.is_file():
             return candidate
     return None
@@ -75,10 +73,9 @@ def _number(text: str | None) -> float | None:
 
 
 def _strip_mask_suffix(name: str) -> str:
-    for suffix in sorted(OUTPUT_FORMATS.values(), key=len, reverse=True):
-        if name.lower().endswith(f"_liver{suffix}"):
-            return name[: -len(f"_liver{suffix}")]
-    return name
+    """``a/ct`` for the mask ``a/ct_liver.<format>``; another name as it is."""
+    stem = output_stem(name)
+    return name if stem is None else stem
 
 
 def read_summary(folder: Path) -> list[dict[str, str]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from LiverSegExtension.data.msd import Case
+from LiverSegExtension.data.msd import LabelledCase
 from LiverSegExtension.model.catalog import next_version
 from LiverSegExtension.model.networks import LiverModel
 from LiverSegExtension.training.config import TrainConfig, peak_lr
@@ -24,7 +24,7 @@ def architecture(card: dict[str, Any]) -> dict[str, Any]:
     return {k: card[k] for k in ARCHITECTURE_KEYS if k in card}
 
 
-def training_data_entries(cases: list[Case]) -> list[dict[str, Any]]:
+def training_data_entries(cases: list[LabelledCase]) -> list[dict[str, Any]]:
     """The card's ``training_data``: each dataset by name and absolute path with its cases and header fixes
     (what a fine-tune of this model looks for to replay its training data)."""
     by_folder: dict[str, dict[str, Any]] = {}
@@ -38,7 +38,7 @@ def training_data_entries(cases: list[Case]) -> list[dict[str, Any]]:
     return list(by_folder.values())
 
 
-def save_model(model: LiverModel, cfg: TrainConfig, parent: LiverModel | None, train_cases: list[Case],
+def save_model(model: LiverModel, cfg: TrainConfig, parent: LiverModel | None, train_cases: list[LabelledCase],
                 rows: list[dict[str, Any]], out: Path, iteration: int) -> None:
     version = cfg.version or next_version(parent.card.get("version") if parent else None)
     parent_cases = set(parent.card.get("training", {}).get("cases", [])) if parent else set()

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from LiverSegExtension.data.msd import Case
+from LiverSegExtension.data.msd import LabelledCase
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.model.catalog import STAGES
 from LiverSegExtension.model.networks import LiverModel
@@ -21,7 +21,7 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_KEYS = ("stage_index", "iteration", "best", "elapsed", *(f"net_{s}" for s in STAGES))
 
 
-def run_settings(cfg: TrainConfig, train_cases: list[Case], val_cases: list[Case]) -> dict[str, Any]:
+def run_settings(cfg: TrainConfig, train_cases: list[LabelledCase], val_cases: list[LabelledCase]) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint (the budget may change)."""
     return {
         "training cases": sorted(c.name for c in train_cases),

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from LiverSegExtension.data.msd import Case, load_msd
+from LiverSegExtension.data.msd import LabelledCase, load_msd
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io import atomic_write
 from LiverSegExtension.model.catalog import CARD_FILE
@@ -71,7 +71,7 @@ def find_dataset(entry: dict[str, Any]) -> Path | None:
     return next((c for c in candidates if (c / "dataset.json").is_file()), None)
 
 
-def _fix_headers(cases: list[Case], fixes: dict[str, Any]) -> list[Case]:
+def _fix_headers(cases: list[LabelledCase], fixes: dict[str, Any]) -> list[LabelledCase]:
     for c in cases:
         fix = fixes.get(c.name)
         if isinstance(fix, dict) and "from" in fix and "to" in fix:
@@ -79,10 +79,10 @@ def _fix_headers(cases: list[Case], fixes: dict[str, Any]) -> list[Case]:
     return cases
 
 
-def parent_validation_cases(card: dict[str, Any]) -> list[Case]:
+def parent_validation_cases(card: dict[str, Any]) -> list[LabelledCase]:
     """The parent's validation cases that can be found (in the datasets its card names), header fixes applied."""
     names = [r.get("case") for r in card.get("validation", {}).get("cases", []) if r.get("case")]
-    found: list[Case] = []
+    found: list[LabelledCase] = []
     for entry in card.get("training_data") or []:
         folder = find_dataset(entry)
         if folder is not None:
@@ -96,8 +96,8 @@ def parent_validation_cases(card: dict[str, Any]) -> list[Case]:
 class Plan:
     """Which cases a fine-tune trains on and which the guard scores, and why."""
 
-    train: list[Case]
-    guard: list[Case]
+    train: list[LabelledCase]
+    guard: list[LabelledCase]
     groups: dict[str, str]  # guard case -> PARENT_VALIDATION, HELD_BACK or TRAINED
     oversample: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -127,8 +127,8 @@ def plan(parent_card: dict[str, Any], corrections: list[Path], val_names: list[s
     train = [c for c in cases if c not in held]
     trained = {c.name for c in train}
 
-    replayed: list[Case] = []
-    parent_val: list[Case] = []
+    replayed: list[LabelledCase] = []
+    parent_val: list[LabelledCase] = []
     parent_train = set(parent_card.get("training", {}).get("cases", []))
     parent_val_names = [r.get("case") for r in parent_card.get("validation", {}).get("cases", []) if r.get("case")]
     if replay != "none":

@@ -27,7 +27,7 @@ from monai.utils import set_determinism
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from LiverSegExtension.data.metrics import case_metrics
-from LiverSegExtension.data.msd import Case, load_msd, to_grid
+from LiverSegExtension.data.msd import LabelledCase, load_msd, to_grid
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.inference.segmenter import LiverSegmenter
 from LiverSegExtension.io import atomic_write
@@ -64,7 +64,7 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def split_cases(cases: list[Case], val_names: list[str]) -> tuple[list[Case], list[Case]]:
+def split_cases(cases: list[LabelledCase], val_names: list[str]) -> tuple[list[LabelledCase], list[LabelledCase]]:
     known = {c.name for c in cases}
     missing = [v for v in val_names if v not in known]
     if missing:
@@ -76,7 +76,7 @@ def split_cases(cases: list[Case], val_names: list[str]) -> tuple[list[Case], li
     return train, val
 
 
-def prepare(cases: list[Case], spacing: list[float]) -> list[dict[str, np.ndarray]]:
+def prepare(cases: list[LabelledCase], spacing: list[float]) -> list[dict[str, np.ndarray]]:
     """Each case on the stage's grid, as ``[1, z, y, x]`` arrays ready for the transforms."""
     items = []
     for c in cases:
@@ -86,7 +86,7 @@ def prepare(cases: list[Case], spacing: list[float]) -> list[dict[str, np.ndarra
     return items
 
 
-def load_validation(val: list[Case]) -> list[tuple[str, sitk.Image, np.ndarray]]:
+def load_validation(val: list[LabelledCase]) -> list[tuple[str, sitk.Image, np.ndarray]]:
     """Validation cases read once: (name, CT, reference mask)."""
     loaded = []
     for c in val:
@@ -165,7 +165,7 @@ def _starting_model(parent: LiverModel | None, device: torch.device | str) -> Li
 
 
 def train(cfg: TrainConfig, progress: Progress | None = None,
-          split: tuple[list[Case], list[Case]] | None = None) -> Path:
+          split: tuple[list[LabelledCase], list[LabelledCase]] | None = None) -> Path:
     """Train (or fine-tune from ``cfg.init``) and return the output model folder.
 
     ``split`` gives the training and validation cases directly (the fine-tuning plan); otherwise they
@@ -174,7 +174,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None,
     """
     set_determinism(seed=cfg.seed)
     if split is None:
-        cases: list[Case] = [c for d in cfg.data for c in load_msd(d)]
+        cases: list[LabelledCase] = [c for d in cfg.data for c in load_msd(d)]
         train_cases, val_cases = split_cases(cases, cfg.val_cases)
     else:
         train_cases, val_cases = split
@@ -204,7 +204,7 @@ class _Run:
 
     SHARES = {"coarse": 0.25, "fine": 0.75}  # of a time budget, per stage
 
-    def __init__(self, cfg: TrainConfig, train_cases: list[Case], val_cases: list[Case],
+    def __init__(self, cfg: TrainConfig, train_cases: list[LabelledCase], val_cases: list[LabelledCase],
                  progress: Progress | None) -> None:
         self.cfg, self.train_cases, self.progress = cfg, train_cases, progress
         self.device = resolve_device(cfg.device)

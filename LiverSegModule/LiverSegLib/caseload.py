@@ -44,8 +44,7 @@ def load_ct(volumes, scene, ct: InputCase, name: str, read_before: bool = False)
             names.InsertNextValue(file)
         node = volumes.AddArchetypeScalarVolume(files[0], name, 0, names)
     else:
-        if ct.source.name.lower().endswith((".nii", ".nii.gz")):
-            io.check_nifti_length(ct.source, check_stream=not read_before)
+        io.check_file_length(ct.source, check_stream=not read_before)  # ITK would zero-fill a truncated NIfTI
         io.check_data_files_beside(ct.source)
         node = volumes.AddArchetypeVolume(str(ct.source), name, 0)
     if node is None or node.GetImageData() is None:
@@ -96,17 +95,18 @@ def seg_nrrd_mask(path: Path, volume) -> np.ndarray:
 def read_mask(mask_path: Path | None, ct: InputCase, volume, name: str = "") -> tuple[np.ndarray, str]:
     """(the mask on the volume's grid, the model that made it where the file says); an empty mask for a case
     without one (failed, or no liver found)."""
-    from LiverSegExtension.io import read_image
+    from LiverSegExtension.io import format_of, read_image
+    from LiverSegExtension.io.formats import DICOM_SEG, SEG_NRRD
 
     if mask_path is None:
         return np.zeros(mrml.volume_array_and_matrix(volume)[0].shape, np.uint8), ""
     if not mask_path.exists():
         raise LiverSegError(f"{mask_path}: the mask summary.csv records for {name or ct.label} is not there")
-    lower = mask_path.name.lower()
-    if lower.endswith(".seg.nrrd"):
+    kind = format_of(mask_path)
+    if kind is SEG_NRRD:
         return seg_nrrd_mask(mask_path, volume), ""
     algorithm = ""
-    if lower.endswith(".dcm"):
+    if kind is DICOM_SEG:
         from LiverSegExtension.review.masks import dicom_seg_mask
 
         image, algorithm = dicom_seg_mask(mask_path, ct)

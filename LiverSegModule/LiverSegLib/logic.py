@@ -5,7 +5,9 @@ poll; ``finish()`` writes its mask into the scene. ``process()`` runs the engine
 process (the batch, where nothing waits on an event loop): ONNX Runtime on the CPU only, never torch, even
 with device "auto" where a torch that can reach a GPU is installed (GPUs go through ``start()``).
 The scene is only changed once a mask exists: an error or a cancel leaves it as it was. Nothing here
-imports torch. The engine process comes from ``engineFactory`` (tests may give a fake one).
+imports torch. What the logic runs is given to it: the engine process by ``engineFactory``, the in-process
+segmenter of ``process`` by ``segmenterFactory``, and ``dataset.json`` is read with ``readText`` (tests give
+fakes, a threshold segmenter, a reader that counts).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 try:
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
@@ -39,6 +41,14 @@ def _text(path: str | None) -> str | None:
     return Path(path).read_text() if path and Path(path).is_file() else None
 
 
+def onnx_segmenter(model_path: str | Path | None, device: str):
+    """The in-process segmenter ``process`` uses: ONNX Runtime (Slicer's process never imports torch); the
+    bundled or default model when ``model_path`` is empty."""
+    from LiverSegExtension.inference.segmenter import LiverSegmenter
+
+    return LiverSegmenter(model_path or None, device=device, runtime="onnxruntime")
+
+
 @dataclass
 class SlicerResult:
     """What a finished run produced in Slicer: the segmentation node holding the "Liver" segment, and its figures."""
@@ -56,9 +66,12 @@ class SlicerResult:
 class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
     """Segment the liver of a scalar volume into a segmentation node."""
 
-    def __init__(self, engineFactory=EngineProcess) -> None:
+    def __init__(self, engineFactory=EngineProcess, segmenterFactory=onnx_segmenter,
+                 readText: Callable[[Path], str] = Path.read_text) -> None:
         ScriptedLoadableModuleLogic.__init__(self)  # type: ignore[arg-type]
         self.engineFactory = engineFactory  # () -> an unstarted EngineProcess
+        self.segmenterFactory = segmenterFactory  # (model path or None, device) -> a LiverSegmenter
+        self._readText = readText
         self._segmenters: dict[tuple[str, str], Any] = {}
         self._engine: EngineProcess | None = None
         self._datasetCounts: dict[str, tuple[float, int | None]] = {}
@@ -103,14 +116,12 @@ class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
     def segmenter(self, model_path: str | Path | None = None, device: str = "auto"):
         """A cached in-process segmenter (for ``process``; loading a model takes a moment): ONNX Runtime on the
         CPU, since this is Slicer's process; a GPU device is refused with where to run it instead."""
-        from LiverSegExtension.inference.segmenter import LiverSegmenter
-
         if str(device or "auto").lower().startswith(("cuda", "mps")):
             raise LiverSegError(f"device '{device}' runs in the LiverSeg engine process (start(), as the panel "
                                 "does); in Slicer's process LiverSeg runs ONNX Runtime on the CPU")
         key = (str(model_path or ""), device)
         if key not in self._segmenters:
-            self._segmenters[key] = LiverSegmenter(model_path or None, device=device, runtime="onnxruntime")
+            self._segmenters[key] = self.segmenterFactory(model_path or None, device)
         return self._segmenters[key]
 
     # -- the engine process ----------------------------------------------------------------------
@@ -280,7 +291,7 @@ class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
         if cached is not None and cached[0] == stamp:
             return cached[1]
         try:
-            entries = json.loads(path.read_text()).get("training")
+            entries = json.loads(self._readText(path)).get("training")
         except (OSError, ValueError, AttributeError):
             entries = None
         count = len(entries) if isinstance(entries, list) else None

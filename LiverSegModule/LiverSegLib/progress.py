@@ -3,7 +3,13 @@ and a label, and its error in a dialog."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import slicer
+
+from LiverSegExtension.errors import CancelledError, LiverSegError
 
 
 def show_progress(run, bar, label) -> bool:
@@ -18,3 +24,21 @@ def show_error(text: str, details: str = "") -> None:
     """An error dialog; details only when there are some (``detailedText=None`` shows the word "None")."""
     kwargs = {"detailedText": details} if details else {}
     slicer.util.errorDisplay(text, **kwargs)
+
+
+@contextlib.contextmanager
+def outcome_shown(run, label, what: str, failed: str, cancelled: str = "", crashed: str = "") -> Iterator[None]:
+    """Read an ended run's outcome in the body: a cancel and the user's errors (``LiverSegError``) are told on
+    ``label`` (``cancelled``, ``failed``; the error in a dialog with the run's details); anything else is a bug,
+    logged with its traceback and shown (``crashed`` on the label), and Slicer keeps running."""
+    try:
+        yield
+    except CancelledError:
+        label.text = cancelled
+    except LiverSegError as exc:
+        label.text = failed
+        show_error(str(exc), run.details)
+    except Exception as exc:  # noqa: BLE001 - a bug: say so and keep Slicer running
+        label.text = crashed or failed
+        logging.exception("LiverSeg %sfailed", what)
+        show_error(f"LiverSeg {what}failed: {exc}", run.details)

@@ -4,9 +4,7 @@ the model selector."""
 
 from __future__ import annotations
 
-import logging
-
-from LiverSegLib.progress import show_error, show_progress
+from LiverSegLib.progress import outcome_shown, show_progress
 from LiverSegLib.slots import reported
 from LiverSegLib.texts import comparison_html
 
@@ -36,13 +34,13 @@ class FineTuneFlow:
 
     def _pollTraining(self) -> None:
         """Show the fine-tune's progress; at the end, the parent-versus-new table and the verdict."""
-        from LiverSegExtension.errors import CancelledError, LiverSegError
 
         run = self._trainRun
         if not show_progress(run, self.ui.trainProgressBar, self.ui.trainStatusLabel):
             return
         self._trainRun = None
-        try:
+        with outcome_shown(run, self.ui.trainStatusLabel, "fine-tuning ", "Fine-tuning failed; no model was added.",
+                           cancelled="Cancelled; no model was added.", crashed="Fine-tuning failed."):
             result = self.logic.finishFineTune(run)
             self.ui.trainResultLabel.text = comparison_html(result, run.notes)
             if result.accepted:
@@ -51,13 +49,4 @@ class FineTuneFlow:
             else:
                 self.ui.trainStatusLabel.text = (f"Rejected: the new model is kept in {result.model_dir} for "
                                                  "inspection and not offered.")
-        except CancelledError:
-            self.ui.trainStatusLabel.text = "Cancelled; no model was added."
-        except LiverSegError as exc:
-            self.ui.trainStatusLabel.text = "Fine-tuning failed; no model was added."
-            show_error(str(exc), run.details)
-        except Exception as exc:  # a bug: say so and keep Slicer running
-            self.ui.trainStatusLabel.text = "Fine-tuning failed."
-            logging.exception("LiverSeg fine-tuning failed")
-            show_error(f"LiverSeg fine-tuning failed: {exc}", run.details)
         self._updateButtons()

@@ -5,7 +5,6 @@ nothing heavy runs here (installs, segmentation, export and fine-tuning all run 
 
 from __future__ import annotations
 
-import logging
 import platform
 import shutil
 
@@ -17,7 +16,7 @@ from slicer.util import VTKObservationMixin
 from LiverSegLib import resource_path
 from LiverSegLib.installflow import InstallFlow
 from LiverSegLib.logic import LiverSegLogic
-from LiverSegLib.progress import show_error, show_progress
+from LiverSegLib.progress import outcome_shown, show_error, show_progress
 from LiverSegLib.slots import reported
 from LiverSegLib.texts import card_summary
 from LiverSegLib.trainflow import FineTuneFlow
@@ -208,11 +207,16 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
         qt.QSettings().setValue(SETTINGS_EXPORT_FOLDER, path)
         self._updateButtons()
 
+    def _busy(self) -> bool:
+        """A segmentation or install is under way (cancellable, and fixing the run's nodes)."""
+        return self._run is not None or self._installRun is not None
+
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        busy = self._run is not None or self._installRun is not None
+        busy = self._busy()
+        exporting = self._exportRun is not None  # the engine process serves one request at a time
         ready = bool(p and p.inputVolume) and self.ui.modelComboBox.count > 0
-        self.ui.applyButton.enabled = ready and not busy
+        self.ui.applyButton.enabled = ready and not (busy or exporting)
         self.ui.applyButton.toolTip = "Segment the liver" if ready else "Select a CT volume (and install a model)"
         self.ui.cancelButton.enabled = busy
         for selector in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.modelComboBox,
@@ -226,7 +230,6 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
         self.ui.removeHereButton.enabled = bool(p and p.inputVolume and p.outputSegmentation) and not busy
         self.ui.undoFixButton.enabled = bool(p and p.outputSegmentation and self.logic.canUndoFix(p.outputSegmentation))
         folder = self.ui.exportFolderPathLineEdit.currentPath
-        exporting = self._exportRun is not None
         self.ui.exportButton.enabled = bool(p and p.inputVolume and p.outputSegmentation and folder) and not (
             busy or exporting)
         count = self.logic.datasetCaseCount(folder)
@@ -247,6 +250,8 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
     # -- running -------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
         p = self._parameterNode
+        if self._busy() or self._exportRun is not None:  # disabled then; a scripted click must not replace a run
+            return
         with reported("LiverSeg could not start.", self._tell):
             if not self._installFirst(p.device, False, self.onApplyButton):
                 return
@@ -290,7 +295,6 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
 
     def _pollSegmentation(self) -> None:
         """Write the segmentation's result once it is there."""
-        from LiverSegExtension.errors import CancelledError, LiverSegError
 
         run = self._run
         done = show_progress(run, self.ui.progressBar, self.ui.statusLabel)
@@ -299,7 +303,8 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
             return
         self._run = None
         p = self._parameterNode
-        try:
+        with outcome_shown(run, self.ui.statusLabel, "", "Failed; the scene was not changed.",
+                           cancelled="Cancelled; the scene was not changed.", crashed="Failed."):
             result = self.logic.finish(run, surface=False)  # the segment first; its 3D surface on the next tick
             self._surfacePending = result.segmentation_node
             if p is not None:
@@ -312,15 +317,6 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
             if result.warnings:
                 self.ui.statusLabel.text += " - check the warning"
                 slicer.util.warningDisplay("\n".join(result.warnings), windowTitle="LiverSeg")
-        except CancelledError:
-            self.ui.statusLabel.text = "Cancelled; the scene was not changed."
-        except LiverSegError as exc:
-            self.ui.statusLabel.text = "Failed; the scene was not changed."
-            show_error(str(exc), run.details)
-        except Exception as exc:  # a bug: say so, with the traceback in the details, and keep Slicer running
-            self.ui.statusLabel.text = "Failed."
-            logging.exception("LiverSeg failed")
-            show_error(f"LiverSeg failed: {exc}", run.details)
         self._updateButtons()
 
     def onShowUncertain(self, show: bool) -> None:
@@ -361,6 +357,8 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
     # -- export for training ---------------------------------------------------------------------------
     def onExportButton(self) -> None:
         p = self._parameterNode
+        if self._busy() or self._exportRun is not None:  # disabled then, as Segment Liver is
+            return
         with reported("Export failed.", self._tell):
             if not self._installFirst("cpu", False, self.onExportButton):
                 return
@@ -371,19 +369,11 @@ class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VT
         self._updateButtons()
 
     def _pollExport(self) -> None:
-        from LiverSegExtension.errors import LiverSegError
 
         run = self._exportRun
         if not run.poll():
             return
         self._exportRun = None
-        try:
+        with outcome_shown(run, self.ui.statusLabel, "export ", "Export failed."):
             self.ui.statusLabel.text = f"Exported as {self.logic.finishExport(run)}."
-        except LiverSegError as exc:
-            self.ui.statusLabel.text = "Export failed."
-            show_error(str(exc), run.details)
-        except Exception as exc:  # a bug: say so, with the traceback in the details, and keep Slicer running
-            self.ui.statusLabel.text = "Export failed."
-            logging.exception("LiverSeg export failed")
-            show_error(f"LiverSeg export failed: {exc}", run.details)
         self._updateButtons()

@@ -70,9 +70,9 @@ try:  # an import that fails (a broken install) must end Slicer too
         atomic_write,
         case_warnings,
         check_data_files_beside,
+        check_file_length,
         check_loaded_grid,
         check_name_encoding,
-        check_nifti_length,
         check_series_layout,
         input_grid,
         mask_path,
@@ -116,8 +116,7 @@ class SceneContext:
             read_image(archetype)  # raises with the engine's reason (nothing readable in the folder)
         if case.files:
             check_series_layout(case)  # Slicer's reader would stack a broken series on a wrong grid
-        if archetype.name.lower().endswith((".nii", ".nii.gz")):
-            check_nifti_length(archetype)  # ITK would silently zero-fill a truncated file
+        check_file_length(archetype)  # ITK would silently zero-fill a truncated file (NIfTI)
         if not case.files:
             check_data_files_beside(case.source)  # Slicer's reader would follow a header anywhere
             input_grid(case)  # the header alone: collinear directions refused with the engine's words

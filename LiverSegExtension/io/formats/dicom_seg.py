@@ -1,0 +1,27 @@
+"""DICOM SEG (.dcm) as an output: LiverSeg writes it (:mod:`LiverSegExtension.io.dicom_seg`) and reads it onto a
+CT's grid, but never takes it for a CT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from LiverSegExtension.io.formats.base import VolumeFormat
+
+
+class DicomSeg(VolumeFormat):
+    """A DICOM Segmentation object in one file: masks only, read by pydicom and highdicom rather than ITK."""
+
+    name = "DICOM SEG"
+    suffixes = (".dcm",)
+    output = "dicom-seg"
+    volume = False
+
+    def check_written(self, path: Path, check_stream: bool = True) -> None:
+        """A whole SEG reads as DICOM and has its instance UID (pixel data are not read)."""
+        import pydicom
+
+        if not getattr(pydicom.dcmread(path, stop_before_pixels=True), "SOPInstanceUID", ""):
+            raise ValueError(f"{path}: no SOP Instance UID")
+
+
+DICOM_SEG = DicomSeg()
