@@ -8,9 +8,12 @@ per-condition benchmark (``benchmarks/conditions.py``) draw the same things.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:  # only ``scaled`` needs SimpleITK: the augmentations run where it is not installed
+    import SimpleITK as sitk
 
 # Enhancement by phase (HU of the liver parenchyma, HU of the blood pool), from the usual protocols: native
 # liver 50-70 (down to 15 when fatty), arterial aorta 250-400 with the liver barely enhanced, portal venous
@@ -105,6 +108,8 @@ def metal_behind_liver(img: np.ndarray, liver: np.ndarray, spacing_zyx: Sequence
 def scaled(image: sitk.Image, factor: float) -> sitk.Image:
     """The same voxels with every spacing times ``factor``: the body, liver included, ``factor`` times its
     size (0.6: a child's abdomen), the origin kept. Labels are scaled alike with this function."""
+    import SimpleITK as sitk
+
     out = sitk.Image(image)
     out.SetSpacing([s * factor for s in image.GetSpacing()])
     return out

@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.io import atomic_write
 from LiverSegExtension.model.catalog import CARD_FILE, ONNX_FILE, STAGES, WEIGHTS_FILE, ModelInfo, read_card, sha256_of
 from LiverSegExtension.model.unet import UNet
 
@@ -170,6 +169,8 @@ class LiverModel(ModelInfo):
     def save(self, folder: str | Path, extra_card: dict[str, Any] | None = None) -> Path:
         """Write weights, their ONNX twin and the card into ``folder`` (created); the card gets both files'
         sha256 and the ONNX check."""
+        from LiverSegExtension.io import atomic_write  # here: loading and building need no SimpleITK (io needs it)
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         card = {**self.card, **(extra_card or {})}
@@ -189,6 +190,8 @@ class LiverModel(ModelInfo):
         return self._write_onnx(Path(folder), dict(self.card))
 
     def _write_onnx(self, folder: Path, card: dict[str, Any]) -> Path:
+        from LiverSegExtension.io import atomic_write
+
         def write_onnx(tmp: str) -> None:
             card["onnx"] = export_onnx(self.networks, card, tmp)
             os.chmod(tmp, 0o644)

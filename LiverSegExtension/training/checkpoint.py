@@ -5,15 +5,17 @@ finished under its budget."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from LiverSegExtension.data.msd import LabelledCase
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.model.catalog import STAGES
-from LiverSegExtension.model.networks import LiverModel
 from LiverSegExtension.training.config import TrainConfig, peak_lr
+
+if TYPE_CHECKING:  # types only: the packed runner (scripts/device_train.py) checks settings without SimpleITK
+    from LiverSegExtension.data.msd import LabelledCase
+    from LiverSegExtension.model.networks import LiverModel
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -251,6 +251,16 @@ class FineTuneResult:
     rows: list[dict[str, Any]]
 
 
+def guard(parent: Path, out: Path, p: Plan, device: str, progress: Progress | None = None
+          ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The new model in ``out`` against its parent on the plan's cases: the comparison and the verdict, both
+    recorded in ``out`` (``comparison.csv``, the card); every way a fine-tune is made ends here."""
+    rows = compare(parent, out, p, device, progress)
+    verdict = decide(rows)
+    _record(out, rows, verdict, p)
+    return rows, verdict
+
+
 def _record(out: Path, rows: list[dict[str, Any]], verdict: dict[str, Any], p: Plan) -> None:
     """The comparison into ``comparison.csv`` and, with the verdict, into the new model's card."""
     fields = list(rows[0]) if rows else ["group", "case"]
@@ -315,9 +325,7 @@ def fine_tune(cfg: Any, replay: str | Path = "auto", holdout: int | None = None,
         log("scored by the guard: " + ", ".join(f"{c.name} ({p.groups[c.name]})" for c in p.guard))
     cfg.oversample = {**p.oversample, **cfg.oversample}
     train(cfg, progress=progress, split=(p.train, []))
-    rows = compare(Path(cfg.init), out, p, cfg.device, progress)
-    verdict = decide(rows)
-    _record(out, rows, verdict, p)
+    rows, verdict = guard(Path(cfg.init), out, p, cfg.device, progress)
     if rows:
         log(table(rows))
     log(f"comparison written to {out / COMPARISON}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,9 +21,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.losses import DiceCELoss
 from monai.utils import set_determinism
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from LiverSegExtension.data.metrics import case_metrics
 from LiverSegExtension.data.msd import LabelledCase, load_msd, to_grid
@@ -34,30 +31,12 @@ from LiverSegExtension.io import atomic_write
 from LiverSegExtension.model.catalog import STAGES
 from LiverSegExtension.model.devices import resolve_device
 from LiverSegExtension.model.networks import LiverModel
-from LiverSegExtension.training.augment import training_transforms
 from LiverSegExtension.training.card import architecture, save_model
 from LiverSegExtension.training.checkpoint import CHECKPOINT, budget, finished_run, resume, run_settings
-from LiverSegExtension.training.config import TrainConfig, peak_lr
+from LiverSegExtension.training.config import TrainConfig
+from LiverSegExtension.training.steps import StageSteps, sample_stream, stage_budget
 
 LOG = "training_log.csv"
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _log(msg: str) -> None:
@@ -112,18 +91,6 @@ def validate(model: LiverModel, val: list[tuple[str, sitk.Image, np.ndarray]], d
     return rows
 
 
-def _batch(
-    items: list[dict], transform: Callable, batch_size: int, rng: random.Random, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = [], []
-    for _ in range(batch_size):
-        out = transform(rng.choice(items))
-        out = out[0] if isinstance(out, list) else out
-        images.append(torch.as_tensor(np.asarray(out["image"]), dtype=torch.float32))
-        labels.append(torch.as_tensor(np.asarray(out["label"]), dtype=torch.float32))
-    return torch.stack(images).to(device), torch.stack(labels).to(device)
-
-
 def _tensorboard(out: Path):
     """A TensorBoard writer in OUTPUT/tensorboard when tensorboard is installed, else None (CSV only)."""
     try:
@@ -131,10 +98,6 @@ def _tensorboard(out: Path):
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(out / "tensorboard"))
-
-
-def _new_ema(net: torch.nn.Module, decay: float) -> AveragedModel | None:
-    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay > 0 else None
 
 
 @contextmanager
@@ -162,6 +125,14 @@ def _starting_model(parent: LiverModel | None, device: torch.device | str) -> Li
     return model
 
 
+def check_config(cfg: TrainConfig, train_cases: list[LabelledCase]) -> None:
+    """Refuse what a run could not do: stages left out with nothing to keep them from, oversampling a case that is
+    not trained on."""
+    if set(STAGES) - set(cfg.stages) and cfg.init is None:
+        raise LiverSegError(f"training only the {', '.join(cfg.stages)} stage needs --init: the others are kept from it")
+    unknown = sorted(set(cfg.oversample) - {c.name for c in train_cases})
+    if unknown:
+        raise LiverSegError(f"oversampled case(s) not among the training cases: {', '.join(unknown)}")
 
 
 def train(cfg: TrainConfig, progress: Progress | None = None,
@@ -178,11 +149,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None,
         train_cases, val_cases = split_cases(cases, cfg.val_cases)
     else:
         train_cases, val_cases = split
-    if set(STAGES) - set(cfg.stages) and cfg.init is None:
-        raise LiverSegError(f"training only the {', '.join(cfg.stages)} stage needs --init: the others are kept from it")
-    unknown = sorted(set(cfg.oversample) - {c.name for c in train_cases})
-    if unknown:
-        raise LiverSegError(f"oversampled case(s) not among the training cases: {', '.join(unknown)}")
+    check_config(cfg, train_cases)
     if finished_run(cfg.output, cfg):
         _log(f"{cfg.output}: this run is already finished ({cfg.iterations} iterations); "
              "give more --iterations to go on, or train into a new --output")
@@ -202,8 +169,6 @@ class _Run:
     """One training run: its model, where it stands (resumed from the checkpoint when there is one), its log,
     and the best model so far, always a whole model folder in the output."""
 
-    SHARES = {"coarse": 0.25, "fine": 0.75}  # of a time budget, per stage
-
     def __init__(self, cfg: TrainConfig, train_cases: list[LabelledCase], val_cases: list[LabelledCase],
                  progress: Progress | None) -> None:
         self.cfg, self.train_cases, self.progress = cfg, train_cases, progress
@@ -216,15 +181,13 @@ class _Run:
         self.model = _starting_model(self.parent, self.device)
         self.ckpt_path = self.out / CHECKPOINT
         self.state, self.optim_state, self.ema_state = resume(self.ckpt_path, self.model, self.settings)
-        # The samples' random stream, seeded by where the run stands: a resumed run draws on, not again.
-        self.rng = random.Random(cfg.seed + int(self.state["iteration"]) + 1000 * int(self.state["stage_index"]))
+        self.rng = sample_stream(cfg.seed, int(self.state["stage_index"]), int(self.state["iteration"]))
         self.budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         new_log = not (self.out / LOG).is_file()
         self.log_file = open(self.out / LOG, "a", newline="")
         self.writer = csv.writer(self.log_file)
         if new_log:
             self.writer.writerow(["stage", "iteration", "loss", "val_dice", "elapsed_s"])
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.board = _tensorboard(self.out)
         self.best_rows: list[dict[str, Any]] = []
         self.t_start = time.perf_counter() - float(self.state["elapsed"])
@@ -258,53 +221,23 @@ class _Run:
 
     def stage(self, si: int, stage: str) -> None:
         """Train one stage's network from where the run stands, validating and saving the best on the way."""
-        cfg, state, net = self.cfg, self.state, self.model.networks[stage]
         spec = self.model.stage(stage)
         _log(f"[{stage}] preparing {len(self.train_cases)} training cases at {spec['spacing_mm']} mm")
-        items = [item for item in prepare(self.train_cases, spec["spacing_mm"])
-                 for _ in range(max(1, cfg.oversample.get(item["name"], 1)))]
-        transform = training_transforms(stage, self.model.window, spec["patch_size"], min(spec["spacing_mm"]))
-        transform.set_random_state(seed=cfg.seed + si + int(state["iteration"]))
-        lr = peak_lr(cfg)
-        optim = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-        start_it = int(state["iteration"]) if si == int(state["stage_index"]) else 0
-        ema = _new_ema(net, cfg.ema)
-        if self.optim_state is not None and start_it > 0:
-            optim.load_state_dict(self.optim_state)
-            if ema is not None and self.ema_state is not None:
-                ema.load_state_dict(self.ema_state)
+        items = prepare(self.train_cases, spec["spacing_mm"])
+        start = int(self.state["iteration"]) if si == int(self.state["stage_index"]) else 0
+        steps = StageSteps(self.cfg, stage, si, self.model.networks[stage], self.model.window, spec, items, start,
+                           self.device, self.optim_state, self.ema_state)
         self.optim_state = self.ema_state = None
-        averaged = ema.module if ema is not None else net
-        n_it = max(1, cfg.iterations // 2) if stage == "coarse" else cfg.iterations
-        stage_budget = self.budget_s * (self.SHARES[stage] if stage == "coarse" else 1.0)
-        batch = cfg.batch_size * (2 if stage == "coarse" else 1)
-        running = None
-        self.reached = start_it
-        for it in range(start_it, n_it):
-            if self.elapsed() > stage_budget:
-                _log(f"[{stage}] time budget reached at iteration {it}")
-                break
-            for g in optim.param_groups:  # cosine decay over the stage
-                ramp = min(1.0, (it + 1) / (cfg.warmup * n_it)) if cfg.warmup > 0 else 1.0
-                g["lr"] = lr * ramp * 0.5 * (1 + math.cos(math.pi * it / n_it))
-            x, y = _batch(items, transform, batch, self.rng, self.device)
-            optim.zero_grad(set_to_none=True)
-            loss = self.loss_fn(net(x), y)
-            loss.backward()
-            optim.step()
-            if ema is not None:
-                ema.update_parameters(net)
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            done = self.reached = it + 1
-            self.tell(stage, done, n_it, running)
-            val_dice = self.validate_and_keep(stage, done, n_it, running, averaged)
-            self.write_log(stage, done, n_it, running, val_dice)
-            if done % 50 == 0 or done == n_it:
-                self.save_checkpoint(si, done, optim=optim.state_dict(),
-                                     **({"ema": ema.state_dict()} if ema is not None else {}))
-        state["iteration"] = 0
-        if ema is not None:  # the stage ends with its averaged weights (the coarse net the fine stage uses)
-            net.load_state_dict(ema.module.state_dict())
+        self.reached = start
+        for done, running in steps.run(self.rng, self.elapsed, stage_budget(self.budget_s, stage), _log):
+            self.reached = done
+            self.tell(stage, done, steps.n_it, running)
+            val_dice = self.validate_and_keep(stage, done, steps.n_it, running, steps.averaged)
+            self.write_log(stage, done, steps.n_it, running, val_dice)
+            if steps.checkpoint_due(done):
+                self.save_checkpoint(si, done, **steps.resume_state())
+        self.state["iteration"] = 0
+        steps.end()
         if stage == "coarse":
             self.save_checkpoint(si + 1, 0)
 
@@ -348,11 +281,3 @@ class _Run:
         self.log_file.close()
         if self.board is not None:
             self.board.close()
-
-
-
-
-
-
-
-
