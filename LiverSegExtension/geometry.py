@@ -118,6 +118,23 @@ class Grid:
         return np.asarray(self.origin) + np.asarray(index_xyz, dtype=float) * np.asarray(self.spacing)
 
 
+def _edge_padded(image: sitk.Image, grid: Grid) -> sitk.Image:
+    """``image`` with its edge voxels replicated once on each side that ``grid`` reaches past its voxel centres.
+
+    A grid laid over a scan's outermost voxel centres (``Grid.covering``) overhangs them by up to half a grid voxel.
+    ITK reads the edge out to half an input voxel and ``default`` beyond, and a block average drops a remainder of
+    voxels: whether a face of the grid read the scan or a slab of air then depended on rounding, and the network saw
+    the body end at some faces and not others. The same 120 mm crop of a CT at 0.57 mm and at 0.3 mm gave masks
+    agreeing at Dice 0.91; reading the edge there, 0.98. Grids inside the scan (the fine box of a larger one) are
+    untouched and need no copy."""
+    corners = np.array([grid.index_to_physical(np.array([i, j, k]) * (np.array(grid.size) - 1))
+                        for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    index = np.array([image.TransformPhysicalPointToContinuousIndex([float(v) for v in c]) for c in corners])
+    lower = [int(v) for v in index.min(axis=0) < 1e-6]
+    upper = [int(v) for v in index.max(axis=0) > np.array(image.GetSize()) - 1 - 1e-6]
+    return sitk.ZeroFluxNeumannPad(image, lower, upper) if any(lower) or any(upper) else image
+
+
 def resample_to_grid(
     image: sitk.Image,
     grid: Grid,
@@ -128,18 +145,15 @@ def resample_to_grid(
     """Resample ``image`` onto ``grid``.
 
     Before a large downsampling the input is block-averaged (``BinShrink``) by the integer part of the
-    spacing ratio: a cheap anti-aliasing that never makes a float copy of the whole input. Linear resampling
-    treats the scan as extending to its edge (the outer half of its edge voxels), not to its voxel centres.
+    spacing ratio: a cheap anti-aliasing that never makes a float copy of the whole input. With linear
+    interpolation, grid points up to one (block-averaged) voxel past the outermost voxel centres read the edge
+    voxels (see :func:`_edge_padded`); points further out read ``default``.
     """
     factors = [max(1, min(n, int(np.floor(g / s + 1e-3)))) for g, s, n in zip(grid.spacing, image.GetSpacing(), image.GetSize())]
     if interpolator == sitk.sitkLinear:
         if any(f > 1 for f in factors):
             image = sitk.BinShrink(image, factors)
-        # Grid points between the outermost voxel centres and the scan's edge (half a voxel, more after a
-        # BinShrink that drops a remainder) read the edge voxel, not `default`: a slab of air there made the
-        # network see the body end at every face of a small scan, and the same crop at 0.3 mm and 0.57 mm
-        # disagree (Dice 0.91). One replicated voxel on each side; points further out still read `default`.
-        image = sitk.ZeroFluxNeumannPad(image, [1, 1, 1], [1, 1, 1])
+        image = _edge_padded(image, grid)
     out_type = image.GetPixelID() if pixel_type is None else pixel_type
     return sitk.Resample(image, grid.reference(), sitk.Transform(), interpolator, default, out_type)
 

@@ -209,6 +209,33 @@ def test_a_checkpoint_of_another_pack_is_refused(tmp_path, on_grid_data, tiny_mo
                      "--device", "cpu", env=lent_machine_env)
     assert r.returncode == 1 and "written by a run with other settings (seed 1 then, 2 now)" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "b" / "weights.safetensors").exists()
+    r = device_train("finish", "--pack", packs[1], "--weights", tmp_path / "a", "--output", tmp_path / "m", "--device",
+                     "cpu")
+    assert r.returncode == 1 and "a run of another pack" in r.stderr and not (tmp_path / "m").exists()
+
+
+@pytest.mark.process
+def test_a_run_stopped_between_its_weights_and_their_final_name_goes_on(tmp_path, on_grid_data, tiny_model_dir,
+                                                                         lent_machine_env):
+    """Killed after the checkpoint and run.json named the new weights, before they replaced the old: both the
+    resume and finish take the new ones, and the old file is not mistaken for them."""
+    pack = tmp_path / "pack"
+    r = device_train("pack", "--data", on_grid_data, "--out", pack, "--init", tiny_model_dir, "--val-cases", "case2",
+                     "--iterations", 3)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    r = device_train("run", "--pack", pack, "--out", run, "--device", "cpu", "--stop-after", 1, env=lent_machine_env)
+    assert r.returncode == 0, r.stderr
+    new = (run / "weights.safetensors").read_bytes()
+    (run / "weights.safetensors").rename(run / "weights.safetensors.next")
+    (run / "weights.safetensors").write_bytes(b"the weights before")
+    r = device_train("finish", "--pack", pack, "--weights", run, "--output", tmp_path / "model", "--device", "cpu")
+    assert r.returncode in (0, 1) and "error" not in r.stderr, r.stderr
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == new
+    r = device_train("run", "--pack", pack, "--out", run, "--device", "cpu", env=lent_machine_env)
+    assert r.returncode == 0 and "resuming from" in r.stdout and "iteration 1" in r.stdout, r.stderr
+    assert not (run / "weights.safetensors.next").exists()
+    assert json.loads((run / "run.json").read_text())["stages"]["fine"]["iterations"] == 3
 
 
 @pytest.mark.process  # asks git what the repository carries

@@ -134,3 +134,23 @@ def test_a_mask_image_built_once_is_written_as_the_array_is(tmp_path):
     assert not built.GetMetaDataKeys()  # the segment's fields were set on the image for the write only
     with pytest.raises(ValueError):
         write_mask(values, None, tmp_path / "b.nii.gz")
+
+
+def test_a_slicer_segmentation_beside_its_ct_is_not_taken_for_a_second_ct(tmp_path):
+    """`CT.seg.nrrd` holds masks: a folder holding it beside `CT.nrrd` is one case, named `CT`."""
+    from LiverSegExtension.io import expand_inputs, output_names
+
+    image = image_from_array(np.zeros((6, 7, 8), np.int16), make_affine((1.0, 1.0, 2.0), (6, 7, 8)))
+    sitk.WriteImage(image, str(tmp_path / "CT.nrrd"))
+    write_mask(np.ones((6, 7, 8), np.uint8), image, tmp_path / "CT.seg.nrrd")
+    cases = expand_inputs([tmp_path])
+    assert [c.source.name for c in cases] == ["CT.nrrd"]
+    assert output_names(cases) == ["CT"]
+
+
+def test_a_mask_is_not_written_as_dicom_seg_by_the_volume_writer(tmp_path):
+    """A DICOM SEG needs the series it references: `write_mask` says so instead of writing a plain DICOM image."""
+    image = image_from_array(np.zeros((6, 7, 8), np.int16), make_affine((1.0, 1.0, 2.0), (6, 7, 8)))
+    with pytest.raises(LiverSegError, match="DICOM SEG is written from a DICOM series"):
+        write_mask(np.ones((6, 7, 8), np.uint8), image, tmp_path / "mask.dcm")
+    assert not any(tmp_path.iterdir())

@@ -16,7 +16,7 @@ from LiverSegExtension.data.msd import load_msd
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.geometry import canonical, same_grid
 from LiverSegExtension.io import MASK_MARK, atomic_write, format_of, output_stem, read_image
-from LiverSegExtension.io.formats import DICOM_SEG
+from LiverSegExtension.io.formats import DICOM_SEG, SEG_NRRD
 
 COLUMNS = ["case", "dice", "nsd_2mm", "hd95_mm", "msd_mm", "pred_ml", "ref_ml", "volume_error_pct", "note", "error"]
 
@@ -60,7 +60,7 @@ def _named(folder: Path, predictions: bool) -> dict[str, Path]:
     for p in sorted(folder.rglob("*")):
         kind = format_of(p)
         seg = predictions and kind is DICOM_SEG and output_stem(p.name) is not None
-        if kind is None or not (kind.volume or seg) or not p.is_file() or p.name.startswith("."):
+        if kind is None or not (kind.volume or kind is SEG_NRRD or seg) or not p.is_file() or p.name.startswith("."):
             continue
         stem = kind.stem(p.name)
         name = (p.parent.relative_to(folder) / (_strip(stem) if predictions else stem)).as_posix()

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io.cases import LIVER_SEGMENT
 from LiverSegExtension.io.files import atomic_write
-from LiverSegExtension.io.formats import VolumeFormat, format_of
+from LiverSegExtension.io.formats import DICOM_SEG, VolumeFormat, format_of
 from LiverSegExtension.io.read import _first_line
 
 
@@ -31,6 +31,9 @@ def write_mask(mask: np.ndarray | sitk.Image, reference: sitk.Image | None, path
     (:func:`~LiverSegExtension.io.formats.nifti.mask_header`)."""
     path = Path(path)
     target = format_of(path) or VolumeFormat()
+    if target is DICOM_SEG:  # it references the source's slices, which a mask and its grid do not name
+        raise LiverSegError(f"{path}: a DICOM SEG is written from a DICOM series (--format dicom-seg); "
+                            "write .nii.gz, .nrrd or .seg.nrrd here")
     built = mask if isinstance(mask, sitk.Image) else None
     if built is None and reference is None:
         raise ValueError("write_mask needs the reference image for a mask given as an array")
@@ -61,6 +64,6 @@ def _written_whole(target: VolumeFormat, path: Path) -> bool:
     and a NIfTI's length is the header's (for .nii.gz, the gzip trailer's: nothing is decompressed again)."""
     try:
         target.check_written(path, check_stream=False)
-    except (LiverSegError, RuntimeError):
+    except Exception:  # noqa: BLE001 - whatever a format's reader raises, the file is not whole
         return False
     return True

@@ -27,14 +27,19 @@ def show_error(text: str, details: str = "") -> None:
 
 
 @contextlib.contextmanager
-def outcome_shown(run, label, what: str, failed: str, cancelled: str = "", crashed: str = "") -> Iterator[None]:
+def outcome_shown(run, label, what: str, failed: str, cancelled: str | None = None, crashed: str | None = None
+                  ) -> Iterator[None]:
     """Read an ended run's outcome in the body: a cancel and the user's errors (``LiverSegError``) are told on
     ``label`` (``cancelled``, ``failed``; the error in a dialog with the run's details); anything else is a bug,
     logged with its traceback and shown (``crashed`` on the label), and Slicer keeps running."""
     try:
         yield
-    except CancelledError:
-        label.text = cancelled
+    except CancelledError as exc:
+        if cancelled is None:  # a run that cannot be cancelled: as any other failure
+            label.text = failed
+            show_error(str(exc), run.details)
+        else:
+            label.text = cancelled
     except LiverSegError as exc:
         label.text = failed
         show_error(str(exc), run.details)

@@ -48,10 +48,12 @@ def is_volume_name(path: str | Path) -> bool:
 
 
 def volume_stem(path: str | Path) -> str:
-    """A file's name without its volume format (``ct`` for ``ct.nii.gz`` or ``CT.NRRD``'s ``CT``): the one place
-    where volume suffixes are taken off."""
+    """A file's name without its image format (``ct`` for ``ct.nii.gz`` or ``CT.NRRD``'s ``CT``, ``a_liver`` for
+    ``a_liver.seg.nrrd``): the one place where those suffixes are taken off. ``.dcm`` stays: a DICOM file's name
+    is a slice's or a SEG's, never a case's."""
     name = Path(path).name
-    return split_suffix(name)[0] if is_volume_name(name) else name
+    found = format_of(name)
+    return split_suffix(name)[0] if found is not None and found is not DICOM_SEG else name
 
 
 def raw_layout(path: Path) -> RawLayout | None:

@@ -74,6 +74,7 @@ class SegNrrd(Nrrd):
     name = "Slicer segmentation"
     suffixes = (".seg.nrrd",)
     output = "seg.nrrd"
+    volume = False  # masks, never a CT: a folder's `CT.seg.nrrd` beside `CT.nrrd` is not a second case
 
     def write_image(self, image: sitk.Image, target: str, segment: dict | None = None) -> None:
         """One binary labelmap layer holding ``segment`` (name, color, terminology), label value 1."""

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[3]  # the repository: what travels to a 
 
 CASES, MANIFEST, INIT_WEIGHTS = "cases.npz", "manifest.json", "init.safetensors"
 WEIGHTS, RUN_INFO, CHECKPOINT = "weights.safetensors", "run.json", "checkpoint.pt"
+NEXT_WEIGHTS = WEIGHTS + ".next"  # written first: the checkpoint and run.json name it before it replaces WEIGHTS
 MIB = 2**20
 PACK_LIMIT = 40 * MIB  # pack and wheels: beside the repository's files, within the 64 MiB that travel
 FILE_LIMIT = 16 * MIB  # each file that comes back from the lent machine
@@ -81,3 +82,14 @@ def split_cases_as_train(cfg: Any, replay: str, holdout: int | None) -> tuple[li
         train_cases, val_cases = split_cases([c for d in cfg.data for c in load_msd(d)], cfg.val_cases)
     check_config(cfg, train_cases)
     return train_cases, val_cases, p
+
+
+def current_weights(folder: Path, sha256: str) -> Path | None:
+    """The run's weights file whose sha256 the checkpoint or ``run.json`` names: ``weights.safetensors``, or the
+    ``.next`` one when the run was stopped after naming it and before it took the final name; None if neither."""
+    from LiverSegExtension.model.catalog import sha256_of
+
+    for name in (WEIGHTS, NEXT_WEIGHTS):
+        if (folder / name).is_file() and sha256_of(folder / name) == sha256:
+            return folder / name
+    return None

@@ -16,6 +16,7 @@ from LiverSegExtension.training.packed.common import (
     WEIGHTS,
     atomic,
     config_of,
+    current_weights,
     read_manifest,
     say,
     split_cases_as_train,
@@ -38,14 +39,18 @@ def _write_log(out: Path, info: dict[str, Any]) -> None:
     atomic(out / LOG, write)
 
 
-def _run_info(run_dir: Path) -> dict[str, Any]:
-    info_path, weights = run_dir / RUN_INFO, run_dir / WEIGHTS
-    if not info_path.is_file() or not weights.is_file():
+def _run_info(run_dir: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """The run's ``run.json`` and the weights it names, checked to be a run of this pack."""
+    info_path = run_dir / RUN_INFO
+    if not info_path.is_file():
         raise LiverSegError(f"{run_dir}: not a packed run's folder (needs {WEIGHTS} and {RUN_INFO})")
     info = json.loads(info_path.read_text())
-    if sha256_of(weights) != info["weights_sha256"]:
-        raise LiverSegError(f"{weights}: not the weights {info_path} describes")
-    return info
+    if info.get("settings") != {**manifest["settings"], "pack": manifest["cases_sha256"]}:
+        raise LiverSegError(f"{run_dir}: a run of another pack (other cases or settings): finish it with its own pack")
+    weights = current_weights(run_dir, info["weights_sha256"])
+    if weights is None:
+        raise LiverSegError(f"{run_dir / WEIGHTS}: not the weights {info_path} describes")
+    return info, weights
 
 
 def finish(args: argparse.Namespace) -> int:
@@ -55,7 +60,8 @@ def finish(args: argparse.Namespace) -> int:
     from LiverSegExtension.training.loop import load_validation, validate
 
     run_dir, out = Path(args.weights), Path(args.output)
-    manifest, info = read_manifest(Path(args.pack)), _run_info(run_dir)
+    manifest = read_manifest(Path(args.pack))
+    info, weights = _run_info(run_dir, manifest)
     cfg = config_of(manifest, out)
     train_cases, val_cases, p = split_cases_as_train(cfg, manifest["replay"], manifest["holdout"])
     if [c.name for c in train_cases] != manifest["cases"] or [c.name for c in val_cases] != manifest["validation_cases"]:
@@ -63,7 +69,7 @@ def finish(args: argparse.Namespace) -> int:
     if cfg.init and sha256_of(cfg.init / WEIGHTS_FILE) != manifest["init"]["weights_sha256"]:
         raise LiverSegError(f"{cfg.init}: its weights changed since the pack was made from it")
     model = LiverModel.new(manifest["architecture"])
-    load_weights(model, run_dir / WEIGHTS, "the run's")
+    load_weights(model, weights, "the run's")
     if not info["finished"]:
         say(f"the run stopped at {info['stands_at']['stage']} iteration {info['stands_at']['iteration']}: "
              "the model is the moving average of the weights so far")

@@ -22,12 +22,14 @@ from LiverSegExtension.training.packed.common import (
     CHECKPOINT,
     FILE_LIMIT,
     MANIFEST,
+    NEXT_WEIGHTS,
     ROOT,
     RUN_INFO,
     SHARD_BYTES,
     WEIGHTS,
     atomic,
     config_of,
+    current_weights,
     mib,
     read_manifest,
     say,
@@ -155,10 +157,10 @@ class _Runner:
 
         ckpt, tensors = load_checkpoint(path)
         check_resume(path, ckpt.get("settings"), self.settings)
-        weights = path.parent / WEIGHTS
-        if not weights.is_file() or sha256_of(weights) != ckpt["weights_sha256"]:
-            raise LiverSegError(f"{weights}: not the weights written with {path} (the run stopped between the two); "
-                                "resume from the checkpoint before, or start again")
+        weights = current_weights(path.parent, ckpt["weights_sha256"])
+        if weights is None:
+            raise LiverSegError(f"{path.parent / WEIGHTS}: not the weights written with {path}: resume from that "
+                                "checkpoint's own folder, or start again")
         averaged = load_weights(self.model, weights, "the run's")
         self.state = {k: ckpt[k] for k in self.state}
         si, it = int(ckpt["stage_index"]), int(ckpt["iteration"])
@@ -250,12 +252,15 @@ class _Runner:
             os.chmod(tmp, 0o644)  # safetensors creates 0600
             self.weights_sha = sha256_of(tmp)
 
-        atomic(self.out / WEIGHTS, write_weights)
+        # Weights, checkpoint and run.json agree whenever the run is stopped: the new weights are named by the other
+        # two before they replace the old (see common.current_weights).
+        atomic(self.out / NEXT_WEIGHTS, write_weights)
         calls = [*self.state["calls"], self.call_record()]
         plain = {**self.state, "stage_index": si, "iteration": it, "elapsed": self.state["elapsed"] + self.elapsed(),
                  "settings": self.settings, "weights_sha256": self.weights_sha, "optim_groups": groups, "calls": calls}
         save_checkpoint(self.out, plain, {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
         self.report(si, it, calls)
+        os.replace(self.out / NEXT_WEIGHTS, self.out / WEIGHTS)
 
     def call_record(self) -> dict[str, Any]:
         """This call: where it started, on what, for how long, and its seconds per iteration by stage."""
@@ -273,8 +278,9 @@ class _Runner:
                 "stages": {s: {"trained": s in self.cfg.stages, "iterations": int(self.state["reached"][s]),
                                "of": stage_iterations(self.cfg, s)} for s in STAGES},
                 "seconds": round(self.state["elapsed"] + self.elapsed(), 1), "calls": calls,
-                "weights_sha256": self.weights_sha, "loss": self.state["curve"],
-                "files": {f.name: f.stat().st_size for f in sorted(self.out.iterdir()) if f.is_file() and f.name != RUN_INFO}}
+                "weights_sha256": self.weights_sha, "settings": self.settings, "loss": self.state["curve"],
+                "files": {(WEIGHTS if f.name == NEXT_WEIGHTS else f.name): f.stat().st_size for f in sorted(self.out.iterdir())
+                          if f.is_file() and f.name not in (RUN_INFO, WEIGHTS)}}
         atomic(self.out / RUN_INFO, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1) + "\n"))
 
 
