@@ -9,7 +9,7 @@ from synthetic import LIVER_CENTER_RAS, LIVER_RADII, make_affine, phantom, ras_g
 
 from LiverSegExtension.data.metrics import dice
 from LiverSegExtension.geometry import Grid, ijk_to_ras_of, image_from_array, resample_to_grid
-from LiverSegExtension.inference import segmenter as inference
+from LiverSegExtension.inference.postprocess import spine_warning
 from LiverSegExtension.io import read_image, write_mask
 
 GRIDS = {
@@ -282,11 +282,11 @@ def test_spine_check_measures_each_axis_in_its_own_spacing():
     liver = np.zeros(volume.shape, dtype=bool)
     liver[:, 5:15, 5:35] = True  # centre: y 9.5, x 19.5
     volume[:, 18:22, 18:30] = 400.0  # the spine: y 19.5, x 23.5, behind the liver and on its left
-    assert inference.spine_warning(volume, liver, (1.0, 3.0, 2.0), "s") is None
-    turned = inference.spine_warning(volume[:, ::-1], liver[:, ::-1], (1.0, 3.0, 2.0), "s")  # front-back mirrored
+    assert spine_warning(volume, liver, (1.0, 3.0, 2.0), "s") is None
+    turned = spine_warning(volume[:, ::-1], liver[:, ::-1], (1.0, 3.0, 2.0), "s")  # front-back mirrored
     assert turned == ("s: the spine lies in front of the liver found (30 mm); check the image's orientation "
                       "(front and back swapped, or the image turned?)")
-    mirrored = inference.spine_warning(volume[:, :, ::-1], liver[:, :, ::-1], (4.0, 3.0, 2.0), "s")  # x 4 mm
+    mirrored = spine_warning(volume[:, :, ::-1], liver[:, :, ::-1], (4.0, 3.0, 2.0), "s")  # x 4 mm
     assert mirrored is not None and "left of the spine (16 mm)" in mirrored  # 4 voxels of 4 mm
 
 

@@ -70,11 +70,11 @@ def test_missing_and_invalid_model_folders(tmp_path):
 
 
 def test_no_trained_model_is_said_plainly(monkeypatch, tmp_path):
-    from LiverSegExtension.inference import segmenter as inference
+    from LiverSegExtension.inference import segmenter
 
-    monkeypatch.setattr(inference, "default_model_dir", lambda: None)
+    monkeypatch.setattr(segmenter, "default_model_dir", lambda: None)
     with pytest.raises(LiverSegError, match="no trained LiverSeg model is installed"):
-        inference.LiverSegmenter(None, device="cpu")
+        segmenter.LiverSegmenter(None, device="cpu")
 
 
 def test_segment_array_progress_and_cancel(tiny_model_dir):
