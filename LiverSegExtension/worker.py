@@ -171,7 +171,7 @@ def main() -> int:
     channel = _Channel()
     try:
         import LiverSegExtension.inference.segmenter  # noqa: F401 - all the engine needs: "ready" means the first request is quick
-        from LiverSegExtension.model.runtimes import available_devices, runtimes_installed
+        from LiverSegExtension.model.environment import available_devices, runtimes_installed
 
         channel.send(protocol.ready(os.getpid(), runtimes_installed(), available_devices()))
     except ImportError as exc:  # the door installs the packages; say which one is missing

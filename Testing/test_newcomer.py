@@ -89,16 +89,16 @@ def test_view_says_when_the_mask_is_nowhere_on_the_ct(ct_and_label, tmp_path):
 
 
 def test_train_on_the_light_install_says_what_to_install(monkeypatch, tmp_path):
-    from LiverSegExtension.model import runtimes
+    from LiverSegExtension.model import environment
 
-    real = runtimes.installed
-    monkeypatch.setattr(runtimes, "installed", lambda m: False if m in ("torch", "monai") else real(m))
+    real = environment.installed
+    monkeypatch.setattr(environment, "installed", lambda m: False if m in ("torch", "monai") else real(m))
     r = run_cli("train", "--data", tmp_path, "--output", tmp_path / "m")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert "needs torch, monai" in line and "pip install 'torch>=2.0' 'monai>=1.3'" in line
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["torch"]
-    assert list(runtimes.TORCH_EXTRA) == extra  # the hint installs what the torch extra does
+    assert list(environment.TORCH_EXTRA) == extra  # the hint installs what the torch extra does
 
 
 def test_small_things_a_newcomer_meets(tmp_path, capsys):

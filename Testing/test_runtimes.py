@@ -122,7 +122,7 @@ def test_the_gpu_probe_imports_torch_only_for_a_build_that_can_reach_one(tmp_pat
     (fake / "__init__.py").write_text("class cuda:\n    is_available = staticmethod(lambda: False)\n"
                                       "    device_count = staticmethod(lambda: 0)\n"
                                       "class backends:\n    mps = None\n")
-    code = ("import sys; from LiverSegExtension.model.runtimes import available_devices, torch_may_reach_gpu; "
+    code = ("import sys; from LiverSegExtension.model.environment import available_devices, torch_may_reach_gpu; "
             "print(torch_may_reach_gpu(), available_devices(), 'torch' in sys.modules, sys.modules.get('torch'))")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{__import__('conftest').ROOT}"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,

@@ -58,7 +58,7 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's subparsers action
 
 def needs_torch_extra(command: str) -> None:
     """The commands that train run on PyTorch and MONAI (the torch extra): one line when they are missing."""
-    from LiverSegExtension.model.runtimes import TORCH_HINT, installed
+    from LiverSegExtension.model.environment import TORCH_HINT, installed
 
     missing = [m for m in ("torch", "monai", "safetensors") if not installed(m)]
     if missing:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.model.runtimes import TORCH_HINT, available_devices, installed
+from LiverSegExtension.model.environment import TORCH_HINT, available_devices, installed
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 

@@ -31,7 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from LiverSegExtension.errors import CancelledError, LiverSegError
-from LiverSegExtension.model.runtimes import GPU_DEVICES, TORCH_EXTRA, installed
+from LiverSegExtension.model.environment import GPU_DEVICES, TORCH_EXTRA, installed
 from LiverSegLib.installer import PID_LINE
 
 #: What segmenting on the CPU needs beyond Slicer's own packages (import name -> requirement).

@@ -184,7 +184,7 @@ class BatchDoor:
     def __init__(self, args: argparse.Namespace, notes: list[str]) -> None:
         from LiverSegLib.logic import LiverSegLogic
 
-        from LiverSegExtension.model.runtimes import torch_may_reach_gpu
+        from LiverSegExtension.model.environment import torch_may_reach_gpu
 
         self.args, self.notes = args, notes
         self.logic = LiverSegLogic()
