@@ -739,7 +739,7 @@ def test_reload_executes_the_module_s_code_anew_and_reload_and_test_shows_a_skip
 
 
 def test_error_dialogs_show_no_none_details(scene, monkeypatch):
-    from LiverSegLib.widget import show_error
+    from LiverSegLib.progress import show_error
 
     shown = []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: shown.append((text, kwargs)))

@@ -47,11 +47,6 @@ class ReviewCase:
         rank = 0 if self.status == "failed" else 1 if (self.status in ("warning", "empty") or self.warning) else 2
         return rank, -(self.uncertainty if self.uncertainty is not None else -1.0), self.name
 
-    @property
-    def probability(self) -> Path | None:
-        """The liver probability map written beside the mask (``--probabilities``), if it is there."""
-        return probability_beside(self.mask)
-
 
 def probability_beside(mask: Path | None) -> Path | None:
     """The liver probability map written beside a mask (``--probabilities``), if it is there."""

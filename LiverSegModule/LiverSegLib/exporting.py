@@ -92,7 +92,7 @@ def export_provenance(segmentationNode, annotator: str, modelName: str | None,  
                       provenance: dict[str, Any] | None) -> dict[str, Any]:
     """What an export records of its case, in both ways of exporting: the model that made the draft, the
     annotator, the one-click fixes applied, and what the caller adds (a review's batch row)."""
-    return {"model": modelName or segmentationNode.GetAttribute("LiverSeg.Model") or None,
+    return {"model": modelName or segmentationNode.GetAttribute(mrml.MODEL_ATTRIBUTE) or None,
             "annotator": annotator or None,
             "one_click_fixes": json.loads(segmentationNode.GetAttribute(FIXES_ATTRIBUTE) or "[]") or None,
             **(provenance or {})}

@@ -30,11 +30,11 @@ from LiverSegExtension import protocol
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.inference import masktext
 from LiverSegLib import mrml
-from LiverSegLib.corrections import FIXES_ATTRIBUTE, CorrectionsMixin
+from LiverSegLib.corrections import CorrectionsMixin
 from LiverSegLib.engine import EngineProcess, SegmentRun, TrainRun, outcome
 from LiverSegLib.exporting import ExportMixin
 
-__all__ = ["FIXES_ATTRIBUTE", "LiverSegLogic", "SlicerResult", "outcome"]
+__all__ = ["LiverSegLogic", "SlicerResult"]
 
 
 def _text(path: str | None) -> str | None:
@@ -240,7 +240,7 @@ class LiverSegLogic(CorrectionsMixin, ExportMixin, ScriptedLoadableModuleLogic):
             raise
         # Keep the model's draft and name with the node (saved with the scene, so a restart of Slicer
         # loses neither): the export measures how much the annotator changed.
-        segmentation.SetAttribute("LiverSeg.Model", model_name)
+        segmentation.SetAttribute(mrml.MODEL_ATTRIBUTE, model_name)
         segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, draft or masktext.encode_mask(mask))
         if uncertain is None and probability is not None and tuple(probability.shape) == tuple(expected):
             from LiverSegExtension.inference.masktext import uncertain_band

@@ -11,6 +11,7 @@ from LiverSegExtension.io import LIVER_SEGMENT
 
 SEGMENT_NAME = LIVER_SEGMENT["name"]
 DRAFT_ATTRIBUTE = "LiverSeg.Draft"
+MODEL_ATTRIBUTE = "LiverSeg.Model"  # the model that made the segment's mask
 UNCERTAIN_ATTRIBUTE = "LiverSeg.Uncertain"  # where the model hesitated (0.1 < p < 0.9), on the volume's grid
 UNCERTAIN_SEGMENT = "Liver: uncertain"  # shown on request, never exported (the export takes "Liver" only)
 UNCERTAIN_COLOR = (255, 215, 0)

@@ -26,9 +26,7 @@ from LiverSegExtension.review.state import ReviewState, default_annotator
 from LiverSegExtension.review.worklist import ReviewCase, case_files, probability_beside, read_worklist
 from LiverSegLib import mrml
 from LiverSegLib.caseload import load_ct, on_volume_grid, read_mask, volumes_logic
-from LiverSegLib.reviewexports import MODEL_ATTRIBUTE, ReviewExports, _Export
-
-__all__ = ["MODEL_ATTRIBUTE", "ReviewLogic", "load_ct", "read_mask", "volumes_logic"]
+from LiverSegLib.reviewexports import ReviewExports, _Export
 
 
 class ReviewLogic(ReviewExports):
@@ -242,7 +240,7 @@ class ReviewLogic(ReviewExports):
         segmentation.SetAttribute(mrml.DRAFT_ATTRIBUTE, masktext.encode_mask(mask))
         model = case.row.get("model") or algorithm
         if model:
-            segmentation.SetAttribute(MODEL_ATTRIBUTE, model)
+            segmentation.SetAttribute(mrml.MODEL_ATTRIBUTE, model)
         probability_path = probability_beside(mask_path)
         if probability_path is not None:
             from LiverSegExtension.inference.masktext import uncertain_band
@@ -309,7 +307,7 @@ class ReviewLogic(ReviewExports):
                                 "Export and next keeps the correction; Accept is for a mask left as the model made it")
         self._state().decide(case.key, self.who, "accepted", case.name, dice_changed=1.0, again=self.again,
                              liver_ml=volume_ml(label, volume.GetSpacing()),
-                             model=segmentation.GetAttribute(MODEL_ATTRIBUTE) or "")
+                             model=segmentation.GetAttribute(mrml.MODEL_ATTRIBUTE) or "")
         return self._advance()
 
     def skip(self, reason: str) -> ReviewCase | None:

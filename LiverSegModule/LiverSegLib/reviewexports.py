@@ -18,8 +18,8 @@ from typing import Any
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.review.state import ReviewState
 from LiverSegExtension.review.worklist import ReviewCase
+from LiverSegLib import mrml
 
-MODEL_ATTRIBUTE = "LiverSeg.Model"
 #: the dataset's refusal of an image and label it holds already (``data.dataset.add_case_images``)
 ALREADY = re.compile(r"already case (?P<name>[A-Za-z0-9_.-]+); nothing added")
 
@@ -57,7 +57,7 @@ class ReviewExports:
         if not str(datasetFolder or "").strip():
             raise LiverSegError("choose the dataset folder (under Export for training) first")
         provenance = {"review": {"summary": str(self.folder / "summary.csv"), "row": case.row}}
-        model = segmentation.GetAttribute(MODEL_ATTRIBUTE) or None
+        model = segmentation.GetAttribute(mrml.MODEL_ATTRIBUTE) or None
         state, dataset = self._state(), str(datasetFolder)
         if background:
             self._said = self.pollExports(wait=True)  # one at a time: runs on one engine must not read each other's

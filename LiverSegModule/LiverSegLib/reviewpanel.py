@@ -14,8 +14,9 @@ from pathlib import Path
 
 import slicer
 
+from LiverSegLib.progress import show_error
 from LiverSegLib.review import ReviewLogic
-from LiverSegLib.slots import reported, tell_error
+from LiverSegLib.slots import reported
 
 SETTINGS_REVIEW_FOLDER = "LiverSeg/ReviewFolder"
 COLUMNS = ("Case", "Status", "Liver mL", "Uncertainty", "Warning", "Review")
@@ -205,7 +206,7 @@ class ReviewPanel:
     def _tell(self, text: str) -> None:
         """A review error, in one line: on the status line and in a dialog without details."""
         self.statusLabel.text = text
-        tell_error(text)
+        show_error(text)
 
     def _showCase(self) -> None:
         """Point the panel's tools (uncertain regions, fixes, export) at the open case."""

@@ -14,15 +14,11 @@ from collections.abc import Callable, Iterator
 import slicer
 
 from LiverSegExtension.errors import LiverSegError
-
-
-def tell_error(text: str) -> None:
-    """A one-line error dialog (no details: ``detailedText=None`` would show the word "None")."""
-    slicer.util.errorDisplay(text)
+from LiverSegLib.progress import show_error
 
 
 @contextlib.contextmanager
-def reported(message: str, tell: Callable[[str], None] = tell_error) -> Iterator[None]:
+def reported(message: str, tell: Callable[[str], None] = show_error) -> Iterator[None]:
     """Run a slot's body: a LiverSegError goes to ``tell`` (after the wait cursor is gone); anything else is shown
     by ``tryWithErrorDisplay`` with ``message`` and its traceback, and logged; nothing is raised."""
     said = None

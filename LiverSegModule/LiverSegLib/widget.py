@@ -22,7 +22,7 @@ from LiverSegLib.texts import card_summary
 from LiverSegLib.trainflow import FineTuneFlow
 
 SETTINGS_EXPORT_FOLDER = "LiverSeg/ExportFolder"
-__all__ = ["LiverSegWidget", "show_error", "show_progress"]
+__all__ = ["LiverSegWidget"]
 
 
 class LiverSegWidget(InstallFlow, FineTuneFlow, ScriptedLoadableModuleWidget, VTKObservationMixin):

@@ -34,9 +34,15 @@ def mib(n: float) -> str:
 
 
 def atomic(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` then rename over ``path``: a stopped run never leaves a half-written file. Not
+    ``io.atomic_write``: ``run`` must import on the lent machine, and ``LiverSegExtension.io`` needs SimpleITK."""
     tmp = f"{path}.part"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def git(*args: str) -> str | None:
