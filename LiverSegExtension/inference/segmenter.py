@@ -300,7 +300,7 @@ class LiverSegmenter:
         """(the fine grid over the box, the image (HU) on it, the liver probability on it)"""
         grid = Grid.covering(lower, upper, self.model.stage("fine")["spacing_mm"])
         lo, hi = index_box(image, lower, upper)
-        whole = not np.any(lo) and tuple(hi) == image.GetSize()  # a small scan: no copy of it
+        whole = not np.any(lo) and tuple(hi) == image.GetSize()  # a small scan: used as it is, not cropped into a copy
         crop = image if whole else image[int(lo[0]) : int(hi[0]), int(lo[1]) : int(hi[1]), int(lo[2]) : int(hi[2])]
         volume = sitk.GetArrayFromImage(resample_to_grid(crop, grid, pixel_type=sitk.sitkFloat32))
         return grid, volume, self.predict("fine", volume)

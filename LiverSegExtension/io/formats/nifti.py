@@ -294,7 +294,7 @@ class Nifti(VolumeFormat):
         return nifti_layout(path)
 
     def claim(self, path: Path) -> NiftiClaim | None:
-        return nifti_claim(path)
+        return nifti_claim(path, judge_memory=False)  # read_image judged memory on ITK's header just before
 
     def check_read(self, path: Path, claim: NiftiClaim | None, image: sitk.Image) -> None:
         if claim is not None and claim.gz and not read_whole_stream(path, claim, image):

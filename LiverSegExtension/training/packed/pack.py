@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from LiverSegExtension.errors import LiverSegError
-from LiverSegExtension.model.catalog import STAGES, WEIGHTS_FILE, sha256_of
+from LiverSegExtension.model.catalog import WEIGHTS_FILE, sha256_of
 from LiverSegExtension.training.packed.common import (
     AIR_HU,
     CASES,
@@ -33,23 +33,6 @@ from LiverSegExtension.training.packed.common import (
     say,
     split_cases_as_train,
 )
-
-
-def _train_config(args: argparse.Namespace) -> Any:
-    """What ``liverseg train`` would run with these options: the fine-tuning recipe with ``--init``."""
-    from LiverSegExtension.model.catalog import TRAIN_EMA, TRAIN_ITERATIONS
-    from LiverSegExtension.training.config import TrainConfig
-    from LiverSegExtension.training.finetune import recipe
-
-    stages = [s for s in STAGES if s in args.stages] if args.stages else None
-    common = dict(val_cases=args.val_cases, seed=args.seed, oversample=args.oversample, name=args.name,
-                  version=args.model_version)
-    if args.init:
-        return recipe(args.data, args.out, args.init, iterations=args.iterations, stages=stages, ema=args.ema,
-                      lr=args.lr, **common)
-    return TrainConfig(data=args.data, output=args.out, iterations=args.iterations or TRAIN_ITERATIONS,
-                       val_every=args.val_every, ema=TRAIN_EMA if args.ema is None else args.ema, lr=args.lr,
-                       stages=stages or list(STAGES), **common)
 
 
 def _grids(cfg: Any, card: dict[str, Any], cases: list) -> dict[str, np.ndarray]:
@@ -126,8 +109,9 @@ def pack(args: argparse.Namespace) -> int:
     from LiverSegExtension.model.networks import LiverModel
     from LiverSegExtension.training.card import architecture
     from LiverSegExtension.training.checkpoint import run_settings
+    from LiverSegExtension.training.options import train_config
 
-    cfg = _train_config(args)
+    cfg = train_config(args, Path(args.out))
     train_cases, val_cases, p = split_cases_as_train(cfg, args.replay, args.holdout)
     for note in p.notes if p else []:
         say(note)
