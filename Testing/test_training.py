@@ -161,3 +161,25 @@ def test_train_fine_stage_only_keeps_the_coarse_net(tmp_path, tiny_model_dir):
     rows = list(csv.DictReader(open(out / "training_log.csv")))
     assert {r["stage"] for r in rows} == {"fine"}
     assert json.loads((out / "card.json").read_text())["training"]["stages"] == ["fine"]
+
+
+def test_fine_stage_trained_on_another_grid(tmp_path, tiny_model_dir):
+    """--fine-spacing moves the fine stage's grid: the cases are prepared on it, the card says it, the weights
+    start from the parent's, and a resume under another spacing is refused."""
+    from LiverSegExtension.errors import LiverSegError
+    from LiverSegExtension.training.config import TrainConfig
+    from LiverSegExtension.training.loop import train
+
+    data = make_dataset(tmp_path / "data", n=2)
+    cfg = TrainConfig(data=[data], output=tmp_path / "m", init=tiny_model_dir, val_cases=["case1"], stages=["fine"],
+                      iterations=2, val_every=2, device="cpu", seed=1, fine_spacing_mm=3.5)
+    out = train(cfg)
+    card = json.loads((out / "card.json").read_text())
+    assert card["stages"]["fine"]["spacing_mm"] == [3.5, 3.5, 3.5]
+    assert card["stages"]["coarse"] == LiverModel.load(tiny_model_dir).card["stages"]["coarse"]
+    cfg.fine_spacing_mm, cfg.iterations = 3.0, 4
+    with pytest.raises(LiverSegError, match="fine spacing mm"):
+        train(cfg)
+
+    r = train_cli("--data", data, "--output", tmp_path / "x", "--stages", "coarse", "--fine-spacing", "2")
+    assert r.returncode == 2 and "--fine-spacing 2.0: expected 0.5 to 6 mm, with the fine stage trained" in r.stderr

@@ -3,6 +3,7 @@ it can find and replay that data), and how it validated."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,16 @@ INHERITED_KEYS = ("cpu_time", "known_issues")
 
 def architecture(card: dict[str, Any]) -> dict[str, Any]:
     return {k: card[k] for k in ARCHITECTURE_KEYS if k in card}
+
+
+def starting_architecture(cfg: TrainConfig, parent_card: dict[str, Any] | None) -> dict[str, Any]:
+    """The architecture a run trains: the parent's (or the default), with the fine stage's grid moved to
+    ``cfg.fine_spacing_mm`` when asked (the networks are convolutional: the same weights run on any grid, and
+    training on the new one teaches them its scale)."""
+    card = copy.deepcopy(architecture(parent_card) if parent_card else LiverModel.new().card)
+    if cfg.fine_spacing_mm is not None:
+        card["stages"]["fine"]["spacing_mm"] = [float(cfg.fine_spacing_mm)] * 3
+    return card
 
 
 def training_data_entries(cases: list[LabelledCase]) -> list[dict[str, Any]]:

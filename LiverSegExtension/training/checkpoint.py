@@ -30,7 +30,7 @@ def run_settings(cfg: TrainConfig, train_cases: list[LabelledCase], val_cases: l
         "validation cases": sorted(c.name for c in val_cases),
         "oversample": {k: int(v) for k, v in sorted(cfg.oversample.items())},
         "stages": list(cfg.stages), "seed": int(cfg.seed), "ema": float(cfg.ema), "lr": peak_lr(cfg),
-        "batch size": int(cfg.batch_size),
+        "batch size": int(cfg.batch_size), "fine spacing mm": cfg.fine_spacing_mm,
     }
 
 

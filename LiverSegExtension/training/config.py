@@ -25,6 +25,7 @@ class TrainConfig:
     ema: float = TRAIN_EMA  # decay of the weights' moving average (0: validate and save the raw weights)
     oversample: dict[str, int] = field(default_factory=dict)  # case name -> times it is drawn as often
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # the others are kept from ``init``
+    fine_spacing_mm: float | None = None  # the fine stage's grid; default: the parent's (2.5 mm from scratch)
     name: str | None = None  # default: the parent's name when fine-tuning, else "liverseg"
     version: str | None = None
 

@@ -31,7 +31,7 @@ from LiverSegExtension.io import atomic_write
 from LiverSegExtension.model.catalog import STAGES
 from LiverSegExtension.model.devices import resolve_device
 from LiverSegExtension.model.networks import LiverModel
-from LiverSegExtension.training.card import architecture, save_model
+from LiverSegExtension.training.card import save_model, starting_architecture
 from LiverSegExtension.training.checkpoint import CHECKPOINT, budget, finished_run, resume, run_settings
 from LiverSegExtension.training.config import TrainConfig
 from LiverSegExtension.training.steps import StageSteps, sample_stream, stage_budget
@@ -114,9 +114,9 @@ def _stage_net(model: LiverModel, stage: str, net: torch.nn.Module) -> Iterator[
 Progress = Callable[[dict[str, Any]], None]
 
 
-def _starting_model(parent: LiverModel | None, device: torch.device | str) -> LiverModel:
+def _starting_model(cfg: TrainConfig, parent: LiverModel | None, device: torch.device | str) -> LiverModel:
     """A new model of the parent's architecture and weights (or a fresh default one), on ``device``, training."""
-    model = LiverModel.new(architecture(parent.card) if parent else None)
+    model = LiverModel.new(starting_architecture(cfg, parent.card if parent else None))
     if parent:
         for s in STAGES:
             model.networks[s].load_state_dict(parent.networks[s].state_dict())
@@ -178,7 +178,7 @@ class _Run:
         self.out = cfg.output
         self.out.mkdir(parents=True, exist_ok=True)
         self.parent = LiverModel.load(cfg.init) if cfg.init else None
-        self.model = _starting_model(self.parent, self.device)
+        self.model = _starting_model(cfg, self.parent, self.device)
         self.ckpt_path = self.out / CHECKPOINT
         self.state, self.optim_state, self.ema_state = resume(self.ckpt_path, self.model, self.settings)
         self.rng = sample_stream(cfg.seed, int(self.state["stage_index"]), int(self.state["iteration"]))

@@ -44,6 +44,8 @@ def add_train_options(t: argparse.ArgumentParser) -> None:
                         f"{FINE_TUNE_EMA} with --init, else {TRAIN_EMA})")
     t.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3; with --init the recipe's "
                                             f"{FINE_TUNE_LR}, rising over the first tenth of the iterations)")
+    t.add_argument("--fine-spacing", type=float, metavar="MM",
+                   help="train the fine stage on an isotropic grid of MM (default: the parent's; 2.5 from scratch)")
     t.add_argument("--name", help="model name (default: the parent's when fine-tuning, else liverseg)")
     t.add_argument("--model-version", help="semantic version for the new model (default: parent's minor + 1)")
 
@@ -73,7 +75,10 @@ def train_config(args: argparse.Namespace, output: Path) -> TrainConfig:
     stages = [s for s in STAGES if s in stages_arg.split(",")]
     if not stages or set(stages_arg.split(",")) - set(STAGES):
         raise UsageError(f"--stages {stages_arg}: expected one or more of {', '.join(STAGES)}")
-    common = dict(val_cases=[v for v in args.val.split(",") if v], max_minutes=args.max_minutes, device=args.device,
+    if args.fine_spacing is not None and not (0.5 <= args.fine_spacing <= 6.0 and "fine" in stages):
+        raise UsageError(f"--fine-spacing {args.fine_spacing}: expected 0.5 to 6 mm, with the fine stage trained")
+    common = dict(fine_spacing_mm=args.fine_spacing,
+                  val_cases=[v for v in args.val.split(",") if v], max_minutes=args.max_minutes, device=args.device,
                   seed=args.seed, name=args.name, version=args.model_version, oversample=oversample)
     if tuning:
         return recipe(args.data, output, args.init, iterations=iterations, stages=stages, ema=args.ema, lr=args.lr,

@@ -106,8 +106,7 @@ def pack(args: argparse.Namespace) -> int:
     import monai
 
     from LiverSegExtension.model.catalog import read_card
-    from LiverSegExtension.model.networks import LiverModel
-    from LiverSegExtension.training.card import architecture
+    from LiverSegExtension.training.card import starting_architecture
     from LiverSegExtension.training.checkpoint import run_settings
     from LiverSegExtension.training.options import train_config
 
@@ -115,7 +114,7 @@ def pack(args: argparse.Namespace) -> int:
     train_cases, val_cases, p = split_cases_as_train(cfg, args.replay, args.holdout)
     for note in p.notes if p else []:
         say(note)
-    card = architecture(read_card(cfg.init)) if cfg.init else LiverModel.new().card
+    card = starting_architecture(cfg, read_card(cfg.init) if cfg.init else None)
     out = Path(args.out)
     if (out / CHECKPOINT).exists():
         raise LiverSegError(f"{out} holds a run's checkpoint, which a new pack would not match: move it away first")
