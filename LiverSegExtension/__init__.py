@@ -9,7 +9,7 @@ import sys
 
 from LiverSegExtension.errors import LiverSegError
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 __all__ = ["LiverSegError", "__version__", "console", "segment"]
 

@@ -11,7 +11,7 @@ Requests::
     {"cmd": "segment", "id": 1, "input": "ct.nrrd", "output": "mask.nrrd", "model": "", "device": "auto",
      "source": "CT name"}
     {"cmd": "train", "id": 2, "init": "model folder", "data": ["dataset folder"], "output": "new model folder",
-     "device": "auto", "iterations": 200, "seed": 0, "version": "1.1.0"}
+     "device": "auto", "iterations": 200, "seed": 0, "version": "1.2.0"}
     {"cmd": "export", "id": 3, "dataset": "dataset folder", "image": "ct.nrrd", "label": "label.nrrd",
      "draft": "draft.nrrd (optional)", "provenance": {"model": "...", "annotator": "..."}}
     {"cmd": "quit"}

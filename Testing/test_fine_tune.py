@@ -185,7 +185,7 @@ def test_readme_fine_tune_on_a_corrected_cort_does_not_grow_its_heart_leak(tmp_p
     label.CopyInformation(cort)
     corrections = tmp_path / "corrections"
     add_case_images(corrections, cort, label, provenance={"annotator": "heart part removed"})
-    out = tmp_path / "models" / "liverseg-v1.2.0"
+    out = tmp_path / "models" / "liverseg-v1.3.0"
     r = cli("train", "--init", parent, "--data", corrections, "--output", out, "--iterations", 10, "--device", "cpu")
     assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())

@@ -148,3 +148,31 @@ def test_hole_filling_is_monai_s():
         prob = shell.astype(np.float32)
         cleaned = LiverSegmenter.clean(prob, shell)  # holes raised to 1 there
         assert np.array_equal(cleaned >= 0.5, filled)
+
+
+def _finalize_card():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("finalize_card", ROOT / "scripts" / "finalize_card.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_validation_table_is_the_bundled_cards(tmp_path):
+    """README.md's validation table is what ``scripts/finalize_card.py --readme`` makes from the bundled model's card:
+    a model shipped without remaking it fails here."""
+    from conftest import ROOT, bundled_model
+
+    module = _finalize_card()
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(module.BEGIN) + len(module.BEGIN), readme.index(module.END)
+    card = json.loads((bundled_model() / "card.json").read_text())
+    assert readme[start:end].strip() == module.readme_table(card)
+
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.replace("| **mean** |", "| **mean, edited by hand** |"))
+    module.write_readme(copy, card)
+    assert copy.read_text() == readme

@@ -7,7 +7,7 @@ streaks of 400, 800 and 1600 HU; the body scaled 0.6, 0.8 and 1.2 (every spacing
 and blood remapped to the native, arterial and delayed phases. Dice on the streaked slab alone is reported too.
 CORT (unlabelled native trunk CT): mL of mask in the heart region located by eye (Testing/test_real_data.py).
 
-    python benchmarks/conditions.py --data runs/liver-train-corrected --model Resources/Models/liverseg-v1.1.0 \
+    python benchmarks/conditions.py --data runs/liver-train-corrected --model Resources/Models/liverseg-v1.2.0 \
         --out runs/conditions.csv --summary runs/conditions.json --cort ../shared/data/unlabelled/cort_liver_trunk_3mm.nii.gz
 """
 
@@ -102,7 +102,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--cases", default=",".join(VALIDATION))
     p.add_argument("--out", type=Path, help="CSV of every case and condition")
-    p.add_argument("--summary", type=Path, help="JSON of the means per condition (for scripts/finalize_card.py)")
+    p.add_argument("--summary", type=Path,
+                   help="JSON of the Dice per condition: mean, lowest, per case (for scripts/finalize_card.py)")
     p.add_argument("--cort", type=Path, help="CORT trunk scan, for the heart leak")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -124,16 +125,18 @@ def main(argv: list[str]) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     by: dict[str, list[float]] = defaultdict(list)
+    per_case: dict[str, dict[str, float]] = defaultdict(dict)
     for r in rows:
         by[r["condition"]].append(r["dice"])
+        per_case[r["condition"]][r["case"]] = r["dice"]
     print(f"\n{'condition':<16} mean Dice  min Dice   ({args.model.name})")
     for cname, ds in by.items():
         print(f"{cname:<16} {np.mean(ds):.4f}    {np.min(ds):.4f}")
     summary = {"model": seg.model.card.get("name"), "version": seg.model.card.get("version"),
                "weights_sha256": seg.model.card.get("weights_sha256"), "cases": args.cases.split(","),
                "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
-               "dice": {c: {"mean": round(float(np.mean(ds)), 4), "min": round(float(np.min(ds)), 4)}
-                        for c, ds in by.items()}}
+               "dice": {c: {"mean": round(float(np.mean(ds)), 4), "min": round(float(np.min(ds)), 4),
+                            "cases": per_case[c]} for c, ds in by.items()}}
     if args.cort:
         heart, whole = cort_heart_ml(seg, args.cort)
         print(f"CORT: {heart:.1f} mL in the heart region, {whole:.1f} mL in all")

@@ -1,7 +1,7 @@
 """Write model.onnx beside a model folder's safetensors weights and record it in its card (sha256, opset,
 the check against PyTorch). Run once for a model saved before LiverSeg wrote ONNX files:
 
-    python scripts/export_onnx.py Resources/Models/liverseg-v1.1.0
+    python scripts/export_onnx.py Resources/Models/liverseg-v1.2.0
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Complete a trained model's card for shipping: data sources and licences, per-case validation metrics
 (from ``liverseg evaluate --output``), CPU time (from ``benchmarks/benchmark.py``) and Dice per simulated
 condition, this model's and its parent's (from ``benchmarks/conditions.py --summary``). The weights and their
-sha256 are not touched.
+sha256 are not touched. With ``--readme``, the README's validation table is made anew from the card (between its
+two ``validation table`` comments); ``--readme`` alone (no ``--data``) only remakes the table.
 
     python scripts/finalize_card.py MODEL_DIR --data DATASET --evaluation validation.csv [--benchmark bench.jsonl] \
-        [--conditions conditions.json --conditions parent-conditions.json]
+        [--conditions conditions.json --conditions parent-conditions.json] [--readme README.md]
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
 LICENCES = {
     "ircad": "3D-IRCADb-01 (IRCAD, Strasbourg): research use; also part of LiTS/MSD (CC BY-NC-SA 4.0)",
@@ -21,17 +25,50 @@ LICENCES = {
 }
 
 
+BEGIN, END = "<!-- validation table: scripts/finalize_card.py --readme -->", "<!-- end of validation table -->"
+
+
+def readme_table(card: dict[str, Any]) -> str:
+    """The README's validation table, from the card's per-case rows (Dice, NSD at 2 mm, HD95, volume error)."""
+    v = card["validation"]
+    lines = [f"Validation of `{card['name']} v{card['version']}` ({v.get('protocol', 'cases never trained on')}):",
+             "", "| case | source | Dice | NSD@2mm | HD95 mm | volume error |", "|---|---|---|---|---|---|"]
+    sources = v.get("case_sources", {})
+    for r in v["cases"]:
+        image = sources.get(r["case"], {}).get("image", "").replace(" (see README)", "")
+        lines.append(f"| {r['case']} | {image} | {r['dice']:.3f} | {r.get('nsd_2mm', float('nan')):.3f} | "
+                     f"{r['hd95_mm']:.1f} | {r['volume_error_pct']:+.1f} % |")
+    m = v["mean"]
+    lines.append(f"| **mean** | | **{m['dice']:.3f}** | **{m.get('nsd_2mm', float('nan')):.3f}** | "
+                 f"**{m['hd95_mm']:.1f}** | {m['volume_error_pct']:+.1f} % |")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, card: dict[str, Any]) -> None:
+    text = readme.read_text()
+    block = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not block.search(text):
+        sys.exit(f"{readme}: no validation table to replace (the two comments {BEGIN} and {END})")
+    readme.write_text(block.sub(lambda _: f"{BEGIN}\n{readme_table(card)}\n{END}", text))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model", type=Path)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--evaluation", type=Path, required=True)
+    p.add_argument("--data", type=Path)
+    p.add_argument("--evaluation", type=Path)
+    p.add_argument("--readme", type=Path, help="remake this README's validation table from the card")
     p.add_argument("--benchmark", type=Path)
     p.add_argument("--conditions", type=Path, action="append", default=[],
                    help="benchmarks/conditions.py --summary of this model (and of its parent, to compare)")
     args = p.parse_args()
     card_path = args.model / "card.json"
     card = json.loads(card_path.read_text())
+    if args.data is None or args.evaluation is None:
+        if args.readme is None or args.data or args.evaluation:
+            p.error("give --data and --evaluation to complete the card (or --readme alone to remake its table)")
+        write_readme(args.readme, card)
+        return
     meta = json.loads((args.data / "dataset.json").read_text())
     cases = meta.get("cases", {})
 
@@ -64,6 +101,8 @@ def main() -> None:
                        "research use only, not for clinical or commercial use.")
     card["intended_use"] = "Liver segmentation in abdominal CT for research; review every result."
     card_path.write_text(json.dumps(card, indent=2) + "\n")
+    if args.readme:
+        write_readme(args.readme, card)
     print(json.dumps(card["validation"]["mean"]))
 
 
