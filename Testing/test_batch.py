@@ -194,7 +194,10 @@ def test_batch_refuses_a_broken_series_names_an_mr_label_and_stops_cleanly_on_ct
     args = [sys.executable, str(BATCH), *batch_args]
     # The interrupt comes at a point the test chooses, whatever the machine's speed: the second case's mask is
     # held while its temporary exists (os.link puts it in place) until Ctrl-C arrives.
-    hold = ("import os, runpy, sys, time\n"
+    # A job started in the background by a shell inherits SIGINT ignored, and Python then installs no handler of its
+    # own: the batch is given the one a terminal's Ctrl-C meets, whoever runs the tests.
+    hold = ("import os, runpy, signal, sys, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "link = os.link\n"
             "def held(src, dst, *a, **k):\n"
             "    if os.path.basename(dst).startswith('ct1_liver'):\n"
