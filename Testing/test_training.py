@@ -163,9 +163,10 @@ def test_train_fine_stage_only_keeps_the_coarse_net(tmp_path, tiny_model_dir):
     assert json.loads((out / "card.json").read_text())["training"]["stages"] == ["fine"]
 
 
-def test_fine_stage_trained_on_another_grid(tmp_path, tiny_model_dir):
-    """--fine-spacing moves the fine stage's grid: the cases are prepared on it, the card says it, the weights
-    start from the parent's, and a resume under another spacing is refused."""
+def test_fine_stage_trained_on_another_grid(tmp_path, tiny_model_dir, capsys):
+    """--fine-spacing moves the fine stage's grid: the cases are prepared on it, the card says it, the coarse net is
+    the parent's, a resume under another spacing is refused, and a spacing out of range or without the fine stage is
+    a usage error."""
     from LiverSegExtension.errors import LiverSegError
     from LiverSegExtension.training.config import TrainConfig
     from LiverSegExtension.training.loop import train
@@ -174,12 +175,18 @@ def test_fine_stage_trained_on_another_grid(tmp_path, tiny_model_dir):
     cfg = TrainConfig(data=[data], output=tmp_path / "m", init=tiny_model_dir, val_cases=["case1"], stages=["fine"],
                       iterations=2, val_every=2, device="cpu", seed=1, fine_spacing_mm=3.5)
     out = train(cfg)
+    assert "[fine] preparing 1 training cases at [3.5, 3.5, 3.5] mm" in capsys.readouterr().out
     card = json.loads((out / "card.json").read_text())
     assert card["stages"]["fine"]["spacing_mm"] == [3.5, 3.5, 3.5]
-    assert card["stages"]["coarse"] == LiverModel.load(tiny_model_dir).card["stages"]["coarse"]
+    parent, child = LiverModel.load(tiny_model_dir), LiverModel.load(out)
+    assert card["stages"]["coarse"] == parent.card["stages"]["coarse"]
+    a, b = parent.networks["coarse"].state_dict(), child.networks["coarse"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     cfg.fine_spacing_mm, cfg.iterations = 3.0, 4
     with pytest.raises(LiverSegError, match="fine spacing mm"):
         train(cfg)
 
-    r = train_cli("--data", data, "--output", tmp_path / "x", "--stages", "coarse", "--fine-spacing", "2")
-    assert r.returncode == 2 and "--fine-spacing 2.0: expected 0.5 to 6 mm, with the fine stage trained" in r.stderr
+    for args in (("--stages", "coarse", "--fine-spacing", "2"), ("--fine-spacing", "7")):
+        r = train_cli("--data", data, "--output", tmp_path / "x", *args)
+        assert r.returncode == 2 and "expected 0.5 to 6 mm, with the fine stage trained" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()

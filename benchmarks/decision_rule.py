@@ -1,6 +1,6 @@
 """Decision rules scored offline on the fine stage's probabilities: threshold, what is resampled, ensembles.
 
-Each case is segmented once by the model (v1.1.0 by default); the fine stage's probabilities on its last
+Each case is segmented once by the model (``--model``; the bundled one by default); the fine stage's probabilities on its last
 (grown) box are kept, with those of a second model (``--second``, v1.0.0 from git history) run on the same
 resampled volume. Every rule is then applied offline, exactly as the segmenter would apply it:
 
@@ -15,7 +15,10 @@ Validation cases (never trained on) and trained-on cases are reported apart, nev
     python scripts/corrected_liver_train.py ../shared/data/liver-train runs/liver-train-corrected
     mkdir -p runs/liverseg-v1.0.0 && for f in card.json model.onnx model.safetensors; do \
         git show 2fb6ce9~1:Resources/Models/liverseg-v1.0.0/$f > runs/liverseg-v1.0.0/$f; done
-    nice -n 19 python benchmarks/decision_rule.py --data runs/liver-train-corrected --out runs/decision_rule
+    mkdir -p runs/liverseg-v1.1.0 && for f in card.json model.onnx model.safetensors; do \
+        git show 158bed8:Resources/Models/liverseg-v1.1.0/$f > runs/liverseg-v1.1.0/$f; done
+    nice -n 19 python benchmarks/decision_rule.py --data runs/liver-train-corrected --model runs/liverseg-v1.1.0 \
+        --out runs/decision_rule
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ def summarise(rows: list[dict], names: list[str]) -> list[dict]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="MSD folder (the corrected liver-train)")
-    p.add_argument("--model", type=Path, default=ROOT / "Resources/Models/liverseg-v1.1.0")
+    p.add_argument("--model", type=Path, help="model folder (default: the bundled model)")
     p.add_argument("--second", type=Path, default=ROOT / "runs/liverseg-v1.0.0", help="the ensemble's other model")
     p.add_argument("--out", type=Path, required=True, help="folder for per_case.csv and summary.json")
     args = p.parse_args(argv)

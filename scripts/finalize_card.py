@@ -28,6 +28,15 @@ LICENCES = {
 BEGIN, END = "<!-- validation table: scripts/finalize_card.py --readme -->", "<!-- end of validation table -->"
 
 
+def _number(value: Any, spec: str, suffix: str = "") -> str:
+    """A card's figure as the table shows it; a case that failed (empty) or a figure not measured shows as "-"."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if x != x else f"{x:{spec}}{suffix}"
+
+
 def readme_table(card: dict[str, Any]) -> str:
     """The README's validation table, from the card's per-case rows (Dice, NSD at 2 mm, HD95, volume error)."""
     v = card["validation"]
@@ -36,11 +45,11 @@ def readme_table(card: dict[str, Any]) -> str:
     sources = v.get("case_sources", {})
     for r in v["cases"]:
         image = sources.get(r["case"], {}).get("image", "").replace(" (see README)", "")
-        lines.append(f"| {r['case']} | {image} | {r['dice']:.3f} | {r.get('nsd_2mm', float('nan')):.3f} | "
-                     f"{r['hd95_mm']:.1f} | {r['volume_error_pct']:+.1f} % |")
-    m = v["mean"]
-    lines.append(f"| **mean** | | **{m['dice']:.3f}** | **{m.get('nsd_2mm', float('nan')):.3f}** | "
-                 f"**{m['hd95_mm']:.1f}** | {m['volume_error_pct']:+.1f} % |")
+        lines.append(f"| {r['case']} | {image} | {_number(r.get('dice'), '.3f')} | {_number(r.get('nsd_2mm'), '.3f')} | "
+                     f"{_number(r.get('hd95_mm'), '.1f')} | {_number(r.get('volume_error_pct'), '+.1f', ' %')} |")
+    m = v.get("mean", {})
+    lines.append(f"| **mean** | | **{_number(m.get('dice'), '.3f')}** | **{_number(m.get('nsd_2mm'), '.3f')}** | "
+                 f"**{_number(m.get('hd95_mm'), '.1f')}** | {_number(m.get('volume_error_pct'), '+.1f', ' %')} |")
     return "\n".join(lines)
 
 
@@ -65,7 +74,7 @@ def main() -> None:
     card_path = args.model / "card.json"
     card = json.loads(card_path.read_text())
     if args.data is None or args.evaluation is None:
-        if args.readme is None or args.data or args.evaluation:
+        if args.readme is None or args.data or args.evaluation or args.benchmark or args.conditions:
             p.error("give --data and --evaluation to complete the card (or --readme alone to remake its table)")
         write_readme(args.readme, card)
         return

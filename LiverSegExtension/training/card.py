@@ -68,7 +68,8 @@ def save_model(model: LiverModel, cfg: TrainConfig, parent: LiverModel | None, t
         "training": {
             "datasets": sorted({str(c.dataset or c.image.resolve().parent.parent) for c in train_cases}),
             "cases": [c.name for c in train_cases],
-            "iterations_fine": iteration,
+            "iterations_fine": iteration if "fine" in cfg.stages else 0,  # ``iteration``: the last stage trained's
+            **({"iterations_coarse": iteration} if list(cfg.stages) == ["coarse"] else {}),
             "seed": cfg.seed,
             "device": cfg.device,
             "oversample": dict(cfg.oversample),
