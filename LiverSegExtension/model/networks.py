@@ -151,17 +151,20 @@ class LiverModel(ModelInfo):
             tensors = load_file(str(weights_path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise LiverSegError(f"{weights_path}: unreadable weights ({exc})") from None
-        model = cls(card=card, path=folder)
-        for s in STAGES:
-            net = build_network(card["stages"][s]["network"])
-            prefix = f"{s}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            try:
-                net.load_state_dict(state)
-            except RuntimeError as exc:
-                raise LiverSegError(f"{weights_path}: weights do not fit the card's {s} network ({exc})") from None
-            model.networks[s] = net.to(device).eval()
+        model = cls(card=card, path=folder, networks={s: build_network(card["stages"][s]["network"]) for s in STAGES})
+        model.load_state(tensors, str(weights_path))
+        for net in model.networks.values():
+            net.to(device).eval()
         return model
+
+    def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Weights in :meth:`state_dict`'s layout (``coarse.…``, ``fine.…``) into the networks; ``source`` names
+        where they came from in the error when they do not fit."""
+        for s, net in self.networks.items():
+            try:
+                net.load_state_dict({k[len(s) + 1:]: v for k, v in tensors.items() if k.startswith(f"{s}.")})
+            except RuntimeError as exc:
+                raise LiverSegError(f"{source}: weights do not fit the card's {s} network ({str(exc)[:200]})") from None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{s}.{k}": v.detach().cpu().contiguous() for s, n in self.networks.items() for k, v in n.state_dict().items()}

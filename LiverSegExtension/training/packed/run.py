@@ -85,11 +85,7 @@ def load_weights(model: Any, path: Path, what: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
-    for s, net in model.networks.items():
-        try:
-            net.load_state_dict({k[len(s) + 1:]: v for k, v in tensors.items() if k.startswith(f"{s}.")})
-        except RuntimeError as exc:
-            raise LiverSegError(f"{path}: {what} {s} weights do not fit the pack's network ({str(exc)[:200]})") from None
+    model.load_state(tensors, f"{path} ({what} weights, against the pack's architecture)")
     return tensors
 
 
