@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from LiverSegExtension.errors import LiverSegError
 from LiverSegExtension.io.cases import LIVER_SEGMENT
 from LiverSegExtension.io.files import atomic_write
-from LiverSegExtension.io.formats import DICOM_SEG, VolumeFormat, format_of
+from LiverSegExtension.io.formats import VolumeFormat, format_of
 from LiverSegExtension.io.read import _first_line
 
 
@@ -31,9 +31,7 @@ def write_mask(mask: np.ndarray | sitk.Image, reference: sitk.Image | None, path
     (:func:`~LiverSegExtension.io.formats.nifti.mask_header`)."""
     path = Path(path)
     target = format_of(path) or VolumeFormat()
-    if target is DICOM_SEG:  # it references the source's slices, which a mask and its grid do not name
-        raise LiverSegError(f"{path}: a DICOM SEG is written from a DICOM series (--format dicom-seg); "
-                            "write .nii.gz, .nrrd or .seg.nrrd here")
+    target.check_mask_target(path)
     built = mask if isinstance(mask, sitk.Image) else None
     if built is None and reference is None:
         raise ValueError("write_mask needs the reference image for a mask given as an array")

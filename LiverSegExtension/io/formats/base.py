@@ -87,6 +87,9 @@ class VolumeFormat:
         """Write a ``[k, j, i]`` uint8 mask after :meth:`mask_header`'s header."""
         raise NotImplementedError(f"{self.name} masks are written by ITK")
 
+    def check_mask_target(self, path: Path) -> None:
+        """Raise ``LiverSegError`` when ``write_mask`` cannot write a mask of this format to ``path``."""
+
     def write_image(self, image: sitk.Image, target: str, segment: dict | None = None) -> None:
         """Write a mask image (compressed); ``segment`` describes it where the format holds segments."""
         sitk.WriteImage(image, target, useCompression=True)

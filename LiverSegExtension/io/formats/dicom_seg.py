@@ -16,6 +16,13 @@ class DicomSeg(VolumeFormat):
     output = "dicom-seg"
     volume = False
 
+    def check_mask_target(self, path: Path) -> None:
+        """A SEG references the source's slices, which a mask and its grid do not name."""
+        from LiverSegExtension.errors import LiverSegError
+
+        raise LiverSegError(f"{path}: a DICOM SEG is written from a DICOM series (--format dicom-seg); "
+                            "write .nii.gz, .nrrd or .seg.nrrd here")
+
     def check_written(self, path: Path, check_stream: bool = True) -> None:
         """A whole SEG reads as DICOM and has its instance UID (pixel data are not read)."""
         import pydicom
